@@ -1,0 +1,1 @@
+"""Pure functions: the math of each layer, forward and backward, apart from parameters."""

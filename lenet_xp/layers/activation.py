@@ -1,0 +1,68 @@
+"""Elementwise activations and ``Flatten``. Each keeps what its backward needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.backend import get_array_module
+from lenet_xp.layers.module import Module
+
+
+class ReLU(Module):
+    """``max(x, 0)``; the gradient passes where the output is positive."""
+
+    def forward(self, x: Any) -> Any:
+        xp = get_array_module(x)
+        self._y = xp.maximum(x, 0)
+        return self._y
+
+    def backward(self, grad_y: Any) -> Any:
+        return grad_y * (self._y > 0)
+
+
+class Sigmoid(Module):
+    """``1 / (1 + exp(-x))``; ``dy/dx = y (1 - y)``."""
+
+    def forward(self, x: Any) -> Any:
+        xp = get_array_module(x)
+        self._y = 0.5 * (xp.tanh(0.5 * x) + 1)  # overflow-free form
+        return self._y
+
+    def backward(self, grad_y: Any) -> Any:
+        return grad_y * self._y * (1 - self._y)
+
+
+class Tanh(Module):
+    """``tanh(x)``; ``dy/dx = 1 - y^2``."""
+
+    def forward(self, x: Any) -> Any:
+        self._y = get_array_module(x).tanh(x)
+        return self._y
+
+    def backward(self, grad_y: Any) -> Any:
+        return grad_y * (1 - self._y * self._y)
+
+
+class LeCunTanh(Module):
+    """LeCun's scaled tanh ``A tanh(S x)`` with ``A = 1.7159``, ``S = 2/3`` (LeCun et al. 1998)."""
+
+    amplitude = 1.7159
+    slope = 2.0 / 3.0
+
+    def forward(self, x: Any) -> Any:
+        self._t = get_array_module(x).tanh(self.slope * x)
+        return self.amplitude * self._t
+
+    def backward(self, grad_y: Any) -> Any:
+        return grad_y * (self.amplitude * self.slope) * (1 - self._t * self._t)
+
+
+class Flatten(Module):
+    """``(N, ...)`` -> ``(N, prod(...))``."""
+
+    def forward(self, x: Any) -> Any:
+        self._x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_y: Any) -> Any:
+        return grad_y.reshape(self._x_shape)

@@ -1,0 +1,63 @@
+"""``Conv2d``: owns weight and bias; the math is in :mod:`lenet_xp.functional.conv`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.backend import host_rng
+from lenet_xp.functional.conv import conv2d_backward, conv2d_forward
+from lenet_xp.init import init_bias, init_weight
+from lenet_xp.layers.module import Module, Parameter
+
+
+class Conv2d(Module):
+    """2-d convolution over ``(N, C, H, W)`` with a square kernel, any stride and padding.
+
+    ``weight (out_channels, in_channels, k, k)`` and ``bias (out_channels,)``, as PyTorch.
+    Set ``needs_input_grad = False`` on a first layer to skip the input gradient.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        *,
+        init: str = "pytorch",
+        rng: Any = None,
+        dtype: str = "float32",
+    ) -> None:
+        rng = host_rng(None) if rng is None else rng
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = Parameter(init_weight(shape, init, rng, dtype))
+        self.bias = Parameter(init_bias(shape, init, rng, dtype)) if bias else None
+        self.stride, self.padding = stride, padding
+        self.needs_input_grad = True
+        self._x_cols: Any = None
+        self._x_shape: tuple[int, ...] = ()
+
+    def forward(self, x: Any) -> Any:
+        bias = None if self.bias is None else self.bias.data
+        y, x_cols = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+        if self.training:
+            self._x_cols, self._x_shape = x_cols, x.shape
+        return y
+
+    def backward(self, grad_y: Any) -> Any:
+        grad_x, grad_w, grad_b = conv2d_backward(
+            grad_y,
+            self._x_cols,
+            self._x_shape,
+            self.weight.data,
+            self.stride,
+            self.padding,
+            need_grad_x=self.needs_input_grad,
+        )
+        self.weight.grad = grad_w
+        if self.bias is not None:
+            self.bias.grad = grad_b
+        self._x_cols = None
+        return grad_x

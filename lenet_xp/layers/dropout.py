@@ -1,0 +1,35 @@
+"""Inverted dropout: zero each unit with probability ``p`` and scale survivors by ``1/(1-p)``
+while training; the identity in eval mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.backend import default_rng, device_of
+from lenet_xp.layers.module import Module
+
+
+class Dropout(Module):
+    """Dropout with probability ``p``; masks come from a generator on the input's device,
+    seeded by ``seed`` (``None``: fresh entropy)."""
+
+    def __init__(self, p: float = 0.5, seed: int | None = None) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.seed = p, seed
+        self._rng: Any = None
+        self._mask: Any = None
+
+    def forward(self, x: Any) -> Any:
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        if self._rng is None or device_of(x) != self._rng_device:
+            self._rng_device = device_of(x)
+            self._rng = default_rng(self.seed, self._rng_device)
+        keep = self._rng.random(x.shape, dtype=x.dtype) >= self.p
+        self._mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        return x * self._mask
+
+    def backward(self, grad_y: Any) -> Any:
+        return grad_y if self._mask is None else grad_y * self._mask

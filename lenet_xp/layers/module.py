@@ -1,0 +1,146 @@
+"""``Parameter`` and ``Module``: the bookkeeping every layer shares (names, devices, modes).
+
+A layer computes ``forward(x)`` and, from the upstream gradient, ``backward(grad_out)``:
+it writes the gradients of its own parameters into ``param.grad`` (overwriting, not
+accumulating) and returns the gradient with respect to its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from lenet_xp.backend import Device, device_of, get_device, to_device
+
+
+class Parameter:
+    """A trainable array ``data`` and its gradient ``grad`` (same shape, set by ``backward``)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.grad: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: children and parameters are found from attributes, in definition order."""
+
+    training: bool = True
+
+    def forward(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def backward(self, grad_out: Any) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, x: Any) -> Any:
+        return self.forward(x)
+
+    # -- traversal -------------------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(prefix + name + ".")
+
+    def parameters(self) -> list[Parameter]:
+        return [param for _, param in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """Non-trainable state saved with the model (e.g. batch-norm running statistics)."""
+        for name in getattr(self, "_buffers", ()):
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(prefix + name + ".")
+
+    # -- modes and devices ------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        self.training = mode
+        for _, child in self.named_children():
+            child.train(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def to(self, device: Device | str) -> Module:
+        """Move every parameter and buffer to ``device`` in place; returns ``self``."""
+        device = get_device(device)
+        for param in self.parameters():
+            param.data = to_device(param.data, device)
+            param.grad = None if param.grad is None else to_device(param.grad, device)
+        self._apply_to_buffers(lambda array: to_device(array, device))
+        return self
+
+    def astype(self, dtype: str) -> Module:
+        """Cast floating parameters and buffers to ``dtype`` (``"float32"`` or ``"float64"``)."""
+        for param in self.parameters():
+            param.data = param.data.astype(dtype)
+            param.grad = None
+        self._apply_to_buffers(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a)
+        return self
+
+    def _apply_to_buffers(self, fn: Any) -> None:
+        for name in getattr(self, "_buffers", ()):
+            setattr(self, name, fn(getattr(self, name)))
+        for _, child in self.named_children():
+            child._apply_to_buffers(fn)
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Parameters and buffers by PyTorch-style dotted name (``conv1.weight``, ...)."""
+        state = {name: param.data for name, param in self.named_parameters()}
+        state.update(self.named_buffers())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy arrays into this model, checking names and shapes; keeps device and dtype."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        for name, target in own.items():
+            source = state[name]
+            if tuple(source.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"state_dict[{name!r}] has shape {tuple(source.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target[...] = to_device(source, device_of(target))
+
+    def num_parameters(self) -> int:
+        return sum(int(param.data.size) for param in self.parameters())
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers: Module) -> None:
+        for index, layer in enumerate(layers):
+            setattr(self, str(index), layer)
+
+    def layers(self) -> list[Module]:
+        return [child for _, child in self.named_children()]
+
+    def forward(self, x: Any) -> Any:
+        for layer in self.layers():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out: Any) -> Any:
+        for layer in reversed(self.layers()):
+            grad_out = layer.backward(grad_out)
+        return grad_out

@@ -1,0 +1,42 @@
+"""Pooling layers; the math is in :mod:`lenet_xp.functional.pool`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.functional import pool
+from lenet_xp.layers.module import Module
+
+
+class MaxPool2d(Module):
+    """Max over ``kernel x kernel`` windows (stride defaults to the kernel), ``(N, C, H, W)``."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
+        self.kernel, self.stride = kernel_size, stride or kernel_size
+        self._argmax: Any = None
+        self._x_shape: tuple[int, ...] = ()
+
+    def forward(self, x: Any) -> Any:
+        y, argmax = pool.max_pool2d_forward(x, self.kernel, self.stride)
+        self._argmax, self._x_shape = argmax, x.shape
+        return y
+
+    def backward(self, grad_y: Any) -> Any:
+        return pool.max_pool2d_backward(
+            grad_y, self._argmax, self._x_shape, self.kernel, self.stride
+        )
+
+
+class AvgPool2d(Module):
+    """Mean over ``kernel x kernel`` windows (stride defaults to the kernel), ``(N, C, H, W)``."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
+        self.kernel, self.stride = kernel_size, stride or kernel_size
+        self._x_shape: tuple[int, ...] = ()
+
+    def forward(self, x: Any) -> Any:
+        self._x_shape = x.shape
+        return pool.avg_pool2d_forward(x, self.kernel, self.stride)
+
+    def backward(self, grad_y: Any) -> Any:
+        return pool.avg_pool2d_backward(grad_y, self._x_shape, self.kernel, self.stride)

@@ -1,0 +1,63 @@
+"""``LeNet5``: the modern LeNet-5 for 28x28 MNIST digits (61,706 parameters).
+
+conv 1->6 5x5 pad 2 -> ReLU -> max-pool 2 -> conv 6->16 5x5 -> ReLU -> max-pool 2
+-> flatten 400 -> fc 120 -> ReLU -> fc 84 -> ReLU -> fc 10 (logits).
+
+Parameter names and layouts are PyTorch's (``conv1.weight (6, 1, 5, 5)``, ``fc1.weight
+(120, 400)``, ...), so ``state_dict()`` moves to and from a PyTorch model unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.backend import host_rng
+from lenet_xp.functional.loss import softmax_cross_entropy
+from lenet_xp.layers import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU
+
+
+class LeNet5(Module):
+    """LeNet-5 on ``x (N, 1, 28, 28)`` -> logits ``(N, 10)``; weights drawn from ``seed``."""
+
+    def __init__(self, seed: int | None = 0, init: str = "pytorch", dtype: str = "float32"):
+        rng = host_rng(seed)
+        kw = {"init": init, "rng": rng, "dtype": dtype}
+        self.conv1 = Conv2d(1, 6, 5, padding=2, **kw)
+        self.relu1, self.pool1 = ReLU(), MaxPool2d(2)
+        self.conv2 = Conv2d(6, 16, 5, **kw)
+        self.relu2, self.pool2 = ReLU(), MaxPool2d(2)
+        self.flatten = Flatten()
+        self.fc1 = Linear(16 * 5 * 5, 120, **kw)
+        self.relu3 = ReLU()
+        self.fc2 = Linear(120, 84, **kw)
+        self.relu4 = ReLU()
+        self.fc3 = Linear(84, 10, **kw)
+        self.conv1.needs_input_grad = False  # the image needs no gradient
+
+    def layers(self) -> list[Module]:
+        return [child for _, child in self.named_children()]
+
+    def forward(self, x: Any) -> Any:
+        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"LeNet5 expects images of shape (N, 1, 28, 28), got {x.shape}")
+        for layer in self.layers():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_logits: Any) -> Any:
+        for layer in reversed(self.layers()):
+            grad_logits = layer.backward(grad_logits)
+        return grad_logits
+
+
+def loss_and_grads(model: Module, x: Any, labels: Any) -> tuple[Any, dict[str, Any]]:
+    """One forward and backward pass on a batch.
+
+    ``x (N, 1, 28, 28)`` float, ``labels (N,)`` int. Returns ``(loss, grads)``: the mean
+    softmax cross-entropy (a 0-d array on the model's device) and a dict of gradients keyed
+    like ``model.state_dict()`` (``"conv1.weight"``, ...). Also sets each ``param.grad``.
+    """
+    logits = model.forward(x)
+    loss, grad_logits = softmax_cross_entropy(logits, labels)
+    model.backward(grad_logits)
+    return loss, {name: param.grad for name, param in model.named_parameters()}
