@@ -17,12 +17,25 @@ from lenet_xp.layers import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU
 
 
 class LeNet5(Module):
-    """LeNet-5 on ``x (N, 1, 28, 28)`` -> logits ``(N, 10)``; weights drawn from ``seed``."""
+    """LeNet-5 on ``x (N, 1, 28, 28)`` -> logits ``(N, 10)``; weights drawn from ``seed``.
 
-    def __init__(self, seed: int | None = 0, init: str = "pytorch", dtype: str = "float32"):
+    With ``input_size=32`` (images padded to 32x32 beforehand, as in LeCun 1998) conv1 uses no
+    padding; the parameters are the same either way.
+    """
+
+    def __init__(
+        self,
+        seed: int | None = 0,
+        init: str = "pytorch",
+        dtype: str = "float32",
+        input_size: int = 28,
+    ) -> None:
+        if input_size not in (28, 32):
+            raise ValueError(f"input_size must be 28 (padded in conv1) or 32, got {input_size}")
         rng = host_rng(seed)
         kw = {"init": init, "rng": rng, "dtype": dtype}
-        self.conv1 = Conv2d(1, 6, 5, padding=2, **kw)
+        self.input_size = input_size
+        self.conv1 = Conv2d(1, 6, 5, padding=(32 - input_size) // 2, **kw)
         self.relu1, self.pool1 = ReLU(), MaxPool2d(2)
         self.conv2 = Conv2d(6, 16, 5, **kw)
         self.relu2, self.pool2 = ReLU(), MaxPool2d(2)
@@ -38,8 +51,11 @@ class LeNet5(Module):
         return [child for _, child in self.named_children()]
 
     def forward(self, x: Any) -> Any:
-        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
-            raise ValueError(f"LeNet5 expects images of shape (N, 1, 28, 28), got {x.shape}")
+        size = self.input_size
+        if x.ndim != 4 or x.shape[1:] != (1, size, size):
+            raise ValueError(
+                f"LeNet5 expects images of shape (N, 1, {size}, {size}), got {x.shape}"
+            )
         for layer in self.layers():
             x = layer.forward(x)
         return x

@@ -1,0 +1,84 @@
+"""``python -m lenet_xp.evaluate --checkpoint PATH``: test accuracy, loss and confusion matrix.
+
+Evaluation runs in batches (``--batch-size``), so the activations of the whole test set are
+never held at once; sums stay on the device and are read once at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lenet_xp.backend import DeviceError, asnumpy, get_device
+from lenet_xp.checkpoint import CheckpointError, load_checkpoint
+from lenet_xp.data import DeviceSplit, to_device_split
+from lenet_xp.functional.loss import softmax_cross_entropy
+from lenet_xp.layers import Module
+from lenet_xp.mnist import DataError, load_mnist
+from lenet_xp.model import LeNet5
+
+
+def evaluate(model: Module, split: DeviceSplit, batch_size: int = 2000) -> tuple[float, float, Any]:
+    """``(mean loss, accuracy, confusion (10, 10) host int64)`` of ``model`` on ``split``.
+
+    ``confusion[true, predicted]`` counts images. The model is left in eval mode.
+    """
+    xp = split.device.xp
+    model.eval()
+    loss_sum = xp.zeros((), dtype=xp.float64)
+    confusion = xp.zeros(100, dtype=xp.int64)
+    for x, y in split.batches(batch_size):
+        logits = model.forward(x)
+        loss, _ = softmax_cross_entropy(logits, y)
+        loss_sum += loss * y.shape[0]
+        confusion += xp.bincount(y * 10 + logits.argmax(axis=1), minlength=100)
+    confusion = asnumpy(confusion).reshape(10, 10)
+    n = len(split)
+    return float(loss_sum) / n, int(confusion.trace()) / n, confusion
+
+
+def format_confusion(confusion: Any) -> str:
+    """The confusion matrix as text: rows are true digits, columns predictions."""
+    lines = ["true\\pred " + " ".join(f"{d:>5}" for d in range(10))]
+    lines += [f"{t:>9} " + " ".join(f"{c:>5}" for c in row) for t, row in enumerate(confusion)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lenet_xp.evaluate", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--checkpoint", required=True, help="a .npz written by lenet_xp.train")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
+    )
+    p.add_argument("--batch-size", type=int, default=2000, help="images per evaluation batch")
+    args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        p.error(f"--batch-size must be positive, got {args.batch_size}")
+    try:
+        model_state, _, meta = load_checkpoint(args.checkpoint)
+        config = meta.get("config", {})
+        device = get_device(args.device)
+        pad32 = bool(config.get("pad32", False))
+        model = LeNet5(dtype=config.get("dtype", "float32"), input_size=32 if pad32 else 28)
+        model.load_state_dict(model_state)
+        model.to(device)
+        mnist = load_mnist(args.data_dir)
+        test = to_device_split(
+            mnist.test_images, mnist.test_labels, device, config.get("dtype", "float32"), pad32
+        )
+        loss, acc, confusion = evaluate(model, test, args.batch_size)
+    except (DataError, DeviceError, CheckpointError, KeyError, ValueError) as exc:
+        print(f"lenet_xp.evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"checkpoint {args.checkpoint} (epoch {meta.get('epoch', '?')}) on {device}")
+    print(f"test_acc {100 * acc:.2f}%  test_loss {loss:.4f}  ({len(test)} images)")
+    print(format_confusion(confusion))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""``python -m lenet_xp.train``: train LeNet-5 on MNIST on the CPU or a CUDA GPU.
+
+The loop is the same on every device: parameters and the data set are moved once by
+``--device``; per batch there is no host<->device copy and no synchronisation (loss and
+accuracy are summed on the device and read once per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lenet_xp.backend import Device, DeviceError, get_device, host_rng, synchronize
+from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_xp.data import DeviceSplit, permutation, to_device_split
+from lenet_xp.evaluate import evaluate
+from lenet_xp.functional.loss import softmax_cross_entropy
+from lenet_xp.mnist import DataError, load_mnist
+from lenet_xp.model import LeNet5
+from lenet_xp.optim import Optimizer, make_optimizer
+from lenet_xp.schedules import make_schedule
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lenet_xp.train",
+        description="Train LeNet-5 on MNIST with NumPy (CPU) or CuPy (CUDA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--device",
+        default=os.environ.get("LENET_XP_DEVICE", "auto"),
+        help="cpu, cuda, cuda:N, or auto (CUDA if CuPy and a GPU answer, else CPU); "
+        "default from $LENET_XP_DEVICE",
+    )
+    p.add_argument("--epochs", type=_positive(int), default=10, help="passes over the training set")
+    p.add_argument("--batch-size", type=_positive(int), default=128, help="images per step")
+    p.add_argument("--lr", type=_positive(float), default=3e-3, help="peak learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="update rule")
+    p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="for sgd/nesterov")
+    p.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=0.0,
+        help="L2 penalty (decoupled for adamw)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="onecycle",
+        help="learning-rate schedule over all steps: onecycle (warm-up then cosine decay), "
+        "cosine decay, step (x0.1 every third of training) or constant",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
+    p.add_argument(
+        "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
+    )
+    p.add_argument("--out", default="runs/lenet5", help="folder for last.npz and best.npz")
+    p.add_argument("--metrics", default=None, help="JSON-lines file, one line per epoch")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="continue the run saved in this checkpoint (e.g. OUT/last.npz), with its config",
+    )
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision")
+    p.add_argument("--pad32", action="store_true", help="pad images to 32x32 (LeCun 1998 input)")
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=0,
+        help="hold out this many training images to choose best.npz (else lowest train loss); "
+        "the test set never chooses",
+    )
+    p.add_argument(
+        "--limit-train", type=_positive(int), default=None, help="use the first N train images"
+    )
+    p.add_argument(
+        "--limit-test", type=_positive(int), default=None, help="use the first N test images"
+    )
+    p.add_argument(
+        "--eval-batch-size", type=_positive(int), default=2000, help="images per eval batch"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
+    return p
+
+
+CONFIG_KEYS = (
+    "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
+    "dtype", "pad32", "val_size", "limit_train", "limit_test",
+)  # fmt: skip
+
+
+def _load_splits(config: dict, data_dir: str | None, device: Device, quiet: bool):
+    mnist = load_mnist(data_dir, progress=not quiet)
+    train_x, train_y = mnist.train_images, mnist.train_labels
+    if config["limit_train"]:
+        train_x, train_y = train_x[: config["limit_train"]], train_y[: config["limit_train"]]
+    test_x, test_y = mnist.test_images, mnist.test_labels
+    if config["limit_test"]:
+        test_x, test_y = test_x[: config["limit_test"]], test_y[: config["limit_test"]]
+    val = None
+    n_val = config["val_size"]
+    if n_val:
+        if not 0 < n_val < len(train_y):
+            raise DataError(f"--val-size {n_val} must be between 1 and {len(train_y) - 1}")
+        val = to_device_split(
+            train_x[-n_val:], train_y[-n_val:], device, config["dtype"], config["pad32"]
+        )
+        train_x, train_y = train_x[:-n_val], train_y[:-n_val]
+    make = lambda x, y: to_device_split(x, y, device, config["dtype"], config["pad32"])  # noqa: E731
+    return make(train_x, train_y), val, make(test_x, test_y)
+
+
+def train_epoch(
+    model: LeNet5,
+    optimizer: Optimizer,
+    schedule: Any,
+    split: DeviceSplit,
+    batch_size: int,
+    rng: Any,
+    step: int,
+    bar: Any,
+) -> tuple[float, float, int]:
+    """One pass in a fresh random order. Returns ``(mean loss, accuracy, global step)``."""
+    xp = split.device.xp
+    model.train()
+    loss_sum = xp.zeros((), dtype=xp.float64)
+    correct = xp.zeros((), dtype=xp.int64)
+    for x, y in split.batches(batch_size, permutation(len(split), rng, split.device)):
+        optimizer.lr = schedule(step)
+        logits = model.forward(x)
+        loss, grad_logits = softmax_cross_entropy(logits, y)
+        model.backward(grad_logits)
+        optimizer.step()
+        step += 1
+        loss_sum += loss * y.shape[0]
+        correct += (logits.argmax(axis=1) == y).sum()
+        if bar is not None:
+            bar.update(int(y.shape[0]))
+            if split.device.kind == "cpu" and step % 20 == 0:  # free on the CPU; a sync on a GPU
+                bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+    n = len(split)
+    return float(loss_sum) / n, int(correct) / n, step
+
+
+def _progress_bar(total: int, epoch: int, epochs: int, quiet: bool) -> Any:
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=f"epoch {epoch}/{epochs}", unit="img", unit_scale=True, leave=False
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train as ``args`` says; returns the last epoch's metrics."""
+    device = get_device(args.device, announce=args.device == "auto" and not args.quiet)
+    config = {key: getattr(args, key) for key in CONFIG_KEYS}
+    resume_state = None
+    if args.resume:
+        model_state, optim_state, meta = load_checkpoint(args.resume)
+        config = meta["config"]  # a resumed run keeps its own configuration
+        resume_state = (model_state, optim_state, meta)
+    train, val, test = _load_splits(config, args.data_dir, device, args.quiet)
+
+    model = LeNet5(
+        seed=config["seed"], dtype=config["dtype"], input_size=32 if config["pad32"] else 28
+    )
+    model.to(device)
+    optimizer = make_optimizer(
+        config["optimizer"],
+        model.parameters(),
+        config["lr"],
+        config["weight_decay"],
+        config["momentum"],
+    )
+    steps_per_epoch = math.ceil(len(train) / config["batch_size"])
+    schedule = make_schedule(
+        config["schedule"], config["lr"], config["epochs"] * steps_per_epoch, steps_per_epoch
+    )
+    rng = host_rng(config["seed"])
+    start_epoch, step, best_score = 1, 0, -math.inf
+    if resume_state:
+        model_state, optim_state, meta = resume_state
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        rng.bit_generator.state = meta["rng_state"]
+        start_epoch, step, best_score = meta["epoch"] + 1, meta["step"], meta["best_score"]
+
+    out = Path(args.out)
+    metrics_file = None
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(args.metrics, "a" if resume_state else "w")  # noqa: SIM115
+    record: dict = {}
+    try:
+        for epoch in range(start_epoch, config["epochs"] + 1):
+            bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
+            lr = schedule(step)
+            synchronize(device)
+            t0 = time.perf_counter()
+            train_loss, train_acc, step = train_epoch(
+                model, optimizer, schedule, train, config["batch_size"], rng, step, bar
+            )
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            if not math.isfinite(train_loss):
+                raise TrainingError(
+                    f"the training loss became {train_loss} in epoch {epoch}; lower --lr "
+                    f"(now {config['lr']:g}) or use --schedule onecycle; last good checkpoint: "
+                    f"{out / 'last.npz'}"
+                )
+            test_loss, test_acc, _ = evaluate(model, test, args.eval_batch_size)
+            record = {
+                "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
+                "train_seconds": seconds, "images_per_second": len(train) / seconds,
+                "device": str(device),
+            }  # fmt: skip
+            if val is not None:
+                record["val_loss"], record["val_acc"], _ = evaluate(
+                    model, val, args.eval_batch_size
+                )
+            score = record["val_acc"] if val is not None else -train_loss
+            meta = {
+                "epoch": epoch, "step": step, "rng_state": rng.bit_generator.state,
+                "config": config, "metrics": record, "best_score": max(best_score, score),
+            }  # fmt: skip
+            save_checkpoint(out / "last.npz", model.state_dict(), optimizer.state_dict(), meta)
+            if score > best_score:
+                best_score = score
+                save_checkpoint(out / "best.npz", model.state_dict(), optimizer.state_dict(), meta)
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if not args.quiet:
+                print(_summary(record, config["epochs"]), flush=True)
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    return record
+
+
+def _summary(r: dict, epochs: int) -> str:
+    val = f"  val_acc {100 * r['val_acc']:.2f}%" if "val_acc" in r else ""
+    return (
+        f"epoch {r['epoch']:>2}/{epochs}  train_loss {r['train_loss']:.4f}  "
+        f"train_acc {100 * r['train_acc']:.2f}%  test_loss {r['test_loss']:.4f}  "
+        f"test_acc {100 * r['test_acc']:.2f}%{val}  lr {r['lr']:.2e}  "
+        f"{r['train_seconds']:.1f}s  {r['images_per_second']:,.0f} img/s  [{r['device']}]"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (DataError, DeviceError, CheckpointError, TrainingError) as exc:
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(
+            f"lenet_xp.train: error: out of memory at --batch-size {args.batch_size}; "
+            f"lower it (e.g. --batch-size {max(1, args.batch_size // 2)})",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"lenet_xp.train: interrupted; resume with --resume {Path(args.out) / 'last.npz'}",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
