@@ -52,6 +52,7 @@ MIRRORS = (
 )
 
 ENV_VAR = "LENET_XP_DATA"
+MIRRORS_ENV_VAR = "LENET_XP_MIRRORS"
 _IDX_UBYTE = 0x08
 _IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # ndim -> magic number
 _CHUNK = 1 << 16
@@ -305,7 +306,7 @@ def load_mnist(
     download: bool = True,
     progress: bool = True,
     *,
-    mirrors: Sequence[str] = MIRRORS,
+    mirrors: Sequence[str] | None = None,
     sha256: dict[str, str] | None = None,
     timeout: float = 30,
 ) -> MNIST:
@@ -313,7 +314,12 @@ def load_mnist(
 
     Returns host ``uint8`` arrays (see :class:`MNIST`). Checks every file (:func:`read_idx`),
     that images are Nx28x28 and labels N, that counts match and labels are in 0..9.
+    ``mirrors`` defaults to ``$LENET_XP_MIRRORS`` (comma-separated base URLs), else
+    :data:`MIRRORS`.
     """
+    if mirrors is None:
+        from_env = os.environ.get(MIRRORS_ENV_VAR, "")
+        mirrors = tuple(u.strip() for u in from_env.split(",") if u.strip()) or MIRRORS
     root = resolve_data_dir(data_dir)
     missing = [n for n in FILES if _find(root, n) is None]
     if missing and download:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-batch-size", type=_positive(int), default=2000, help="images per eval batch"
+    )
+    p.add_argument(
+        "--keep-every-epoch", action="store_true", help="also keep OUT/epoch_NNN.npz for each epoch"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
@@ -266,6 +270,10 @@ def run(args: argparse.Namespace) -> dict:
                 "config": config, "metrics": record, "best_score": max(best_score, score),
             }  # fmt: skip
             save_checkpoint(out / "last.npz", model.state_dict(), optimizer.state_dict(), meta)
+            if args.keep_every_epoch:
+                save_checkpoint(
+                    out / f"epoch_{epoch:03d}.npz", model.state_dict(), optimizer.state_dict(), meta
+                )
             if score > best_score:
                 best_score = score
                 save_checkpoint(out / "best.npz", model.state_dict(), optimizer.state_dict(), meta)
@@ -292,6 +300,8 @@ def _summary(r: dict, epochs: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A diverging run overflows; it is reported once, as a NaN/inf loss, not per operation.
+    warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
     try:
         run(args)
     except (DataError, DeviceError, CheckpointError, TrainingError) as exc:

@@ -1,0 +1,179 @@
+"""The training and evaluation CLIs on real MNIST subsets, plus every bad input."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lenet_xp import evaluate as evaluate_cli
+from lenet_xp import train as train_cli
+
+DATA = Path(
+    os.environ.get("LENET_XP_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/mnist")
+)
+needs_mnist = pytest.mark.skipif(
+    not (DATA / "train-images-idx3-ubyte.gz").exists(),
+    reason=f"MNIST not found in {DATA}; set LENET_XP_DATA to the folder with the four .gz files",
+)
+SMALL = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--limit-train", "2000"]
+TIMINGS = {"train_seconds", "images_per_second"}
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+@needs_mnist
+def test_cli_end_to_end_then_evaluate(tmp_path):
+    """The real command in a subprocess: trains, writes metrics and checkpoints; evaluate agrees."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "cpu", "--data-dir", str(DATA)]
+    cmd += [
+        "--epochs",
+        "2",
+        "--limit-train",
+        "6000",
+        "--out",
+        str(out),
+        "--metrics",
+        str(out / "m.jsonl"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "test_acc" in lines[-1]
+    records = read_metrics(out / "m.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    expected_keys = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"}
+    assert expected_keys | TIMINGS | {"device"} <= set(records[0])
+    assert records[-1]["test_acc"] > 0.9  # chance is 0.1
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert (out / "last.npz").exists() and (out / "best.npz").exists()
+
+    ev = subprocess.run(
+        [sys.executable, "-m", "lenet_xp.evaluate", "--checkpoint", str(out / "last.npz"),
+         "--device", "cpu", "--data-dir", str(DATA), "--batch-size", "777"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    acc_line = next(line for line in ev.stdout.splitlines() if line.startswith("test_acc"))
+    assert f"{100 * records[-1]['test_acc']:.2f}%" in acc_line
+    matrix = [line.split()[1:] for line in ev.stdout.splitlines()[-10:]]
+    assert sum(int(c) for row in matrix for c in row) == 10_000
+
+
+@needs_mnist
+def test_same_seed_same_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        args = SMALL + ["--epochs", "2", "--seed", "7", "--out", str(tmp_path / name)]
+        assert train_cli.main(args + ["--metrics", str(tmp_path / f"{name}.jsonl")]) == 0
+        runs.append(without_timings(read_metrics(tmp_path / f"{name}.jsonl")))
+    assert runs[0] == runs[1]
+    other = SMALL + ["--epochs", "1", "--seed", "8", "--out", str(tmp_path / "c")]
+    assert train_cli.main(other + ["--metrics", str(tmp_path / "c.jsonl")]) == 0
+    assert without_timings(read_metrics(tmp_path / "c.jsonl"))[0] != runs[0][0]
+
+
+@needs_mnist
+def test_resume_matches_uninterrupted_run(tmp_path):
+    base = SMALL + ["--epochs", "2", "--limit-test", "1000", "--keep-every-epoch"]
+    assert (
+        train_cli.main(
+            base + ["--out", str(tmp_path / "straight"), "--metrics", str(tmp_path / "s.jsonl")]
+        )
+        == 0
+    )
+    # Resume from the checkpoint written after epoch 1, as if the run had stopped there.
+    (tmp_path / "r.jsonl").write_text((tmp_path / "s.jsonl").read_text().splitlines()[0] + "\n")
+    resume = ["--resume", str(tmp_path / "straight" / "epoch_001.npz"), "--device", "cpu"]
+    resume += ["--data-dir", str(DATA), "--quiet", "--out", str(tmp_path / "resumed")]
+    assert train_cli.main(resume + ["--metrics", str(tmp_path / "r.jsonl")]) == 0
+    straight = without_timings(read_metrics(tmp_path / "s.jsonl"))
+    resumed = without_timings(read_metrics(tmp_path / "r.jsonl"))
+    assert resumed == straight and len(straight) == 2
+
+
+@needs_mnist
+def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, capsys):
+    args = SMALL + ["--epochs", "1", "--optimizer", "sgd", "--lr", "1e12", "--schedule", "constant"]
+    assert train_cli.main(args + ["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "loss became" in err and "--lr" in err
+    assert not (tmp_path / "last.npz").exists()  # a diverged model is not saved over good weights
+
+
+def _one_line_error(capsys, fragment):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lenet_xp.") and "\n" not in err and "Traceback" not in err, err
+    assert fragment in err, err
+
+
+def test_bad_device_is_one_line(tmp_path, capsys):
+    assert train_cli.main(["--device", "tpu", "--out", str(tmp_path)]) == 1
+    _one_line_error(capsys, "use cpu, cuda, cuda:N or auto")
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--epochs", "0"), ("--lr", "nan"), ("--batch-size", "-3"), ("--optimizer", "rmsprop")],
+)
+def test_nonsense_flags_exit_2(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_cli.main([flag, value])
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@needs_mnist
+def test_truncated_data_file_is_one_line(tmp_path, capsys):
+    for name in os.listdir(DATA):
+        if name.endswith(".gz"):
+            shutil.copy(DATA / name, tmp_path / name)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(labels.read_bytes())
+    labels.write_bytes(gzip.compress(raw[:-100]))
+    assert (
+        train_cli.main(
+            [
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(tmp_path),
+                "--quiet",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
+    _one_line_error(capsys, "train-labels-idx1-ubyte")
+
+
+def test_missing_data_offline_says_where_to_put_files(tmp_path, capsys, monkeypatch):
+    # A mirror where nothing listens (as offline): the message says where the files go.
+    monkeypatch.setenv("LENET_XP_MIRRORS", "http://127.0.0.1:9/")
+    assert train_cli.main(["--device", "cpu", "--data-dir", str(tmp_path / "d"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "LENET_XP_DATA" in err and str(tmp_path / "d") in err
+
+
+def test_corrupt_resume_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "last.npz"
+    bad.write_bytes(b"\x00" * 100)
+    assert train_cli.main(["--device", "cpu", "--resume", str(bad), "--out", str(tmp_path)]) == 1
+    _one_line_error(capsys, str(bad))
+
+
+def test_evaluate_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path / "nope.npz"), "--device", "cpu"]) == 1
+    _one_line_error(capsys, "does not exist")
