@@ -17,9 +17,12 @@ from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.layers import Module
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.model import LeNet5
+from lenet_xp.parallel import DataParallel
 
 
-def evaluate(model: Module, split: DeviceSplit, batch_size: int = 2000) -> tuple[float, float, Any]:
+def evaluate(
+    model: Module | DataParallel, split: DeviceSplit, batch_size: int = 2000
+) -> tuple[float, float, Any]:
     """``(mean loss, accuracy, confusion (10, 10) host int64)`` of ``model`` on ``split``.
 
     ``confusion[true, predicted]`` counts images. The model is left in eval mode.

@@ -35,15 +35,17 @@ class LeNet5(Module):
         rng = host_rng(seed)
         kw = {"init": init, "rng": rng, "dtype": dtype}
         self.input_size = input_size
+        # ReLU and max-pool commute exactly (max is monotone; both send the gradient to the
+        # first maximum, or nowhere if it is <= 0), so ReLU runs after pooling on 4x fewer values.
         self.conv1 = Conv2d(1, 6, 5, padding=(32 - input_size) // 2, **kw)
-        self.relu1, self.pool1 = ReLU(), MaxPool2d(2)
+        self.pool1, self.relu1 = MaxPool2d(2), ReLU(inplace=True)
         self.conv2 = Conv2d(6, 16, 5, **kw)
-        self.relu2, self.pool2 = ReLU(), MaxPool2d(2)
+        self.pool2, self.relu2 = MaxPool2d(2), ReLU(inplace=True)
         self.flatten = Flatten()
         self.fc1 = Linear(16 * 5 * 5, 120, **kw)
-        self.relu3 = ReLU()
+        self.relu3 = ReLU(inplace=True)
         self.fc2 = Linear(120, 84, **kw)
-        self.relu4 = ReLU()
+        self.relu4 = ReLU(inplace=True)
         self.fc3 = Linear(84, 10, **kw)
         self.conv1.needs_input_grad = False  # the image needs no gradient
 

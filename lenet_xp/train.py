@@ -17,14 +17,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from lenet_xp.backend import Device, DeviceError, get_device, host_rng, synchronize
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, to_device_split
 from lenet_xp.evaluate import evaluate
-from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.model import LeNet5
 from lenet_xp.optim import Optimizer, make_optimizer
+from lenet_xp.parallel import DataParallel
 from lenet_xp.schedules import make_schedule
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
@@ -56,6 +58,14 @@ def _non_negative_float(text: str) -> float:
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def default_threads() -> int:
+    """The cores this process may use, at most 4 (LeNet's batches are small)."""
+    try:
+        return max(1, min(4, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        return max(1, min(4, os.cpu_count() or 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit-test", type=_positive(int), default=None, help="use the first N test images"
     )
     p.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=default_threads(),
+        help="CPU only: split each batch over this many threads, one BLAS thread each",
+    )
+    p.add_argument(
         "--eval-batch-size", type=_positive(int), default=2000, help="images per eval batch"
     )
     p.add_argument(
@@ -126,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
-    "dtype", "pad32", "val_size", "limit_train", "limit_test",
+    "dtype", "pad32", "val_size", "limit_train", "limit_test", "threads",
 )  # fmt: skip
 
 
@@ -152,7 +168,7 @@ def _load_splits(config: dict, data_dir: str | None, device: Device, quiet: bool
 
 
 def train_epoch(
-    model: LeNet5,
+    runner: DataParallel,
     optimizer: Optimizer,
     schedule: Any,
     split: DeviceSplit,
@@ -163,18 +179,16 @@ def train_epoch(
 ) -> tuple[float, float, int]:
     """One pass in a fresh random order. Returns ``(mean loss, accuracy, global step)``."""
     xp = split.device.xp
-    model.train()
+    runner.train()
     loss_sum = xp.zeros((), dtype=xp.float64)
     correct = xp.zeros((), dtype=xp.int64)
     for x, y in split.batches(batch_size, permutation(len(split), rng, split.device)):
         optimizer.lr = schedule(step)
-        logits = model.forward(x)
-        loss, grad_logits = softmax_cross_entropy(logits, y)
-        model.backward(grad_logits)
+        loss, n_correct = runner.forward_backward(x, y)
         optimizer.step()
         step += 1
         loss_sum += loss * y.shape[0]
-        correct += (logits.argmax(axis=1) == y).sum()
+        correct += n_correct
         if bar is not None:
             bar.update(int(y.shape[0]))
             if split.device.kind == "cpu" and step % 20 == 0:  # free on the CPU; a sync on a GPU
@@ -208,6 +222,8 @@ def run(args: argparse.Namespace) -> dict:
         seed=config["seed"], dtype=config["dtype"], input_size=32 if config["pad32"] else 28
     )
     model.to(device)
+    threads = config.get("threads", 1) if device.kind == "cpu" else 1
+    runner = DataParallel(model, threads)
     optimizer = make_optimizer(
         config["optimizer"],
         model.parameters(),
@@ -234,6 +250,8 @@ def run(args: argparse.Namespace) -> dict:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(args.metrics, "a" if resume_state else "w")  # noqa: SIM115
     record: dict = {}
+    # With several threads each runs its own slice; BLAS must not spawn more threads per core.
+    blas_limit = threadpool_limits(limits=1, user_api="blas") if threads > 1 else None
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
             bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
@@ -241,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
             synchronize(device)
             t0 = time.perf_counter()
             train_loss, train_acc, step = train_epoch(
-                model, optimizer, schedule, train, config["batch_size"], rng, step, bar
+                runner, optimizer, schedule, train, config["batch_size"], rng, step, bar
             )
             synchronize(device)
             seconds = time.perf_counter() - t0
@@ -253,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
                     f"(now {config['lr']:g}) or use --schedule onecycle; last good checkpoint: "
                     f"{out / 'last.npz'}"
                 )
-            test_loss, test_acc, _ = evaluate(model, test, args.eval_batch_size)
+            test_loss, test_acc, _ = evaluate(runner, test, args.eval_batch_size)
             record = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
@@ -283,6 +301,8 @@ def run(args: argparse.Namespace) -> dict:
             if not args.quiet:
                 print(_summary(record, config["epochs"]), flush=True)
     finally:
+        if blas_limit is not None:
+            blas_limit.restore_original_limits()
         if metrics_file:
             metrics_file.close()
     return record

@@ -61,6 +61,7 @@ else
     fi
     [ "$(id -u)" = 0 ] || die "debootstrap needs root to create $BASE_IMAGE"
     rootfs="$(mktemp -d /tmp/lenet_xp-rootfs.XXXXXX)"
+    chmod 755 "$rootfs"   # becomes the image's "/": mktemp's 0700 would lock out non-root users
     trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
         bookworm "$rootfs" "$DEBIAN_MIRROR" >/tmp/lenet_xp-debootstrap.log 2>&1 \

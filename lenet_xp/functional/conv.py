@@ -4,6 +4,11 @@ Layout. ``x_cols`` has shape ``(C*kh*kw, N*OH*OW)``: row ``(c, i, j)`` holds inp
 ``x[n, c, i + s*oh, j + s*ow]`` for every output position ``(n, oh, ow)``. It is built from
 a strided *view* of the padded input with a single copy, and the forward pass is one
 well-shaped GEMM ``w_mat (OC, C*kh*kw) @ x_cols -> (OC, N*OH*OW)``.
+
+Arrays are indexed ``(N, C, H, W)`` everywhere, but the GEMM's output is stored channel-major
+(``C, N, H, W`` in memory) and handed on as a transposed *view*: nothing is copied to reorder
+it, the next GEMM (``grad_y`` in backward, ``im2col`` of the next conv) reads that layout
+directly, and elementwise layers and pooling keep whatever layout they are given.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def _pad(x: Any, padding: int) -> Any:
+    """Zero-pad H and W, keeping the memory layout (channel-major stays channel-major)."""
     if padding == 0:
         return x
     xp = get_array_module(x)
     n, c, h, w = x.shape
-    x_pad = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=x.dtype)
+    x_pad = xp.zeros((c, n, h + 2 * padding, w + 2 * padding), dtype=x.dtype)
+    x_pad = x_pad.transpose(1, 0, 2, 3)
     x_pad[:, :, padding : padding + h, padding : padding + w] = x
     return x_pad
 
@@ -39,7 +46,7 @@ def im2col(x: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     x_pad = _pad(x, padding)
-    s_n, s_c, s_h, s_w = x_pad.strides
+    s_n, s_c, s_h, s_w = x_pad.strides  # any memory layout: NCHW, or CNHW from a previous conv
     patches = xp.lib.stride_tricks.as_strided(
         x_pad,
         shape=(c, kh, kw, n, oh, ow),
@@ -66,8 +73,7 @@ def col2im(
             grad_pad[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride] += cols[
                 :, i, j
             ]
-    grad_x = grad_pad[:, :, padding : padding + h, padding : padding + w]
-    return xp.ascontiguousarray(grad_x.transpose(1, 0, 2, 3))
+    return grad_pad[:, :, padding : padding + h, padding : padding + w].transpose(1, 0, 2, 3)
 
 
 def conv2d_forward(
@@ -75,9 +81,9 @@ def conv2d_forward(
 ) -> tuple[Any, Any]:
     """Convolve ``x (N, C, H, W)`` with ``weight (OC, C, kh, kw)`` plus ``bias (OC,)``.
 
-    Returns ``(y (N, OC, OH, OW), x_cols)``; ``x_cols`` is kept for the backward pass.
+    Returns ``(y (N, OC, OH, OW), x_cols)``; ``y`` is a view of channel-major memory (see the
+    module docstring) and ``x_cols`` is kept for the backward pass.
     """
-    xp = get_array_module(x, weight)
     n, c, h, w = x.shape
     oc, wc, kh, kw = weight.shape
     if c != wc:
@@ -87,8 +93,7 @@ def conv2d_forward(
     y_mat = weight.reshape(oc, -1) @ x_cols  # (OC, N*OH*OW)
     if bias is not None:
         y_mat += bias[:, None]
-    y = xp.ascontiguousarray(y_mat.reshape(oc, n, oh, ow).transpose(1, 0, 2, 3))
-    return y, x_cols
+    return y_mat.reshape(oc, n, oh, ow).transpose(1, 0, 2, 3), x_cols
 
 
 def conv2d_backward(
@@ -107,6 +112,7 @@ def conv2d_backward(
     """
     xp = get_array_module(grad_y)
     oc, _, kh, kw = weight.shape
+    # Free when grad_y is channel-major (it is, coming back through LeNet's layers).
     grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 0, 2, 3)).reshape(oc, -1)
     grad_w = (grad_y_mat @ x_cols.T).reshape(weight.shape)
     grad_b = grad_y_mat.sum(axis=1)

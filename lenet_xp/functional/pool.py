@@ -2,7 +2,8 @@
 
 A window of ``kh x kw`` is visited offset by offset: offset ``(i, j)`` of every window is the
 strided slice ``x[:, :, i::s, j::s]`` (cut to ``OH x OW``), so each step is one vectorised
-pass over ``(N, C, OH, OW)`` rather than a reduction over tiny non-contiguous axes.
+pass over ``(N, C, OH, OW)`` rather than a reduction over tiny non-contiguous axes. Outputs
+and gradients keep the memory layout of the input (``order="K"``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from lenet_xp.backend import get_array_module
 from lenet_xp.functional.conv import output_size
 
 
-def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int) -> list[tuple[slice, ...]]:
+def _window_slices(x_shape: tuple[int, ...], kernel: int, stride: int) -> list[tuple[slice, ...]]:
     """Index tuples selecting offset ``(i, j)`` of every window, in row-major window order."""
+    oh = output_size(x_shape[2], kernel, stride, 0)
+    ow = output_size(x_shape[3], kernel, stride, 0)
     return [
         (
             slice(None),
@@ -22,61 +25,57 @@ def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int) -> list[tupl
             slice(i, i + stride * (oh - 1) + 1, stride),
             slice(j, j + stride * (ow - 1) + 1, stride),
         )
-        for i in range(kh)
-        for j in range(kw)
+        for i in range(kernel)
+        for j in range(kernel)
     ]
 
 
 def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
     """``x (N, C, H, W)`` -> ``(y (N, C, OH, OW), argmax (N, C, OH, OW) uint8)``.
 
-    ``argmax`` holds the window offset ``i*kw + j`` of the *first* maximum (as PyTorch),
+    ``argmax`` holds the window offset ``i*kernel + j`` of the *first* maximum (as PyTorch),
     so ties send the gradient to exactly one input.
     """
     xp = get_array_module(x)
-    n, c, h, w = x.shape
-    oh, ow = output_size(h, kernel, stride, 0), output_size(w, kernel, stride, 0)
-    slices = _window_slices(kernel, kernel, stride, oh, ow)
-    y = x[slices[0]].copy()
-    argmax = xp.zeros(y.shape, dtype=xp.uint8)
+    slices = _window_slices(x.shape, kernel, stride)
+    y = x[slices[0]].copy(order="K")
+    argmax = xp.zeros_like(y, dtype=xp.uint8)
     for offset, window in enumerate(slices[1:], start=1):
         candidate = x[window]
         is_greater = candidate > y  # strict: an equal later value never takes over
-        xp.copyto(y, candidate, where=is_greater)
-        argmax[is_greater] = offset
+        xp.maximum(y, candidate, out=y)
+        xp.copyto(argmax, offset, where=is_greater)
     return y, argmax
 
 
-def max_pool2d_backward(
-    grad_y: Any, argmax: Any, x_shape: tuple[int, ...], kernel: int, stride: int
-) -> Any:
-    """Route each window's gradient to its first maximum: returns ``grad_x (N, C, H, W)``."""
+def max_pool2d_backward(grad_y: Any, argmax: Any, x: Any, kernel: int, stride: int) -> Any:
+    """Route each window's gradient to its first maximum: ``grad_x`` shaped (and laid out)
+    like the forward input ``x (N, C, H, W)``."""
     xp = get_array_module(grad_y)
-    oh, ow = grad_y.shape[2:]
-    grad_x = xp.zeros(x_shape, dtype=grad_y.dtype)
-    for offset, window in enumerate(_window_slices(kernel, kernel, stride, oh, ow)):
-        grad_x[window] += grad_y * (argmax == offset)
+    grad_x = xp.zeros_like(x)
+    for offset, window in enumerate(_window_slices(x.shape, kernel, stride)):
+        if stride >= kernel:  # windows do not overlap: write straight into place
+            xp.multiply(grad_y, argmax == offset, out=grad_x[window])
+        else:
+            grad_x[window] += grad_y * (argmax == offset)
     return grad_x
 
 
 def avg_pool2d_forward(x: Any, kernel: int, stride: int) -> Any:
     """``x (N, C, H, W)`` -> window means ``(N, C, OH, OW)``."""
-    n, c, h, w = x.shape
-    oh, ow = output_size(h, kernel, stride, 0), output_size(w, kernel, stride, 0)
-    slices = _window_slices(kernel, kernel, stride, oh, ow)
-    y = x[slices[0]].copy()
+    slices = _window_slices(x.shape, kernel, stride)
+    y = x[slices[0]].copy(order="K")
     for window in slices[1:]:
         y += x[window]
     y *= 1.0 / (kernel * kernel)
     return y
 
 
-def avg_pool2d_backward(grad_y: Any, x_shape: tuple[int, ...], kernel: int, stride: int) -> Any:
-    """Spread each window's gradient evenly: returns ``grad_x (N, C, H, W)``."""
+def avg_pool2d_backward(grad_y: Any, x: Any, kernel: int, stride: int) -> Any:
+    """Spread each window's gradient evenly over the forward input ``x``'s shape and layout."""
     xp = get_array_module(grad_y)
-    oh, ow = grad_y.shape[2:]
     grad_share = grad_y * (1.0 / (kernel * kernel))
-    grad_x = xp.zeros(x_shape, dtype=grad_y.dtype)
-    for window in _window_slices(kernel, kernel, stride, oh, ow):
+    grad_x = xp.zeros_like(x)
+    for window in _window_slices(x.shape, kernel, stride):
         grad_x[window] += grad_share
     return grad_x

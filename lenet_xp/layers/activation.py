@@ -9,15 +9,23 @@ from lenet_xp.layers.module import Module
 
 
 class ReLU(Module):
-    """``max(x, 0)``; the gradient passes where the output is positive."""
+    """``max(x, 0)``; the gradient passes where the output is positive.
+
+    ``inplace=True`` overwrites the input in forward and the upstream gradient in backward
+    (as PyTorch's ``inplace``): for use where nothing else holds them, saving two arrays.
+    """
+
+    def __init__(self, inplace: bool = False) -> None:
+        self.inplace = inplace
 
     def forward(self, x: Any) -> Any:
         xp = get_array_module(x)
-        self._y = xp.maximum(x, 0)
+        self._y = xp.maximum(x, 0, out=x if self.inplace else None)
         return self._y
 
     def backward(self, grad_y: Any) -> Any:
-        return grad_y * (self._y > 0)
+        xp = get_array_module(grad_y)
+        return xp.multiply(grad_y, self._y > 0, out=grad_y if self.inplace else None)
 
 
 class Sigmoid(Module):

@@ -14,17 +14,15 @@ class MaxPool2d(Module):
     def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
         self.kernel, self.stride = kernel_size, stride or kernel_size
         self._argmax: Any = None
-        self._x_shape: tuple[int, ...] = ()
+        self._x: Any = None
 
     def forward(self, x: Any) -> Any:
         y, argmax = pool.max_pool2d_forward(x, self.kernel, self.stride)
-        self._argmax, self._x_shape = argmax, x.shape
+        self._argmax, self._x = argmax, x
         return y
 
     def backward(self, grad_y: Any) -> Any:
-        return pool.max_pool2d_backward(
-            grad_y, self._argmax, self._x_shape, self.kernel, self.stride
-        )
+        return pool.max_pool2d_backward(grad_y, self._argmax, self._x, self.kernel, self.stride)
 
 
 class AvgPool2d(Module):
@@ -32,11 +30,11 @@ class AvgPool2d(Module):
 
     def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
         self.kernel, self.stride = kernel_size, stride or kernel_size
-        self._x_shape: tuple[int, ...] = ()
+        self._x: Any = None
 
     def forward(self, x: Any) -> Any:
-        self._x_shape = x.shape
+        self._x = x
         return pool.avg_pool2d_forward(x, self.kernel, self.stride)
 
     def backward(self, grad_y: Any) -> Any:
-        return pool.avg_pool2d_backward(grad_y, self._x_shape, self.kernel, self.stride)
+        return pool.avg_pool2d_backward(grad_y, self._x, self.kernel, self.stride)

@@ -1,0 +1,194 @@
+"""``python -m lenet_xp.bench``: epoch time, images/s, per-layer profile and peak memory.
+
+Trains the default LeNet-5 (Adam, data resident on the device) with the real training loop
+and prints tables. ``--torch`` trains the same network in PyTorch in the same run (if
+installed: ``pip install "lenet_xp[bench]"``) and prints the time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+from threadpoolctl import threadpool_limits
+
+from lenet_xp.backend import Device, get_device, host_rng, synchronize
+from lenet_xp.data import DeviceSplit, to_device_split
+from lenet_xp.functional.loss import softmax_cross_entropy
+from lenet_xp.mnist import DataError, load_mnist
+from lenet_xp.model import LeNet5
+from lenet_xp.optim import Adam
+from lenet_xp.parallel import DataParallel
+from lenet_xp.schedules import ConstantLR
+from lenet_xp.train import default_threads, train_epoch
+
+
+def load_train_split(device: Device, data_dir: str | None) -> tuple[DeviceSplit, str]:
+    """MNIST's 60,000 training images on ``device``, or random images of the same size."""
+    try:
+        mnist = load_mnist(data_dir, download=False)
+        return to_device_split(mnist.train_images, mnist.train_labels, device), "MNIST"
+    except DataError:
+        rng = host_rng(0)
+        images = rng.integers(0, 256, (60_000, 28, 28), dtype="uint8")
+        labels = rng.integers(0, 10, 60_000, dtype="uint8")
+        return to_device_split(images, labels, device), "random images (MNIST not found)"
+
+
+def time_epochs(split: DeviceSplit, batch_size: int, epochs: int, threads: int) -> list[float]:
+    """Seconds per full training epoch (after a 20-step warm-up), ``epochs`` times."""
+    model = LeNet5(seed=0).to(split.device)
+    runner = DataParallel(model, threads if split.device.kind == "cpu" else 1)
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    rng, schedule = host_rng(0), ConstantLR(1e-3)
+    warmup = DeviceSplit(
+        split.images[: 20 * batch_size], split.labels[: 20 * batch_size], split.device
+    )
+    train_epoch(runner, optimizer, schedule, warmup, batch_size, rng, 0, None)
+    seconds = []
+    for _ in range(epochs):
+        synchronize(split.device)
+        start = time.perf_counter()
+        train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None)
+        synchronize(split.device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def profile_layers(
+    split: DeviceSplit, batch_size: int, steps: int = 30
+) -> list[tuple[str, float, float]]:
+    """Mean milliseconds per step of each layer's forward and backward (device-synchronised)."""
+    model = LeNet5(seed=0).to(split.device)
+    names = [name for name, _ in model.named_children()]
+    layers = model.layers()
+    fwd, bwd = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    x, y = split.images[:batch_size], split.labels[:batch_size]
+
+    def timed(fn: Any, arg: Any) -> tuple[Any, float]:
+        synchronize(split.device)
+        start = time.perf_counter()
+        out = fn(arg)
+        synchronize(split.device)
+        return out, time.perf_counter() - start
+
+    for step in range(steps + 3):
+        h = x
+        for name, layer in zip(names, layers):
+            h, dt = timed(layer.forward, h)
+            fwd[name] += dt * (step >= 3)
+        loss, g = softmax_cross_entropy(h, y)
+        for name, layer in zip(reversed(names), reversed(layers)):
+            g, dt = timed(layer.backward, g)
+            bwd[name] += dt * (step >= 3)
+    return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in names]
+
+
+def torch_epochs(split: DeviceSplit, batch_size: int, epochs: int) -> list[float] | None:
+    """The same network, data in memory, Adam, in PyTorch eager; ``None`` if not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from lenet_xp.backend import asnumpy
+
+    nn = torch.nn
+    dev = torch.device("cuda" if split.device.kind == "cuda" else "cpu")
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    ).to(dev)  # fmt: skip
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    images = torch.from_numpy(asnumpy(split.images)).to(dev)
+    labels = torch.from_numpy(asnumpy(split.labels)).to(dev)
+    n = images.shape[0]
+
+    def epoch(limit: int) -> None:
+        order = torch.randperm(n, device=dev)[:limit]
+        for start in range(0, limit, batch_size):
+            idx = order[start : start + batch_size]
+            loss = nn.functional.cross_entropy(net(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    epoch(20 * batch_size)
+    seconds = []
+    for _ in range(epochs):
+        sync()
+        start = time.perf_counter()
+        epoch(n)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def peak_memory_mib(device: Device) -> float:
+    """Peak resident set size of this process (CPU), or the CuPy pool's bytes (GPU), in MiB."""
+    if device.kind == "cuda":
+        return device.xp.get_default_memory_pool().total_bytes() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def machine_line(device: Device) -> str:
+    if device.kind == "cuda":
+        props = device.xp.cuda.runtime.getDeviceProperties(device.index)
+        return f"{props['name'].decode()} (CuPy {device.xp.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, NumPy {device.xp.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lenet_xp.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128], help="batch sizes to time")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per batch size (median)")
+    p.add_argument(
+        "--threads", type=int, default=default_threads(), help="CPU threads (see train --threads)"
+    )
+    p.add_argument("--torch", action="store_true", help="also time PyTorch on the same device")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-layer profile")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA)")
+    args = p.parse_args(argv)
+    device = get_device(args.device)
+    split, source = load_train_split(device, args.data_dir)
+    print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
+    rows = []
+    for batch_size in args.batch_sizes:
+        with threadpool_limits(limits=1 if args.threads > 1 else None, user_api="blas"):
+            ours = statistics.median(time_epochs(split, batch_size, args.epochs, args.threads))
+        theirs = torch_epochs(split, batch_size, args.epochs) if args.torch else None
+        ref = statistics.median(theirs) if theirs else math.nan
+        rows.append((batch_size, ours, len(split) / ours, ref, ours / ref if theirs else math.nan))
+    print(f"\n{'batch':>6} {'epoch s':>9} {'images/s':>10} {'torch s':>9} {'ours/torch':>11}")
+    for b, s, ips, ref, ratio in rows:
+        print(f"{b:>6} {s:>9.2f} {ips:>10,.0f} {ref:>9.2f} {ratio:>11.2f}")
+    if not args.no_profile:
+        batch_size = args.batch_sizes[0]
+        print(f"\nper-layer ms per step, batch {batch_size}")
+        print(f"{'layer':<8} {'forward':>8} {'backward':>9}")
+        total_f = total_b = 0.0
+        for name, f, b in profile_layers(split, batch_size):
+            total_f, total_b = total_f + f, total_b + b
+            print(f"{name:<8} {f:>8.3f} {b:>9.3f}")
+        print(f"{'total':<8} {total_f:>8.3f} {total_b:>9.3f}")
+    what = "GPU pool" if device.kind == "cuda" else "RSS"
+    print(f"\npeak memory: {peak_memory_mib(device):,.0f} MiB ({what})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
