@@ -81,11 +81,11 @@ def profile_layers(
 
     for step in range(steps + 3):
         h = x
-        for name, layer in zip(names, layers):
+        for name, layer in zip(names, layers, strict=True):
             h, dt = timed(layer.forward, h)
             fwd[name] += dt * (step >= 3)
         loss, g = softmax_cross_entropy(h, y)
-        for name, layer in zip(reversed(names), reversed(layers)):
+        for name, layer in zip(reversed(names), reversed(layers), strict=True):
             g, dt = timed(layer.backward, g)
             bwd[name] += dt * (step >= 3)
     return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in names]

@@ -1,4 +1,4 @@
-"""Benchmark: ``python scripts/bench.py --device cpu --torch`` (same as ``python -m lenet_xp.bench``)."""
+"""Benchmark: same as ``python -m lenet_xp.bench`` (e.g. ``--device cpu --torch``)."""
 
 import sys
 
