@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Any
 
-from threadpoolctl import threadpool_limits
-
 from lenet_xp.backend import Device, get_device, host_rng, synchronize
 from lenet_xp.data import DeviceSplit, to_device_split
 from lenet_xp.functional.loss import softmax_cross_entropy
@@ -45,7 +43,12 @@ def load_train_split(device: Device, data_dir: str | None) -> tuple[DeviceSplit,
 def time_epochs(split: DeviceSplit, batch_size: int, epochs: int, threads: int) -> list[float]:
     """Seconds per full training epoch (after a 20-step warm-up), ``epochs`` times."""
     model = LeNet5(seed=0).to(split.device)
-    runner = DataParallel(model, threads if split.device.kind == "cpu" else 1)
+    threads = threads if split.device.kind == "cpu" else 1
+    runner = DataParallel(model, threads)
+    if threads > 1:  # one BLAS thread per worker thread, as in training
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
     optimizer = Adam(model.parameters(), lr=1e-3)
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     warmup = DeviceSplit(
@@ -168,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
     rows = []
     for batch_size in args.batch_sizes:
-        with threadpool_limits(limits=1 if args.threads > 1 else None, user_api="blas"):
-            ours = statistics.median(time_epochs(split, batch_size, args.epochs, args.threads))
+        ours = statistics.median(time_epochs(split, batch_size, args.epochs, args.threads))
         theirs = torch_epochs(split, batch_size, args.epochs) if args.torch else None
         ref = statistics.median(theirs) if theirs else math.nan
         rows.append((batch_size, ours, len(split) / ours, ref, ours / ref if theirs else math.nan))

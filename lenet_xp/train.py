@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from threadpoolctl import threadpool_limits
 
 from lenet_xp.backend import Device, DeviceError, get_device, host_rng, synchronize
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -251,7 +250,11 @@ def run(args: argparse.Namespace) -> dict:
         metrics_file = open(args.metrics, "a" if resume_state else "w")  # noqa: SIM115
     record: dict = {}
     # With several threads each runs its own slice; BLAS must not spawn more threads per core.
-    blas_limit = threadpool_limits(limits=1, user_api="blas") if threads > 1 else None
+    blas_limit = None
+    if threads > 1:
+        from threadpoolctl import threadpool_limits
+
+        blas_limit = threadpool_limits(limits=1, user_api="blas")
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
             bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)

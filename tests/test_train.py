@@ -177,3 +177,57 @@ def test_corrupt_resume_checkpoint_is_one_line(tmp_path, capsys):
 def test_evaluate_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert evaluate_cli.main(["--checkpoint", str(tmp_path / "nope.npz"), "--device", "cpu"]) == 1
     _one_line_error(capsys, "does not exist")
+
+
+def _cuda_reason():
+    from lenet_xp.backend import cuda_unavailable_reason
+
+    return cuda_unavailable_reason()
+
+
+def test_cuda_requested_without_usable_gpu_is_one_line(tmp_path, capsys):
+    if _cuda_reason() is None:
+        pytest.skip("a GPU is usable here; this tests the no-GPU path")
+    assert train_cli.main(["--device", "cuda", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "lenet_xp[cuda12]" in err or ("CUDA is not usable" in err and "--device cpu" in err)
+
+
+@needs_mnist
+def test_auto_falls_back_to_cpu_with_a_notice(tmp_path):
+    if _cuda_reason() is None:
+        pytest.skip("a GPU is usable here; auto picks it")
+    cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "auto", "--epochs", "1"]
+    cmd += [
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "100",
+        "--data-dir",
+        str(DATA),
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    notice = [line for line in proc.stderr.splitlines() if line.startswith("device: auto")]
+    assert len(notice) == 1 and notice[0].startswith("device: auto -> cpu")
+    assert "[cpu]" in proc.stdout
+
+
+@needs_mnist
+def test_out_of_memory_names_the_batch_size(tmp_path):
+    """A batch far too large for the memory allowed (an address-space limit, as a small GPU or
+    host would impose) ends with one line that says which flag to lower."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "from lenet_xp.train import main\n"
+        f"sys.exit(main(['--device', 'cpu', '--data-dir', {str(DATA)!r}, '--batch-size', '60000',"
+        f" '--threads', '1', '--quiet', '--out', {str(tmp_path)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr.strip()
+    assert "\n" not in err and "out of memory" in err and "--batch-size 30000" in err
