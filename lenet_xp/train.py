@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
 from lenet_xp.backend import Device, DeviceError, get_device, host_rng, synchronize
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, to_device_split
