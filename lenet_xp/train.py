@@ -28,7 +28,7 @@ from lenet_xp.parallel import DataParallel
 from lenet_xp.schedules import make_schedule
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
-SCHEDULES = ("onecycle", "cosine", "step", "constant")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
 
 
 class TrainingError(Exception):
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=_positive(int), default=10, help="passes over the training set")
     p.add_argument("--batch-size", type=_positive(int), default=128, help="images per step")
-    p.add_argument("--lr", type=_positive(float), default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=_positive(float), default=2e-3, help="peak learning rate")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="update rule")
     p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="for sgd/nesterov")
     p.add_argument(
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--schedule",
         choices=SCHEDULES,
-        default="onecycle",
+        default="cosine",
         help="learning-rate schedule over all steps: onecycle (warm-up then cosine decay), "
         "cosine decay, step (x0.1 every third of training) or constant",
     )
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> dict:
             if not math.isfinite(train_loss):
                 raise TrainingError(
                     f"the training loss became {train_loss} in epoch {epoch}; lower --lr "
-                    f"(now {config['lr']:g}) or use --schedule onecycle; last good checkpoint: "
+                    f"(now {config['lr']:g}); last good checkpoint: "
                     f"{out / 'last.npz'}"
                 )
             test_loss, test_acc, _ = evaluate(runner, test, args.eval_batch_size)

@@ -1,0 +1,59 @@
+"""Initialisers' distributions, device-resident MNIST batches, and the README's API example."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_xp.backend import CPU
+from lenet_xp.data import permutation, to_device_split
+from lenet_xp.init import fans, init_bias, init_weight
+from lenet_xp.mnist import MEAN, STD
+
+
+def test_fans():
+    assert fans((16, 6, 5, 5)) == (150, 400)
+    assert fans((120, 400)) == (400, 120)
+
+
+@pytest.mark.parametrize("shape", [(64, 200), (32, 16, 5, 5)])
+def test_init_distributions(shape):
+    rng = np.random.default_rng(0)
+    fan_in, fan_out = fans(shape)
+    torch_default = init_weight(shape, "pytorch", rng)
+    assert np.abs(torch_default).max() <= 1 / np.sqrt(fan_in)
+    assert torch_default.std() == pytest.approx(1 / np.sqrt(3 * fan_in), rel=0.05)  # U(-b, b)
+    he = init_weight(shape, "he", rng)
+    assert he.std() == pytest.approx(np.sqrt(2 / fan_in), rel=0.05)
+    glorot = init_weight(shape, "glorot", rng)
+    bound = np.sqrt(6 / (fan_in + fan_out))
+    assert np.abs(glorot).max() <= bound and glorot.std() == pytest.approx(
+        bound / np.sqrt(3), rel=0.05
+    )
+    assert he.dtype == glorot.dtype == np.float32
+    assert not init_bias(shape, "he", rng).any()
+    with pytest.raises(ValueError, match="unknown init"):
+        init_weight(shape, "xavier-ish", rng)
+
+
+def test_device_split_normalises_pads_and_batches():
+    images = np.zeros((5, 28, 28), np.uint8)
+    images[:, 3, 4] = 255
+    labels = np.arange(5, dtype=np.uint8)
+    split = to_device_split(images, labels, CPU, "float32", pad_to_32=True)
+    assert split.images.shape == (5, 1, 32, 32) and split.images.dtype == np.float32
+    assert split.images[0, 0, 0, 0] == pytest.approx(-MEAN / STD)  # background
+    assert split.images[0, 0, 5, 6] == pytest.approx((1 - MEAN) / STD)  # shifted by 2
+    order = permutation(5, np.random.default_rng(0), CPU)
+    seen = [y for _, ys in split.batches(2, order) for y in ys.tolist()]
+    assert sorted(seen) == [0, 1, 2, 3, 4] and seen == order.tolist()
+
+
+def test_readme_api_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## The API in ten lines\s+```python\n(.*?)```", readme, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 12
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert np.isfinite(float(namespace["loss"])) and "conv1.weight" in namespace["grads"]
