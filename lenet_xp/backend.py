@@ -105,6 +105,17 @@ def get_device(spec: str | Device = "auto", *, announce: bool = False) -> Device
     raise DeviceError(f"bad device {spec!r}: use cpu, cuda, cuda:N or auto")
 
 
+#: OpenBLAS multiplies small matrices (M*N*K up to about 1e6) without packing them first, which
+#: is several times faster for LeNet's skinny GEMMs (6 or 16 rows, 25 or 150 deep); on the CPU,
+#: long GEMMs are therefore cut into blocks of this many columns. GPUs want one big launch.
+CPU_GEMM_BLOCK = 4096
+
+
+def gemm_block(xp: ModuleType) -> int | None:
+    """Column-block width for GEMMs in namespace ``xp`` (``None``: do not split)."""
+    return CPU_GEMM_BLOCK if xp is numpy else None
+
+
 def get_array_module(*arrays: Any) -> ModuleType:
     """``cupy`` if any argument is a CuPy array, else ``numpy`` (like ``cupy.get_array_module``)."""
     cupy = sys.modules.get("cupy")

@@ -45,10 +45,11 @@ def time_epochs(split: DeviceSplit, batch_size: int, epochs: int, threads: int) 
     model = LeNet5(seed=0).to(split.device)
     threads = threads if split.device.kind == "cpu" else 1
     runner = DataParallel(model, threads)
+    limits = None
     if threads > 1:  # one BLAS thread per worker thread, as in training
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=1, user_api="blas")
+        limits = threadpool_limits(limits=1, user_api="blas")
     optimizer = Adam(model.parameters(), lr=1e-3)
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     warmup = DeviceSplit(
@@ -62,6 +63,8 @@ def time_epochs(split: DeviceSplit, batch_size: int, epochs: int, threads: int) 
         train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None)
         synchronize(split.device)
         seconds.append(time.perf_counter() - start)
+    if limits is not None:
+        limits.restore_original_limits()
     return seconds
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lenet_xp.backend import Device, to_device
+from lenet_xp.backend import Device, get_array_module, to_device
 from lenet_xp.mnist import MEAN, STD
 
 
@@ -24,18 +24,40 @@ class DeviceSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batches(self, batch_size: int, order: Any = None):
-        """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order."""
-        n = len(self)
-        for start in range(0, n, batch_size):
-            if order is None:
-                yield (
-                    self.images[start : start + batch_size],
-                    self.labels[start : start + batch_size],
-                )
-            else:
-                idx = order[start : start + batch_size]
-                yield self.images[idx], self.labels[idx]
+    def batches(self, batch_size: int, order: Any = None, shifts: Any = None):
+        """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order.
+
+        ``shifts (2, N)`` int (on the device), if given, translates image ``i`` by
+        ``shifts[:, i]`` pixels (down, right): see :func:`shift_images`.
+        """
+        for start in range(0, len(self), batch_size):
+            idx = (
+                slice(start, start + batch_size)
+                if order is None
+                else order[start : start + batch_size]
+            )
+            x = self.images[idx]
+            if shifts is not None:
+                x = shift_images(x, shifts[0, idx], shifts[1, idx], -MEAN / STD)
+            yield x, self.labels[idx]
+
+
+def shift_images(x: Any, down: Any, right: Any, fill: float) -> Any:
+    """Translate each image of ``x (N, C, H, W)`` by ``down[i]``, ``right[i]`` pixels (ints,
+    negative = up/left), filling with ``fill``: one pad and one gather, no per-image Python."""
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    s = int(max(abs(down).max(), abs(right).max())) if n else 0
+    padded = xp.full((n, c, h + 2 * s, w + 2 * s), fill, dtype=x.dtype)
+    padded[:, :, s : s + h, s : s + w] = x
+    rows = (s - down)[:, None] + xp.arange(h)  # (N, H): padded row read by each output row
+    cols = (s - right)[:, None] + xp.arange(w)  # (N, W)
+    return padded[
+        xp.arange(n)[:, None, None, None],
+        xp.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def to_device_split(
@@ -54,6 +76,12 @@ def to_device_split(
         images = padded
     labels = to_device(labels_u8, device).astype(xp.int64)
     return DeviceSplit(xp.ascontiguousarray(images), labels, device)
+
+
+def random_shifts(n: int, max_shift: int, rng: Any, device: Device) -> Any:
+    """``(2, n)`` random integer shifts in ``[-max_shift, max_shift]`` from the host ``rng``,
+    copied to ``device`` once per epoch."""
+    return to_device(rng.integers(-max_shift, max_shift + 1, size=(2, n)), device)
 
 
 def permutation(n: int, rng: Any, device: Device) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 
 from lenet_xp.backend import Device, DeviceError, get_device, host_rng, synchronize
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lenet_xp.data import DeviceSplit, permutation, to_device_split
+from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.evaluate import evaluate
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.model import LeNet5
@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning-rate schedule over all steps: onecycle (warm-up then cosine decay), "
         "cosine decay, step (x0.1 every third of training) or constant",
     )
+    p.add_argument(
+        "--shift",
+        type=int,
+        choices=range(0, 5),
+        default=0,
+        metavar="{0..4}",
+        help="augment: translate each training image by up to this many pixels at random",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
     p.add_argument(
         "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
-    "dtype", "pad32", "val_size", "limit_train", "limit_test", "threads",
+    "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "threads",
 )  # fmt: skip
 
 
@@ -174,13 +182,17 @@ def train_epoch(
     rng: Any,
     step: int,
     bar: Any,
+    max_shift: int = 0,
 ) -> tuple[float, float, int]:
-    """One pass in a fresh random order. Returns ``(mean loss, accuracy, global step)``."""
+    """One pass in a fresh random order, images randomly translated by up to ``max_shift``
+    pixels. Returns ``(mean loss, accuracy, global step)``."""
     xp = split.device.xp
     runner.train()
     loss_sum = xp.zeros((), dtype=xp.float64)
     correct = xp.zeros((), dtype=xp.int64)
-    for x, y in split.batches(batch_size, permutation(len(split), rng, split.device)):
+    order = permutation(len(split), rng, split.device)
+    shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
+    for x, y in split.batches(batch_size, order, shifts):
         optimizer.lr = schedule(step)
         loss, n_correct = runner.forward_backward(x, y)
         optimizer.step()
@@ -261,7 +273,15 @@ def run(args: argparse.Namespace) -> dict:
             synchronize(device)
             t0 = time.perf_counter()
             train_loss, train_acc, step = train_epoch(
-                runner, optimizer, schedule, train, config["batch_size"], rng, step, bar
+                runner,
+                optimizer,
+                schedule,
+                train,
+                config["batch_size"],
+                rng,
+                step,
+                bar,
+                config.get("shift", 0),
             )
             synchronize(device)
             seconds = time.perf_counter() - t0

@@ -1,14 +1,16 @@
 """Convolution as im2col + one GEMM; its backward as two GEMMs + col2im. Pure functions.
 
-Layout. ``x_cols`` has shape ``(C*kh*kw, N*OH*OW)``: row ``(c, i, j)`` holds input pixel
-``x[n, c, i + s*oh, j + s*ow]`` for every output position ``(n, oh, ow)``. It is built from
+Layout. ``x_cols`` has shape ``(C*kh*kw, OH*OW*N)``: row ``(c, i, j)`` holds input pixel
+``x[n, c, i + s*oh, j + s*ow]`` for every output position ``(oh, ow, n)``. It is built from
 a strided *view* of the padded input with a single copy, and the forward pass is one
-well-shaped GEMM ``w_mat (OC, C*kh*kw) @ x_cols -> (OC, N*OH*OW)``.
+well-shaped GEMM ``w_mat (OC, C*kh*kw) @ x_cols -> (OC, OH*OW*N)``.
 
-Arrays are indexed ``(N, C, H, W)`` everywhere, but the GEMM's output is stored channel-major
-(``C, N, H, W`` in memory) and handed on as a transposed *view*: nothing is copied to reorder
-it, the next GEMM (``grad_y`` in backward, ``im2col`` of the next conv) reads that layout
-directly, and elementwise layers and pooling keep whatever layout they are given.
+Arrays are indexed ``(N, C, H, W)`` everywhere, but the GEMM's output is stored batch-innermost
+(``C, H, W, N`` in memory, as in cuda-convnet) and handed on as a transposed *view*: nothing
+is copied to reorder it. The next GEMM (``grad_y`` in backward, ``im2col`` of the next conv)
+reads that layout directly, elementwise layers and pooling keep whatever layout they get, and
+every strided copy, add and pooling pass then runs over the whole batch as its contiguous
+inner loop instead of a few pixels of one row.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import get_array_module
+from lenet_xp.functional.gemm import matmul_cols, matmul_nt
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -28,52 +31,54 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return out
 
 
+def _zeros_chwn(xp: Any, n: int, c: int, h: int, w: int, dtype: Any) -> Any:
+    """Zeros indexed ``(N, C, H, W)``, stored ``(C, H, W, N)``."""
+    return xp.zeros((c, h, w, n), dtype=dtype).transpose(3, 0, 1, 2)
+
+
 def _pad(x: Any, padding: int) -> Any:
-    """Zero-pad H and W, keeping the memory layout (channel-major stays channel-major)."""
+    """Zero-pad H and W of ``x (N, C, H, W)``; the result is stored batch-innermost."""
     if padding == 0:
         return x
-    xp = get_array_module(x)
     n, c, h, w = x.shape
-    x_pad = xp.zeros((c, n, h + 2 * padding, w + 2 * padding), dtype=x.dtype)
-    x_pad = x_pad.transpose(1, 0, 2, 3)
+    x_pad = _zeros_chwn(get_array_module(x), n, c, h + 2 * padding, w + 2 * padding, x.dtype)
     x_pad[:, :, padding : padding + h, padding : padding + w] = x
     return x_pad
 
 
 def im2col(x: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
-    """Patches of ``x (N, C, H, W)`` as columns: returns ``x_cols (C*kh*kw, N*OH*OW)``."""
+    """Patches of ``x (N, C, H, W)`` as columns: returns ``x_cols (C*kh*kw, OH*OW*N)``."""
     xp = get_array_module(x)
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     x_pad = _pad(x, padding)
-    s_n, s_c, s_h, s_w = x_pad.strides  # any memory layout: NCHW, or CNHW from a previous conv
+    s_n, s_c, s_h, s_w = x_pad.strides  # any memory layout; fastest when N is innermost
     patches = xp.lib.stride_tricks.as_strided(
         x_pad,
-        shape=(c, kh, kw, n, oh, ow),
-        strides=(s_c, s_h, s_w, s_n, s_h * stride, s_w * stride),
+        shape=(c, kh, kw, oh, ow, n),
+        strides=(s_c, s_h, s_w, s_h * stride, s_w * stride, s_n),
     )
-    return xp.ascontiguousarray(patches).reshape(c * kh * kw, n * oh * ow)
+    return xp.ascontiguousarray(patches).reshape(c * kh * kw, oh * ow * n)
 
 
 def col2im(
     x_cols: Any, x_shape: tuple[int, ...], kh: int, kw: int, stride: int = 1, padding: int = 0
 ) -> Any:
-    """Adjoint of :func:`im2col`: scatter-add ``x_cols (C*kh*kw, N*OH*OW)`` into ``(N, C, H, W)``.
+    """Adjoint of :func:`im2col`: scatter-add ``x_cols (C*kh*kw, OH*OW*N)`` into
+    ``(N, C, H, W)`` (stored batch-innermost).
 
     ``kh*kw`` large strided adds, one per kernel offset; no per-pixel Python.
     """
     xp = get_array_module(x_cols)
     n, c, h, w = x_shape
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    cols = x_cols.reshape(c, kh, kw, n, oh, ow)
-    # Accumulate in (C, N, H, W) so each add is between arrays of the same layout.
-    grad_pad = xp.zeros((c, n, h + 2 * padding, w + 2 * padding), dtype=x_cols.dtype)
+    cols = x_cols.reshape(c, kh, kw, oh, ow, n)
+    grad_pad = xp.zeros((c, h + 2 * padding, w + 2 * padding, n), dtype=x_cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            grad_pad[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride] += cols[
-                :, i, j
-            ]
-    return grad_pad[:, :, padding : padding + h, padding : padding + w].transpose(1, 0, 2, 3)
+            rows = slice(i, i + stride * oh, stride)
+            grad_pad[:, rows, j : j + stride * ow : stride] += cols[:, i, j]
+    return grad_pad[:, padding : padding + h, padding : padding + w].transpose(3, 0, 1, 2)
 
 
 def conv2d_forward(
@@ -90,10 +95,10 @@ def conv2d_forward(
         raise ValueError(f"conv input has {c} channels, weight expects {wc} (x shape {x.shape})")
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     x_cols = im2col(x, kh, kw, stride, padding)
-    y_mat = weight.reshape(oc, -1) @ x_cols  # (OC, N*OH*OW)
+    y_mat = matmul_cols(weight.reshape(oc, -1), x_cols)  # (OC, N*OH*OW)
     if bias is not None:
         y_mat += bias[:, None]
-    return y_mat.reshape(oc, n, oh, ow).transpose(1, 0, 2, 3), x_cols
+    return y_mat.reshape(oc, oh, ow, n).transpose(3, 0, 1, 2), x_cols
 
 
 def conv2d_backward(
@@ -112,12 +117,12 @@ def conv2d_backward(
     """
     xp = get_array_module(grad_y)
     oc, _, kh, kw = weight.shape
-    # Free when grad_y is channel-major (it is, coming back through LeNet's layers).
-    grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 0, 2, 3)).reshape(oc, -1)
-    grad_w = (grad_y_mat @ x_cols.T).reshape(weight.shape)
+    # Free when grad_y is stored batch-innermost (it is, coming back through LeNet's layers).
+    grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 2, 3, 0)).reshape(oc, -1)
+    grad_w = matmul_nt(grad_y_mat, x_cols).reshape(weight.shape)
     grad_b = grad_y_mat.sum(axis=1)
     grad_x = None
     if need_grad_x:
-        grad_cols = weight.reshape(oc, -1).T @ grad_y_mat
+        grad_cols = matmul_cols(weight.reshape(oc, -1).T, grad_y_mat)
         grad_x = col2im(grad_cols, x_shape, kh, kw, stride, padding)
     return grad_x, grad_w, grad_b

@@ -44,7 +44,8 @@ def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
         candidate = x[window]
         is_greater = candidate > y  # strict: an equal later value never takes over
         xp.maximum(y, candidate, out=y)
-        xp.copyto(argmax, offset, where=is_greater)
+        # argmax < offset so far, so "set to offset where greater" is a maximum (and a fast one)
+        xp.maximum(argmax, xp.multiply(is_greater, offset, dtype=xp.uint8), out=argmax)
     return y, argmax
 
 

@@ -66,11 +66,13 @@ class LeCunTanh(Module):
 
 
 class Flatten(Module):
-    """``(N, ...)`` -> ``(N, prod(...))``."""
+    """``(N, ...)`` -> ``(N, prod(...))``; the gradient comes back in the input's memory layout."""
 
     def forward(self, x: Any) -> Any:
-        self._x_shape = x.shape
+        self._x = x
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad_y: Any) -> Any:
-        return grad_y.reshape(self._x_shape)
+        grad_x = get_array_module(grad_y).empty_like(self._x)  # same strides as x
+        grad_x[...] = grad_y.reshape(self._x.shape)
+        return grad_x
