@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from lenet_xp.backend import Device, get_device, host_rng, synchronize
+from lenet_xp.backend import Device, get_device, host_rng, synchronize, tune_host_allocator
 from lenet_xp.data import DeviceSplit, to_device_split
 from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.mnist import DataError, load_mnist
@@ -25,7 +25,7 @@ from lenet_xp.model import LeNet5
 from lenet_xp.optim import Adam
 from lenet_xp.parallel import DataParallel
 from lenet_xp.schedules import ConstantLR
-from lenet_xp.train import default_threads, train_epoch
+from lenet_xp.train import default_workers, train_epoch
 
 
 def load_train_split(device: Device, data_dir: str | None) -> tuple[DeviceSplit, str]:
@@ -40,32 +40,20 @@ def load_train_split(device: Device, data_dir: str | None) -> tuple[DeviceSplit,
         return to_device_split(images, labels, device), "random images (MNIST not found)"
 
 
-def time_epochs(split: DeviceSplit, batch_size: int, epochs: int, threads: int) -> list[float]:
-    """Seconds per full training epoch (after a 20-step warm-up), ``epochs`` times."""
+def our_epoch(split: DeviceSplit, batch_size: int, workers: int) -> tuple[Any, Any]:
+    """``(run_one_epoch, close)`` for lenet_xp's training loop, after a 20-step warm-up."""
     model = LeNet5(seed=0).to(split.device)
-    threads = threads if split.device.kind == "cpu" else 1
-    runner = DataParallel(model, threads)
-    limits = None
-    if threads > 1:  # one BLAS thread per worker thread, as in training
-        from threadpoolctl import threadpool_limits
-
-        limits = threadpool_limits(limits=1, user_api="blas")
+    runner = DataParallel(model, workers if split.device.kind == "cpu" else 1, batch_size)
     optimizer = Adam(model.parameters(), lr=1e-3)
     rng, schedule = host_rng(0), ConstantLR(1e-3)
-    warmup = DeviceSplit(
-        split.images[: 20 * batch_size], split.labels[: 20 * batch_size], split.device
-    )
+    n_warm = 20 * batch_size
+    warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)
     train_epoch(runner, optimizer, schedule, warmup, batch_size, rng, 0, None)
-    seconds = []
-    for _ in range(epochs):
-        synchronize(split.device)
-        start = time.perf_counter()
+
+    def epoch() -> None:
         train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None)
-        synchronize(split.device)
-        seconds.append(time.perf_counter() - start)
-    if limits is not None:
-        limits.restore_original_limits()
-    return seconds
+
+    return epoch, runner.close
 
 
 def profile_layers(
@@ -97,8 +85,9 @@ def profile_layers(
     return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in names]
 
 
-def torch_epochs(split: DeviceSplit, batch_size: int, epochs: int) -> list[float] | None:
-    """The same network, data in memory, Adam, in PyTorch eager; ``None`` if not installed."""
+def torch_epoch(split: DeviceSplit, batch_size: int) -> Any:
+    """The same network, data in memory, Adam, in PyTorch eager: ``run_one_epoch`` (after a
+    20-step warm-up), or ``None`` if PyTorch is not installed."""
     try:
         import torch
     except ImportError:
@@ -118,7 +107,7 @@ def torch_epochs(split: DeviceSplit, batch_size: int, epochs: int) -> list[float
     labels = torch.from_numpy(asnumpy(split.labels)).to(dev)
     n = images.shape[0]
 
-    def epoch(limit: int) -> None:
+    def epoch(limit: int = n) -> None:
         order = torch.randperm(n, device=dev)[:limit]
         for start in range(0, limit, batch_size):
             idx = order[start : start + batch_size]
@@ -126,20 +115,19 @@ def torch_epochs(split: DeviceSplit, batch_size: int, epochs: int) -> list[float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-
-    def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
     epoch(20 * batch_size)
-    seconds = []
-    for _ in range(epochs):
-        sync()
-        start = time.perf_counter()
-        epoch(n)
-        sync()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return epoch
+
+
+def timed(fn: Any, device: Device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def peak_memory_mib(device: Device) -> float:
@@ -163,35 +151,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128], help="batch sizes to time")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per batch size (median)")
     p.add_argument(
-        "--threads", type=int, default=default_threads(), help="CPU threads (see train --threads)"
+        "--workers", type=int, default=default_workers(), help="CPU processes (see train --workers)"
     )
     p.add_argument("--torch", action="store_true", help="also time PyTorch on the same device")
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer profile")
     p.add_argument("--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA)")
     args = p.parse_args(argv)
     device = get_device(args.device)
+    if device.kind == "cpu":
+        tune_host_allocator()
     split, source = load_train_split(device, args.data_dir)
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
     rows = []
     for batch_size in args.batch_sizes:
-        ours = statistics.median(time_epochs(split, batch_size, args.epochs, args.threads))
-        theirs = torch_epochs(split, batch_size, args.epochs) if args.torch else None
+        # Alternate ours and PyTorch's epochs, so that both see the same machine conditions.
+        ours_epoch, close = our_epoch(split, batch_size, args.workers)
+        theirs_epoch = torch_epoch(split, batch_size) if args.torch else None
+        ours, theirs = [], []
+        for _ in range(args.epochs):
+            ours.append(timed(ours_epoch, device))
+            if theirs_epoch is not None:
+                theirs.append(timed(theirs_epoch, device))
+        close()
+        ours = statistics.median(ours)
         ref = statistics.median(theirs) if theirs else math.nan
         rows.append((batch_size, ours, len(split) / ours, ref, ours / ref if theirs else math.nan))
     print(f"\n{'batch':>6} {'epoch s':>9} {'images/s':>10} {'torch s':>9} {'ours/torch':>11}")
     for b, s, ips, ref, ratio in rows:
         print(f"{b:>6} {s:>9.2f} {ips:>10,.0f} {ref:>9.2f} {ratio:>11.2f}")
     if not args.no_profile:
-        batch_size = args.batch_sizes[0]
-        print(f"\nper-layer ms per step, batch {batch_size}")
+        # What one worker does: its slice of the batch, with one BLAS thread.
+        workers = args.workers if device.kind == "cpu" else 1
+        slice_size = -(-args.batch_sizes[0] // workers)
+        limits = None
+        if workers > 1:
+            from threadpoolctl import threadpool_limits
+
+            limits = threadpool_limits(limits=1, user_api="blas")
+        print(f"\nper-layer ms per step for one worker's slice of {slice_size} images")
         print(f"{'layer':<8} {'forward':>8} {'backward':>9}")
         total_f = total_b = 0.0
-        for name, f, b in profile_layers(split, batch_size):
+        for name, f, b in profile_layers(split, slice_size):
             total_f, total_b = total_f + f, total_b + b
             print(f"{name:<8} {f:>8.3f} {b:>9.3f}")
         print(f"{'total':<8} {total_f:>8.3f} {total_b:>9.3f}")
+        if limits is not None:
+            limits.restore_original_limits()
     what = "GPU pool" if device.kind == "cuda" else "RSS"
     print(f"\npeak memory: {peak_memory_mib(device):,.0f} MiB ({what})")
+    if device.kind == "cpu" and args.workers > 1:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"peak memory of the largest worker process: {children:,.0f} MiB (RSS)")
     return 0
 
 

@@ -1,31 +1,31 @@
-"""Data parallelism over CPU threads: each thread runs a slice of the batch.
+"""Data parallelism over CPU processes that share memory.
 
-NumPy runs elementwise work on one core while BLAS can use all of them; at LeNet's size the
-elementwise work is the wall. Splitting each batch into ``threads`` slices, each run by a
-replica of the model in its own thread with a single BLAS thread, keeps every core busy:
-NumPy releases the GIL inside its loops. Replicas share the parameter arrays (so optimizer
-updates reach all of them) and own their gradients and caches. Gradients of the slices are
-combined in a fixed order, so the same seed gives the same numbers run after run (for a
-given thread count).
+At LeNet's size a training step is hundreds of small NumPy calls. Each holds the GIL for a
+few microseconds, so threads serialise on it and a second core buys nothing. Instead, each
+batch is split into ``workers`` slices, each run by a replica of the model in its own
+process with one BLAS thread. The processes share (``multiprocessing.shared_memory``):
+
+- the parameters, one flat buffer that the model's ``param.data`` arrays are views of, so
+  the optimizer's in-place updates reach every replica;
+- the input batch and labels, written once per step by the main process;
+- one gradient buffer per worker, and per-worker loss and correct-count slots.
+
+Per step the main process sends each worker a ``(start, stop)`` slice over a pipe, runs the
+first slice itself, and waits; then it combines the slice gradients (weighted by slice size,
+in a fixed order, so the same seed gives the same numbers for a given worker count).
 """
 
 from __future__ import annotations
 
-import copy
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+import multiprocessing as mp
+import traceback
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-from lenet_xp.backend import get_array_module
+from lenet_xp.backend import host_view, host_zeros, tune_host_allocator
 from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.layers import Module
-
-
-def replicate(model: Module) -> Module:
-    """A copy of ``model`` whose parameters share ``data`` arrays with ``model``'s."""
-    if any(True for _ in model.named_buffers()):
-        raise ValueError("models with buffers (batch-norm statistics) cannot be replicated")
-    memo = {id(param.data): param.data for param in model.parameters()}
-    return copy.deepcopy(model, memo)
 
 
 def forward_backward(model: Module, x: Any, labels: Any) -> tuple[Any, Any]:
@@ -37,57 +37,202 @@ def forward_backward(model: Module, x: Any, labels: Any) -> tuple[Any, Any]:
     return loss, (logits.argmax(axis=1) == labels).sum()
 
 
-class DataParallel:
-    """``model`` plus ``threads - 1`` replicas; ``forward_backward`` splits the batch."""
+class _Shared:
+    """Named shared-memory arrays; ``attach`` maps the same names in a worker."""
 
-    def __init__(self, model: Module, threads: int) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.model = model
-        self.replicas = [model] + [replicate(model) for _ in range(threads - 1)]
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    def __init__(self, specs: dict[str, tuple[tuple[int, ...], str]], attach: dict | None = None):
+        self.specs, self.blocks, self.arrays = specs, {}, {}
+        for name, (shape, dtype) in specs.items():
+            if attach is None:
+                nbytes = host_zeros(shape, dtype).nbytes
+                block = SharedMemory(create=True, size=max(nbytes, 1))
+            else:
+                block = SharedMemory(name=attach[name])
+            self.blocks[name] = block
+            self.arrays[name] = host_view(block.buf, shape, dtype)
+
+    def names(self) -> dict[str, str]:
+        return {name: block.name for name, block in self.blocks.items()}
+
+    def close(self, unlink: bool) -> None:
+        self.arrays.clear()
+        for block in self.blocks.values():
+            block.close()
+            if unlink:
+                block.unlink()
+
+
+def _worker(index: int, model: Module, specs: dict, names: dict, conn: Any) -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    tune_host_allocator()
+    shared = _Shared(specs, attach=names)
+    a = shared.arrays
+    params = model.parameters()
+    for param, view in zip(params, _param_views(model, a["params"]), strict=True):
+        param.data = view
+    grad_views = _param_views(model, a["grads"][index])
+    try:
+        while (message := conn.recv()) is not None:
+            kind, start, stop = message
+            x, y = a["x"][start:stop], a["y"][start:stop]
+            if kind == "train":
+                model.train()
+                loss, correct = forward_backward(model, x, y)
+                for param, view in zip(params, grad_views, strict=True):
+                    view[...] = param.grad
+                a["stats"][index] = (float(loss), int(correct))
+            else:
+                model.eval()
+                a["logits"][start:stop] = model.forward(x)
+            conn.send("ok")
+    except Exception:  # report, don't hang the main process
+        conn.send("error: " + traceback.format_exc(limit=3).strip().splitlines()[-1])
+    finally:
+        shared.close(unlink=False)
+
+
+def _param_views(model: Module, flat: Any) -> list[Any]:
+    """Views of ``flat`` shaped like each parameter of ``model``, in order."""
+    views, offset = [], 0
+    for param in model.parameters():
+        views.append(flat[offset : offset + param.data.size].reshape(param.data.shape))
+        offset += param.data.size
+    return views
+
+
+class DataParallel:
+    """Runs ``model`` on ``workers`` slices of each batch (CPU): slice 0 in this process,
+    the others in ``workers - 1`` worker processes; ``workers=1``: no processes at all.
+
+    ``max_batch`` bounds the batches it will see (training and evaluation), ``num_classes``
+    the logits' width. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self, model: Module, workers: int = 1, max_batch: int = 2048, num_classes: int = 10
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.model, self.workers = model, workers
+        self._procs: list[Any] = []
+        if workers == 1:
+            return
+        from threadpoolctl import threadpool_limits
+
+        # One core per slice: this process's BLAS gets one thread too (restored by close).
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        params = model.parameters()
+        dtype = str(params[0].data.dtype)
+        size = sum(int(p.data.size) for p in params)
+        specs = {
+            "params": ((size,), dtype),
+            "grads": ((workers, size), dtype),  # row 0 unused: slice 0's are param.grad
+            "x": ((max_batch, 1, model.input_size, model.input_size), dtype),
+            "y": ((max_batch,), "int64"),
+            "logits": ((max_batch, num_classes), dtype),
+            "stats": ((workers, 2), "float64"),
+        }
+        self._shared = _Shared(specs)
+        self._max_batch = max_batch
+        self._grad_views = [_param_views(model, g) for g in self._shared.arrays["grads"]]
+        shared_params = _param_views(model, self._shared.arrays["params"])
+        for param, view in zip(params, shared_params, strict=True):
+            view[...] = param.data  # the parameters now live in shared memory
+            param.data = view
+        context = mp.get_context("spawn")
+        self._conns = []
+        for index in range(1, workers):
+            ours, theirs = context.Pipe()
+            proc = context.Process(
+                target=_worker,
+                args=(index, model, specs, self._shared.names(), theirs),
+                daemon=True,
+            )
+            proc.start()
+            self._procs.append(proc)
+            self._conns.append(ours)
+
+    def __enter__(self) -> DataParallel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers and free the shared memory (parameters are copied back first)."""
+        if not self._procs:
+            return
+        for conn in self._conns:
+            with contextlib.suppress(OSError):  # a worker that reported an error has stopped
+                conn.send(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+        for param in self.model.parameters():
+            param.data = param.data.copy()
+        self._procs, self._grad_views = [], []
+        self._shared.close(unlink=True)
+        self._blas_limit.restore_original_limits()
 
     def train(self, mode: bool = True) -> None:
-        for replica in self.replicas:
-            replica.train(mode)
+        self.model.train(mode)
 
     def eval(self) -> None:
-        self.train(False)
+        self.model.eval()
 
     def _slices(self, n: int) -> list[slice]:
-        k = min(len(self.replicas), n)
+        if n > self._max_batch:
+            raise ValueError(f"batch of {n} exceeds max_batch {self._max_batch} of DataParallel")
+        k = min(self.workers, n)
         bounds = [n * i // k for i in range(k + 1)]
-        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _start(self, kind: str, x: Any, y: Any | None, parts: list[slice]) -> None:
+        """Hand slices 1.. to the workers (through shared memory); they run meanwhile."""
+        a = self._shared.arrays
+        for conn, part in zip(self._conns, parts[1:], strict=False):
+            a["x"][part] = x[part]
+            if y is not None:
+                a["y"][part] = y[part]
+            conn.send((kind, part.start, part.stop))
+
+    def _wait(self, parts: list[slice]) -> None:
+        for conn, _ in zip(self._conns, parts[1:], strict=False):
+            try:
+                reply = conn.recv()
+            except EOFError:
+                raise RuntimeError("a DataParallel worker process died") from None
+            if reply != "ok":
+                raise RuntimeError(f"DataParallel worker failed: {reply}")
 
     def forward(self, x: Any) -> Any:
-        """Logits of ``x (N, ...)``, slices run in parallel."""
-        if self._pool is None:
+        """Logits of ``x (N, ...)``, slices computed in parallel."""
+        if not self._procs:
             return self.model.forward(x)
         parts = self._slices(x.shape[0])
-        futures = [
-            self._pool.submit(replica.forward, x[part])
-            for replica, part in zip(self.replicas, parts, strict=False)
-        ]
-        return get_array_module(x).concatenate([f.result() for f in futures])
+        self._start("eval", x, None, parts)
+        logits = self._shared.arrays["logits"][: x.shape[0]]
+        logits[parts[0]] = self.model.forward(x[parts[0]])
+        self._wait(parts)
+        return logits.copy()
 
     def forward_backward(self, x: Any, labels: Any) -> tuple[Any, Any]:
         """As :func:`forward_backward` for the whole batch; the combined gradient (the
-        slice-size-weighted mean) ends up in the parameters of ``self.model``."""
-        if self._pool is None:
+        slice-size-weighted mean) ends up in ``param.grad`` of ``self.model``."""
+        if not self._procs:
             return forward_backward(self.model, x, labels)
         n = x.shape[0]
         parts = self._slices(n)
-        futures = [
-            self._pool.submit(forward_backward, replica, x[part], labels[part])
-            for replica, part in zip(self.replicas, parts, strict=False)
-        ]
-        results = [f.result() for f in futures]
+        self._start("train", x, labels, parts)
+        loss, correct = forward_backward(self.model, x[parts[0]], labels[parts[0]])
+        self._wait(parts)
         weights = [(part.stop - part.start) / n for part in parts]
-        loss = sum(w * r[0] for w, r in zip(weights, results, strict=True))
-        correct = sum(r[1] for r in results)
-        params = [replica.parameters() for replica in self.replicas[: len(parts)]]
-        for i, param in enumerate(params[0]):
+        stats = self._shared.arrays["stats"]
+        loss = loss * weights[0] + sum(w * stats[i, 0] for i, w in enumerate(weights) if i)
+        correct = correct + int(stats[1 : len(parts), 1].sum())
+        for j, param in enumerate(self.model.parameters()):
             param.grad *= weights[0]
-            for weight, other in zip(weights[1:], params[1:], strict=True):
-                param.grad += weight * other[i].grad
+            for i in range(1, len(parts)):
+                param.grad += weights[i] * self._grad_views[i][j]
         return loss, correct

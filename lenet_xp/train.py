@@ -17,7 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lenet_xp.backend import Device, DeviceError, get_device, host_rng, synchronize
+from lenet_xp.backend import (
+    Device,
+    DeviceError,
+    get_device,
+    host_rng,
+    synchronize,
+    tune_host_allocator,
+)
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.evaluate import evaluate
@@ -58,7 +65,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def default_threads() -> int:
+def default_workers() -> int:
     """The cores this process may use, at most 4 (LeNet's batches are small)."""
     try:
         return max(1, min(4, len(os.sched_getaffinity(0))))
@@ -131,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit-test", type=_positive(int), default=None, help="use the first N test images"
     )
     p.add_argument(
-        "--threads",
+        "--workers",
         type=_positive(int),
-        default=default_threads(),
-        help="CPU only: split each batch over this many threads, one BLAS thread each",
+        default=default_workers(),
+        help="CPU only: split each batch over this many processes, one BLAS thread each",
     )
     p.add_argument(
         "--eval-batch-size", type=_positive(int), default=2000, help="images per eval batch"
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
-    "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "threads",
+    "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "workers",
 )  # fmt: skip
 
 
@@ -220,6 +227,8 @@ def _progress_bar(total: int, epoch: int, epochs: int, quiet: bool) -> Any:
 def run(args: argparse.Namespace) -> dict:
     """Train as ``args`` says; returns the last epoch's metrics."""
     device = get_device(args.device, announce=args.device == "auto" and not args.quiet)
+    if device.kind == "cpu":
+        tune_host_allocator()
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
     resume_state = None
     if args.resume:
@@ -232,8 +241,9 @@ def run(args: argparse.Namespace) -> dict:
         seed=config["seed"], dtype=config["dtype"], input_size=32 if config["pad32"] else 28
     )
     model.to(device)
-    threads = config.get("threads", 1) if device.kind == "cpu" else 1
-    runner = DataParallel(model, threads)
+    workers = config.get("workers", 1) if device.kind == "cpu" else 1
+    max_batch = max(config["batch_size"], args.eval_batch_size)
+    runner = DataParallel(model, workers, max_batch=max_batch)
     optimizer = make_optimizer(
         config["optimizer"],
         model.parameters(),
@@ -260,12 +270,6 @@ def run(args: argparse.Namespace) -> dict:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(args.metrics, "a" if resume_state else "w")  # noqa: SIM115
     record: dict = {}
-    # With several threads each runs its own slice; BLAS must not spawn more threads per core.
-    blas_limit = None
-    if threads > 1:
-        from threadpoolctl import threadpool_limits
-
-        blas_limit = threadpool_limits(limits=1, user_api="blas")
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
             bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
@@ -323,8 +327,7 @@ def run(args: argparse.Namespace) -> dict:
             if not args.quiet:
                 print(_summary(record, config["epochs"]), flush=True)
     finally:
-        if blas_limit is not None:
-            blas_limit.restore_original_limits()
+        runner.close()
         if metrics_file:
             metrics_file.close()
     return record

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lenet_xp.functional.conv import col2im, conv2d_forward, im2col, output_size
+from lenet_xp.functional.conv import col2im, conv2d_backward, conv2d_forward, im2col, output_size
 
 CONFIGS = [  # (N, C, H, W, k, stride, padding)
     (2, 1, 8, 8, 5, 1, 2),
@@ -51,8 +51,9 @@ def test_conv_forward_matches_definition(n, c, h, w, k, stride, padding):
 def test_conv_keeps_float32():
     x = np.ones((2, 1, 6, 6), dtype=np.float32)
     w, b = np.ones((3, 1, 3, 3), dtype=np.float32), np.zeros(3, dtype=np.float32)
-    y, x_cols = conv2d_forward(x, w, b, 1, 1)
-    assert y.dtype == np.float32 and x_cols.dtype == np.float32
+    y, cache = conv2d_forward(x, w, b, 1, 1)
+    grad_x, grad_w, grad_b = conv2d_backward(np.ones_like(y), cache, w)
+    assert {a.dtype for a in (y, grad_x, grad_w, grad_b)} == {np.dtype(np.float32)}
 
 
 def test_bad_shapes_raise_clear_errors():

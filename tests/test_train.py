@@ -225,7 +225,7 @@ def test_out_of_memory_names_the_batch_size(tmp_path):
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
         "from lenet_xp.train import main\n"
         f"sys.exit(main(['--device', 'cpu', '--data-dir', {str(DATA)!r}, '--batch-size', '60000',"
-        f" '--threads', '1', '--quiet', '--out', {str(tmp_path)!r}]))\n"
+        f" '--workers', '1', '--quiet', '--out', {str(tmp_path)!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lenet_xp.backend import get_array_module
-from lenet_xp.functional.gemm import matmul_cols, matmul_nt
+from lenet_xp.backend import gemm_block, get_array_module
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -46,83 +45,126 @@ def _pad(x: Any, padding: int) -> Any:
     return x_pad
 
 
-def im2col(x: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
-    """Patches of ``x (N, C, H, W)`` as columns: returns ``x_cols (C*kh*kw, OH*OW*N)``."""
-    xp = get_array_module(x)
-    n, c, h, w = x.shape
-    oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    x_pad = _pad(x, padding)
+def _patches(x_pad: Any, kh: int, kw: int, stride: int, rows: tuple[int, int], ow: int) -> Any:
+    """Strided view ``(C, kh, kw, R, OW, N)`` of the windows of output rows ``rows = (r0, r1)``."""
+    xp = get_array_module(x_pad)
+    n, c = x_pad.shape[:2]
+    r0, r1 = rows
     s_n, s_c, s_h, s_w = x_pad.strides  # any memory layout; fastest when N is innermost
-    patches = xp.lib.stride_tricks.as_strided(
-        x_pad,
-        shape=(c, kh, kw, oh, ow, n),
+    return xp.lib.stride_tricks.as_strided(
+        x_pad[:, :, r0 * stride :],
+        shape=(c, kh, kw, r1 - r0, ow, n),
         strides=(s_c, s_h, s_w, s_h * stride, s_w * stride, s_n),
     )
-    return xp.ascontiguousarray(patches).reshape(c * kh * kw, oh * ow * n)
+
+
+def _cols(x_pad: Any, kh: int, kw: int, stride: int, rows: tuple[int, int], ow: int) -> Any:
+    """``x_cols`` of output rows ``rows``: ``(C*kh*kw, R*OW*N)``, one copy of the view."""
+    patches = get_array_module(x_pad).ascontiguousarray(_patches(x_pad, kh, kw, stride, rows, ow))
+    return patches.reshape(patches.shape[0] * kh * kw, -1)
+
+
+def _add_cols(grad_pad: Any, cols: Any, kh: int, kw: int, stride: int, r0: int, ow: int) -> None:
+    """Scatter-add ``cols (C*kh*kw, R*OW*N)`` of output rows ``r0..`` into ``grad_pad`` stored
+    ``(C, H, W, N)``: one large strided add per kernel offset."""
+    c, n = grad_pad.shape[0], grad_pad.shape[3]
+    cols = cols.reshape(c, kh, kw, -1, ow, n)
+    r = cols.shape[3]
+    for i in range(kh):
+        rows = slice(r0 * stride + i, r0 * stride + i + stride * r, stride)
+        for j in range(kw):
+            grad_pad[:, rows, j : j + stride * ow : stride] += cols[:, i, j]
+
+
+def _row_blocks(xp: Any, oh: int, cols_per_row: int) -> list[tuple[int, int]]:
+    """Output rows in blocks of about ``backend.gemm_block`` columns (one block on a GPU)."""
+    block = gemm_block(xp)
+    step = oh if block is None else max(1, block // cols_per_row)
+    return [(r, min(r + step, oh)) for r in range(0, oh, step)]
+
+
+def im2col(x: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
+    """Patches of ``x (N, C, H, W)`` as columns: returns ``x_cols (C*kh*kw, OH*OW*N)``."""
+    n, c, h, w = x.shape
+    oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    return _cols(_pad(x, padding), kh, kw, stride, (0, oh), ow)
 
 
 def col2im(
     x_cols: Any, x_shape: tuple[int, ...], kh: int, kw: int, stride: int = 1, padding: int = 0
 ) -> Any:
     """Adjoint of :func:`im2col`: scatter-add ``x_cols (C*kh*kw, OH*OW*N)`` into
-    ``(N, C, H, W)`` (stored batch-innermost).
-
-    ``kh*kw`` large strided adds, one per kernel offset; no per-pixel Python.
-    """
-    xp = get_array_module(x_cols)
+    ``(N, C, H, W)`` (stored batch-innermost)."""
     n, c, h, w = x_shape
-    oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    cols = x_cols.reshape(c, kh, kw, oh, ow, n)
-    grad_pad = xp.zeros((c, h + 2 * padding, w + 2 * padding, n), dtype=x_cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            rows = slice(i, i + stride * oh, stride)
-            grad_pad[:, rows, j : j + stride * ow : stride] += cols[:, i, j]
+    ow = output_size(w, kw, stride, padding)
+    grad_pad = get_array_module(x_cols).zeros(
+        (c, h + 2 * padding, w + 2 * padding, n), dtype=x_cols.dtype
+    )
+    _add_cols(grad_pad, x_cols, kh, kw, stride, 0, ow)
     return grad_pad[:, padding : padding + h, padding : padding + w].transpose(3, 0, 1, 2)
 
 
 def conv2d_forward(
     x: Any, weight: Any, bias: Any | None, stride: int = 1, padding: int = 0
-) -> tuple[Any, Any]:
+) -> tuple[Any, tuple]:
     """Convolve ``x (N, C, H, W)`` with ``weight (OC, C, kh, kw)`` plus ``bias (OC,)``.
 
-    Returns ``(y (N, OC, OH, OW), x_cols)``; ``y`` is a view of channel-major memory (see the
-    module docstring) and ``x_cols`` is kept for the backward pass.
+    Returns ``(y (N, OC, OH, OW), cache)``; ``y`` is a view of batch-innermost memory (see
+    the module docstring) and ``cache`` is what :func:`conv2d_backward` needs. On the CPU the
+    work runs in blocks of output rows, so each block's ``x_cols`` stays in cache; they are
+    rebuilt in the backward pass rather than kept (one block, as on a GPU, is kept).
     """
+    xp = get_array_module(x, weight)
     n, c, h, w = x.shape
     oc, wc, kh, kw = weight.shape
     if c != wc:
         raise ValueError(f"conv input has {c} channels, weight expects {wc} (x shape {x.shape})")
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    x_cols = im2col(x, kh, kw, stride, padding)
-    y_mat = matmul_cols(weight.reshape(oc, -1), x_cols)  # (OC, N*OH*OW)
+    x_pad = _pad(x, padding)
+    w_mat = weight.reshape(oc, -1)
+    y_mat = xp.empty((oc, oh * ow * n), dtype=xp.result_type(x, weight))
+    blocks = _row_blocks(xp, oh, ow * n)
+    for r0, r1 in blocks:
+        x_cols = _cols(x_pad, kh, kw, stride, (r0, r1), ow)
+        xp.matmul(w_mat, x_cols, out=y_mat[:, r0 * ow * n : r1 * ow * n])
     if bias is not None:
         y_mat += bias[:, None]
-    return y_mat.reshape(oc, oh, ow, n).transpose(3, 0, 1, 2), x_cols
+    kept_cols = x_cols if len(blocks) == 1 else None
+    cache = (x_pad, kept_cols, x.shape, stride, padding)
+    return y_mat.reshape(oc, oh, ow, n).transpose(3, 0, 1, 2), cache
 
 
 def conv2d_backward(
-    grad_y: Any,
-    x_cols: Any,
-    x_shape: tuple[int, ...],
-    weight: Any,
-    stride: int = 1,
-    padding: int = 0,
-    need_grad_x: bool = True,
+    grad_y: Any, cache: tuple, weight: Any, need_grad_x: bool = True
 ) -> tuple[Any | None, Any, Any]:
     """Gradients of :func:`conv2d_forward`: returns ``(grad_x, grad_w, grad_b)``.
 
     ``grad_y (N, OC, OH, OW)``; ``grad_x`` is ``None`` when ``need_grad_x`` is false (the
-    first layer's input needs no gradient, which saves a GEMM and a col2im).
+    first layer's input needs no gradient, which saves a GEMM and a col2im per block).
     """
     xp = get_array_module(grad_y)
+    x_pad, kept_cols, x_shape, stride, padding = cache
+    n, c, h, w = x_shape
     oc, _, kh, kw = weight.shape
+    oh, ow = grad_y.shape[2:]
     # Free when grad_y is stored batch-innermost (it is, coming back through LeNet's layers).
     grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 2, 3, 0)).reshape(oc, -1)
-    grad_w = matmul_nt(grad_y_mat, x_cols).reshape(weight.shape)
+    w_mat = weight.reshape(oc, -1)
+    grad_pad = xp.zeros(x_pad.shape[1:] + (n,), dtype=grad_y.dtype) if need_grad_x else None
+    grad_w_t = None  # (C*kh*kw, OC): the faster orientation of the sum over positions
+    for r0, r1 in _row_blocks(xp, oh, ow * n):
+        x_cols = kept_cols if kept_cols is not None else _cols(x_pad, kh, kw, stride, (r0, r1), ow)
+        grad_y_block = grad_y_mat[:, r0 * ow * n : r1 * ow * n]
+        partial = x_cols @ grad_y_block.T
+        if grad_w_t is None:
+            grad_w_t = partial
+        else:
+            grad_w_t += partial
+        if need_grad_x:
+            _add_cols(grad_pad, w_mat.T @ grad_y_block, kh, kw, stride, r0, ow)
+    grad_w = grad_w_t.T.reshape(weight.shape)
     grad_b = grad_y_mat.sum(axis=1)
     grad_x = None
     if need_grad_x:
-        grad_cols = matmul_cols(weight.reshape(oc, -1).T, grad_y_mat)
-        grad_x = col2im(grad_cols, x_shape, kh, kw, stride, padding)
+        grad_x = grad_pad[:, padding : padding + h, padding : padding + w].transpose(3, 0, 1, 2)
     return grad_x, grad_w, grad_b

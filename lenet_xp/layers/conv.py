@@ -36,28 +36,20 @@ class Conv2d(Module):
         self.bias = Parameter(init_bias(shape, init, rng, dtype)) if bias else None
         self.stride, self.padding = stride, padding
         self.needs_input_grad = True
-        self._x_cols: Any = None
-        self._x_shape: tuple[int, ...] = ()
+        self._cache: Any = None
 
     def forward(self, x: Any) -> Any:
         bias = None if self.bias is None else self.bias.data
-        y, x_cols = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
-        if self.training:
-            self._x_cols, self._x_shape = x_cols, x.shape
+        y, cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+        self._cache = cache if self.training else None
         return y
 
     def backward(self, grad_y: Any) -> Any:
         grad_x, grad_w, grad_b = conv2d_backward(
-            grad_y,
-            self._x_cols,
-            self._x_shape,
-            self.weight.data,
-            self.stride,
-            self.padding,
-            need_grad_x=self.needs_input_grad,
+            grad_y, self._cache, self.weight.data, need_grad_x=self.needs_input_grad
         )
         self.weight.grad = grad_w
         if self.bias is not None:
             self.bias.grad = grad_b
-        self._x_cols = None
+        self._cache = None
         return grad_x

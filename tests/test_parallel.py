@@ -1,0 +1,63 @@
+"""DataParallel: worker processes over shared memory compute what one process computes."""
+
+import numpy as np
+import pytest
+
+from lenet_xp import LeNet5
+from lenet_xp.optim import Adam
+from lenet_xp.parallel import DataParallel, forward_backward
+
+
+def batch(n=37, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_match_one_process(workers):
+    x, y = batch()
+    reference = LeNet5(seed=0)
+    ref_loss, ref_correct = forward_backward(reference, x, y)
+    ref_grads = {name: p.grad.copy() for name, p in reference.named_parameters()}
+    model = LeNet5(seed=0)
+    with DataParallel(model, workers, max_batch=64) as runner:
+        loss, correct = runner.forward_backward(x, y)
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+        assert int(correct) == int(ref_correct)
+        for name, param in model.named_parameters():
+            np.testing.assert_allclose(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+        reference.eval()
+        np.testing.assert_allclose(runner.forward(x), reference.forward(x), rtol=1e-5, atol=1e-5)
+        # Optimizer steps in this process reach the workers through the shared parameters.
+        optimizer = Adam(model.parameters(), lr=1e-2)
+        runner.train()
+        for _ in range(3):
+            runner.forward_backward(x, y)
+            optimizer.step()
+        stepped_loss, _ = runner.forward_backward(x, y)
+        assert float(stepped_loss) < float(loss)
+    # After close the parameters own their memory again, with the trained values.
+    assert all(p.data.base is None for p in model.parameters())
+    assert float(forward_backward(model, x, y)[0]) == pytest.approx(float(stepped_loss), rel=1e-5)
+
+
+def test_same_result_every_time():
+    x, y = batch(64, seed=1)
+    results = []
+    for _ in range(2):
+        model = LeNet5(seed=3)
+        with DataParallel(model, 2, max_batch=64) as runner:
+            runner.forward_backward(x, y)
+            results.append(model.fc1.weight.grad.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_worker_error_is_reported_and_batch_limit_checked():
+    x, y = batch(8)
+    with DataParallel(LeNet5(seed=0), 2, max_batch=8) as runner:
+        with pytest.raises(ValueError, match="exceeds max_batch"):
+            runner.forward_backward(*batch(9))
+        y_bad = y.copy()
+        y_bad[-1] = 99  # the worker's slice holds an impossible label
+        with pytest.raises(RuntimeError, match="worker failed"):
+            runner.forward_backward(x, y_bad)
