@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shift",
         type=int,
         choices=range(0, 5),
-        default=0,
+        default=2,
         metavar="{0..4}",
         help="augment: translate each training image by up to this many pixels at random",
     )
@@ -116,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
     )
     p.add_argument("--out", default="runs/lenet5", help="folder for last.npz and best.npz")
-    p.add_argument("--metrics", default=None, help="JSON-lines file, one line per epoch")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="JSON-lines file, one line per epoch (default: OUT/metrics.jsonl)",
+    )
     p.add_argument(
         "--resume",
         default=None,
@@ -241,9 +245,6 @@ def run(args: argparse.Namespace) -> dict:
         seed=config["seed"], dtype=config["dtype"], input_size=32 if config["pad32"] else 28
     )
     model.to(device)
-    workers = config.get("workers", 1) if device.kind == "cpu" else 1
-    max_batch = max(config["batch_size"], args.eval_batch_size)
-    runner = DataParallel(model, workers, max_batch=max_batch)
     optimizer = make_optimizer(
         config["optimizer"],
         model.parameters(),
@@ -259,16 +260,21 @@ def run(args: argparse.Namespace) -> dict:
     start_epoch, step, best_score = 1, 0, -math.inf
     if resume_state:
         model_state, optim_state, meta = resume_state
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        rng.bit_generator.state = meta["rng_state"]
-        start_epoch, step, best_score = meta["epoch"] + 1, meta["step"], meta["best_score"]
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+            rng.bit_generator.state = meta["rng_state"]
+            start_epoch, step, best_score = meta["epoch"] + 1, meta["step"], meta["best_score"]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {args.resume} does not fit: {exc}") from None
 
     out = Path(args.out)
-    metrics_file = None
-    if args.metrics:
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(args.metrics, "a" if resume_state else "w")  # noqa: SIM115
+    metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(metrics_path, "a" if resume_state else "w")  # noqa: SIM115
+    workers = config.get("workers", 1) if device.kind == "cpu" else 1
+    max_batch = max(config["batch_size"], args.eval_batch_size)
+    runner = DataParallel(model, workers, max_batch=max_batch)
     record: dict = {}
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
@@ -321,15 +327,13 @@ def run(args: argparse.Namespace) -> dict:
             if score > best_score:
                 best_score = score
                 save_checkpoint(out / "best.npz", model.state_dict(), optimizer.state_dict(), meta)
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
             if not args.quiet:
                 print(_summary(record, config["epochs"]), flush=True)
     finally:
         runner.close()
-        if metrics_file:
-            metrics_file.close()
+        metrics_file.close()
     return record
 
 
@@ -358,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             f"lower it (e.g. --batch-size {max(1, args.batch_size // 2)})",
             file=sys.stderr,
         )
+        return 1
+    except OSError as exc:  # e.g. --out or --metrics not writable
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

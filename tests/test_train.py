@@ -231,3 +231,26 @@ def test_out_of_memory_names_the_batch_size(tmp_path):
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr.strip()
     assert "\n" not in err and "out of memory" in err and "--batch-size 30000" in err
+
+
+@needs_mnist
+def test_resume_from_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys):
+    from lenet_xp import LeNet5
+    from lenet_xp.checkpoint import save_checkpoint
+
+    state = LeNet5(seed=0).state_dict()
+    state["fc1.weight"] = state["fc1.weight"][:, :300]  # not LeNet-5's shape
+    config = {k: getattr(train_cli.build_parser().parse_args([]), k) for k in train_cli.CONFIG_KEYS}
+    meta = {"epoch": 1, "step": 1, "best_score": 0.0, "config": config, "rng_state": {}}
+    path = save_checkpoint(tmp_path / "other.npz", state, {}, meta)
+    args = ["--resume", str(path), "--device", "cpu", "--data-dir", str(DATA), "--quiet"]
+    assert train_cli.main(args + ["--out", str(tmp_path / "o")]) == 1
+    _one_line_error(capsys, "does not fit")
+
+
+def test_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--limit-train", "64"]
+    assert train_cli.main(args + ["--out", str(blocker / "run")]) == 1
+    _one_line_error(capsys, str(blocker))
