@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import asnumpy
+from lenet_xp.fsync import fsync_dir
 
 
 class CheckpointError(Exception):
@@ -49,7 +50,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"cannot write checkpoint {path}: {exc.strerror or exc}{kept}; free space or use --out"
         ) from None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -77,16 +78,3 @@ def _to_host(value: Any) -> Any:
 def _from_host(value: np.ndarray) -> Any:
     """0-d arrays back to Python scalars (optimizer counters, hyper-parameters)."""
     return value.item() if value.ndim == 0 else value
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

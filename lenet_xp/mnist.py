@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lenet_xp.fsync import fsync_dir
+
 MEAN = 0.1307
 STD = 0.3081
 
@@ -226,19 +228,6 @@ def _unpacked_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(data_dir: Path) -> None:
-    try:
-        fd = os.open(data_dir, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def download_mnist(
     data_dir: str | os.PathLike[str],
     mirrors: Sequence[str] = MIRRORS,
@@ -273,7 +262,7 @@ def download_mnist(
                 if got != digests[name]:
                     raise _ChecksumError(f"checksum mismatch (unpacked sha256 {got[:12]}...)")
                 os.replace(tmp, final)
-                _fsync_dir(data_dir)
+                fsync_dir(data_dir)
                 written.append(final)
                 break
             except (

@@ -13,10 +13,10 @@ from typing import Any
 
 from lenet_xp.backend import host_rng
 from lenet_xp.functional.loss import softmax_cross_entropy
-from lenet_xp.layers import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU
+from lenet_xp.layers import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
 
 
-class LeNet5(Module):
+class LeNet5(Sequential):
     """LeNet-5 on ``x (N, 1, 28, 28)`` -> logits ``(N, 10)``; weights drawn from ``seed``.
 
     With ``input_size=32`` (images padded to 32x32 beforehand, as in LeCun 1998) conv1 uses no

@@ -14,6 +14,7 @@ from lenet_xp.layers import (
     Linear,
     MaxPool2d,
     ReLU,
+    Sequential,
     Sigmoid,
     Tanh,
 )
@@ -111,3 +112,17 @@ def test_batchnorm(layer_cls, shape, training):
     layer.running_var[:] = 1.5
     layer.train(training)
     check_layer(layer, rand(*shape) * 2 + 1)
+
+
+def test_sequential_chains_layers():
+    rng = np.random.default_rng(0)
+    net = Sequential(
+        Linear(6, 5, rng=rng, dtype="float64"), Tanh(), Linear(5, 3, rng=rng, dtype="float64")
+    )
+    assert [name for name, _ in net.named_parameters()] == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]
+    check_layer(net, rand(4, 6))
