@@ -24,11 +24,12 @@ class DeviceSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batches(self, batch_size: int, order: Any = None, shifts: Any = None):
+    def batches(self, batch_size: int, order: Any = None, shifts: Any = None, max_shift: int = 0):
         """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order.
 
-        ``shifts (2, N)`` int (on the device), if given, translates image ``i`` by
-        ``shifts[:, i]`` pixels (down, right): see :func:`shift_images`.
+        ``shifts (2, N)`` int (on the device, entries within ``+-max_shift``), if given,
+        translates image ``i`` by ``shifts[:, i]`` pixels (down, right): see
+        :func:`shift_images`.
         """
         for start in range(0, len(self), batch_size):
             idx = (
@@ -38,16 +39,17 @@ class DeviceSplit:
             )
             x = self.images[idx]
             if shifts is not None:
-                x = shift_images(x, shifts[0, idx], shifts[1, idx], -MEAN / STD)
+                x = shift_images(x, shifts[0, idx], shifts[1, idx], max_shift, -MEAN / STD)
             yield x, self.labels[idx]
 
 
-def shift_images(x: Any, down: Any, right: Any, fill: float) -> Any:
-    """Translate each image of ``x (N, C, H, W)`` by ``down[i]``, ``right[i]`` pixels (ints,
-    negative = up/left), filling with ``fill``: one pad and one gather, no per-image Python."""
+def shift_images(x: Any, down: Any, right: Any, max_shift: int, fill: float) -> Any:
+    """Translate each image of ``x (N, C, H, W)`` by ``down[i]``, ``right[i]`` pixels (ints
+    within ``+-max_shift``, negative = up/left), filling with ``fill``: one pad and one
+    gather, no per-image Python and no host synchronisation."""
     xp = get_array_module(x)
     n, c, h, w = x.shape
-    s = int(max(abs(down).max(), abs(right).max())) if n else 0
+    s = max_shift
     padded = xp.full((n, c, h + 2 * s, w + 2 * s), fill, dtype=x.dtype)
     padded[:, :, s : s + h, s : s + w] = x
     rows = (s - down)[:, None] + xp.arange(h)  # (N, H): padded row read by each output row

@@ -203,7 +203,7 @@ def train_epoch(
     correct = xp.zeros((), dtype=xp.int64)
     order = permutation(len(split), rng, split.device)
     shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
-    for x, y in split.batches(batch_size, order, shifts):
+    for x, y in split.batches(batch_size, order, shifts, max_shift):
         optimizer.lr = schedule(step)
         loss, n_correct = runner.forward_backward(x, y)
         optimizer.step()

@@ -100,3 +100,24 @@ def test_dropout_on_gpu_masks_on_device():
     y = layer.forward(to_device(np.ones((100, 100), np.float32), "cuda"))
     kept = asnumpy(y) != 0
     assert abs(kept.mean() - 0.5) < 0.05 and np.allclose(asnumpy(y)[kept], 2.0)
+
+
+@needs_cuda
+def test_three_gpu_epochs_reach_the_cpu_accuracy_band(tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    from lenet_xp import train
+
+    data = os.environ.get(
+        "LENET_XP_DATA", str(Path(__file__).resolve().parents[2] / "shared/datasets/mnist")
+    )
+    accs = {}
+    for device in ("cpu", "cuda"):
+        args = ["--device", device, "--epochs", "3", "--limit-train", "10000", "--quiet"]
+        args += ["--data-dir", data, "--out", str(tmp_path / device)]
+        assert train.main(args) == 0
+        last = (tmp_path / device / "metrics.jsonl").read_text().splitlines()[-1]
+        accs[device] = json.loads(last)["test_acc"]
+    assert accs["cuda"] > 0.95 and abs(accs["cuda"] - accs["cpu"]) < 0.01

@@ -57,3 +57,31 @@ def test_readme_api_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert np.isfinite(float(namespace["loss"])) and "conv1.weight" in namespace["grads"]
+
+
+def test_shift_images_translates_each_image_and_fills_background():
+    from lenet_xp.data import shift_images
+
+    x = np.arange(2 * 16, dtype=np.float32).reshape(2, 1, 4, 4)
+    out = shift_images(x, np.array([1, 0]), np.array([0, -2]), 2, -1.0)
+    np.testing.assert_array_equal(out[0, 0, 1:], x[0, 0, :3])  # down by one
+    np.testing.assert_array_equal(out[0, 0, 0], [-1, -1, -1, -1])
+    np.testing.assert_array_equal(out[1, 0, :, :2], x[1, 0, :, 2:])  # left by two
+    np.testing.assert_array_equal(out[1, 0, :, 2:], -1)
+
+
+def test_augmented_batches_keep_labels_and_pixel_mass():
+    from lenet_xp.data import random_shifts
+
+    images = np.zeros((6, 28, 28), np.uint8)
+    images[:, 10:18, 10:18] = 255  # a square well inside the frame
+    split = to_device_split(images, np.arange(6, dtype=np.uint8), CPU)
+    rng = np.random.default_rng(0)
+    order = permutation(6, rng, CPU)
+    shifts = random_shifts(6, 2, rng, CPU)
+    assert np.abs(shifts).max() <= 2
+    seen = []
+    for x, y in split.batches(4, order, shifts, 2):
+        assert (x > 0).sum(axis=(1, 2, 3)).tolist() == [64] * len(y)  # moved, not cut
+        seen += y.tolist()
+    assert seen == order.tolist()
