@@ -197,3 +197,9 @@ def tune_host_allocator() -> bool:
     return bool(
         libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
     )
+
+
+def cuda_elementwise(in_params: str, out_params: str, operation: str, name: str) -> Any:
+    """A fused CUDA kernel (``cupy.ElementwiseKernel``, compiled on first call): one launch
+    instead of one per NumPy-style operation. Only for CuPy arrays; needs CuPy."""
+    return _import_cupy().ElementwiseKernel(in_params, out_params, operation, name)

@@ -11,11 +11,13 @@ checkpoint can hold it next to the model's own ``state_dict``.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Iterable
 from typing import Any
 
-from lenet_xp.backend import device_of, get_array_module, to_device
+from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, to_device
 from lenet_xp.layers.module import Parameter
 
 
@@ -259,18 +261,55 @@ class Adam(Optimizer):
         step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
 
+        step_size = self.lr / (1.0 - beta1**step)
+        bias2_sqrt = math.sqrt(1.0 - beta2**step)
+        if xp.__name__ == "cupy" and _fused_adam_on_gpu(
+            grad, beta1, beta2, step_size, bias2_sqrt, self.eps, data, exp_avg, exp_avg_sq
+        ):
+            return
         exp_avg *= beta1
         exp_avg += (1.0 - beta1) * grad
         exp_avg_sq *= beta2
         exp_avg_sq += (1.0 - beta2) * grad * grad
-
-        step_size = self.lr / (1.0 - beta1**step)
         denom = xp.sqrt(exp_avg_sq)  # the one scratch array of the update
-        denom /= math.sqrt(1.0 - beta2**step)
+        denom /= bias2_sqrt
         denom += self.eps
         xp.divide(exp_avg, denom, out=denom)
         denom *= step_size
         data -= denom
+
+
+@functools.cache
+def _adam_kernel() -> Any:
+    """The whole Adam update of one parameter as one CUDA kernel (the same formulas as the
+    array code in :meth:`Adam._update`, which needs a dozen launches)."""
+    return cuda_elementwise(
+        "T grad, T beta1, T beta2, T step_size, T bias2_sqrt, T eps",
+        "T param, T m, T v",
+        """
+        m = beta1 * m + (1 - beta1) * grad;
+        v = beta2 * v + (1 - beta2) * grad * grad;
+        param -= step_size * m / (sqrt(v) / bias2_sqrt + eps);
+        """,
+        "lenet_xp_adam",
+    )
+
+
+_FUSED_ADAM_FAILED: list[str] = []
+
+
+def _fused_adam_on_gpu(*args: Any) -> bool:
+    """Run :func:`_adam_kernel`; ``False`` (after one line on stderr, once) if it cannot be
+    compiled here, so the caller falls back to the array code."""
+    if _FUSED_ADAM_FAILED:
+        return False
+    try:
+        _adam_kernel()(*args)
+    except Exception as exc:  # a compiler or driver problem: keep training, say so once
+        _FUSED_ADAM_FAILED.append(str(exc))
+        print(f"lenet_xp: fused Adam kernel unavailable ({exc}); using array ops", file=sys.stderr)
+        return False
+    return True
 
 
 class AdamW(Adam):
