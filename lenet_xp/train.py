@@ -164,24 +164,24 @@ CONFIG_KEYS = (
 
 
 def _load_splits(config: dict, data_dir: str | None, device: Device, quiet: bool):
+    """``(train, val or None, test)`` splits on ``device``; ``val`` is the end of the
+    training set when ``config["val_size"]`` asks for one."""
+
+    def on_device(images: Any, labels: Any) -> DeviceSplit:
+        return to_device_split(images, labels, device, config["dtype"], config["pad32"])
+
     mnist = load_mnist(data_dir, progress=not quiet)
-    train_x, train_y = mnist.train_images, mnist.train_labels
-    if config["limit_train"]:
-        train_x, train_y = train_x[: config["limit_train"]], train_y[: config["limit_train"]]
-    test_x, test_y = mnist.test_images, mnist.test_labels
-    if config["limit_test"]:
-        test_x, test_y = test_x[: config["limit_test"]], test_y[: config["limit_test"]]
-    val = None
+    n_train = config["limit_train"] or len(mnist.train_labels)
+    n_test = config["limit_test"] or len(mnist.test_labels)
+    train_x, train_y = mnist.train_images[:n_train], mnist.train_labels[:n_train]
+    test = on_device(mnist.test_images[:n_test], mnist.test_labels[:n_test])
     n_val = config["val_size"]
-    if n_val:
-        if not 0 < n_val < len(train_y):
-            raise DataError(f"--val-size {n_val} must be between 1 and {len(train_y) - 1}")
-        val = to_device_split(
-            train_x[-n_val:], train_y[-n_val:], device, config["dtype"], config["pad32"]
-        )
-        train_x, train_y = train_x[:-n_val], train_y[:-n_val]
-    make = lambda x, y: to_device_split(x, y, device, config["dtype"], config["pad32"])  # noqa: E731
-    return make(train_x, train_y), val, make(test_x, test_y)
+    if not n_val:
+        return on_device(train_x, train_y), None, test
+    if not 0 < n_val < len(train_y):
+        raise DataError(f"--val-size {n_val} must be between 1 and {len(train_y) - 1}")
+    val = on_device(train_x[-n_val:], train_y[-n_val:])
+    return on_device(train_x[:-n_val], train_y[:-n_val]), val, test
 
 
 def train_epoch(

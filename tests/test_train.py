@@ -254,3 +254,15 @@ def test_unwritable_out_is_one_line(tmp_path, capsys):
     args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--limit-train", "64"]
     assert train_cli.main(args + ["--out", str(blocker / "run")]) == 1
     _one_line_error(capsys, str(blocker))
+
+
+@needs_mnist
+def test_validation_split_chooses_best_and_is_reported(tmp_path):
+    args = SMALL + ["--epochs", "2", "--val-size", "500", "--limit-test", "500"]
+    assert train_cli.main(args + ["--out", str(tmp_path)]) == 0
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(0.5 < r["val_acc"] <= 1 for r in records)
+    from lenet_xp.checkpoint import load_checkpoint
+
+    best_epoch = load_checkpoint(tmp_path / "best.npz")[2]["epoch"]
+    assert records[best_epoch - 1]["val_acc"] == max(r["val_acc"] for r in records)
