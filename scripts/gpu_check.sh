@@ -4,14 +4,16 @@
 #   2. a default 10-epoch training run on cuda (accuracy per epoch, time to 99 %),
 #   3. the benchmark at batch 128 and 1024 with PyTorch side by side (if installed),
 # and prints one summary table. Usage: LENET_XP_DATA=/path/to/mnist bash scripts/gpu_check.sh
+# (DEVICE=cpu runs the same steps on the CPU: a dry run of this script where there is no GPU.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export LENET_XP_DATA=${LENET_XP_DATA:-$PWD/../shared/datasets/mnist}
+DEVICE=${DEVICE:-cuda}
 
-$PY - <<'PYEOF'
+[ "$DEVICE" = cpu ] || $PY - <<'PYEOF'
 import sys
 from lenet_xp.backend import cuda_unavailable_reason
 reason = cuda_unavailable_reason()
@@ -28,11 +30,11 @@ $PY -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | ta
 tests_rc=${PIPESTATUS[0]}
 set -e
 
-echo "== 2. training, 10 epochs on cuda"
-$PY -m lenet_xp.train --device cuda --quiet --out "$OUT/run" --metrics "$OUT/gpu.jsonl"
+echo "== 2. training, 10 epochs on $DEVICE"
+$PY -m lenet_xp.train --device "$DEVICE" --quiet --out "$OUT/run" --metrics "$OUT/gpu.jsonl"
 
 echo "== 3. benchmark"
-$PY -m lenet_xp.bench --device cuda --batch-sizes 128 1024 --epochs 3 --torch | tee "$OUT/bench.txt"
+$PY -m lenet_xp.bench --device "$DEVICE" --batch-sizes 128 1024 --epochs 3 --torch | tee "$OUT/bench.txt"
 
 $PY - "$OUT" "$tests_rc" <<'PYEOF'
 import json, re, sys
