@@ -44,8 +44,10 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, or Ctrl-C mid-write: never leave the temp file
         Path(tmp_name).unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         kept = " (the previous checkpoint is kept)" if path.exists() else ""
         raise CheckpointError(
             f"cannot write checkpoint {path}: {exc.strerror or exc}{kept}; free space or use --out"

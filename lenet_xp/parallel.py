@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import signal
 import traceback
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -62,9 +63,17 @@ class _Shared:
                 block.unlink()
 
 
+class WorkerError(RuntimeError):
+    """A worker process failed or died; the message says how."""
+
+
+_DIED = "a worker process died (killed for memory?); try --workers 1"
+
+
 def _worker(index: int, model: Module, specs: dict, names: dict, conn: Any) -> None:
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threadpool_limits(limits=1, user_api="blas")
     tune_host_allocator()
     shared = _Shared(specs, attach=names)
@@ -87,8 +96,10 @@ def _worker(index: int, model: Module, specs: dict, names: dict, conn: Any) -> N
                 model.eval()
                 a["logits"][start:stop] = model.forward(x)
             conn.send("ok")
+    except MemoryError:
+        conn.send("memory")
     except Exception:  # report, don't hang the main process
-        conn.send("error: " + traceback.format_exc(limit=3).strip().splitlines()[-1])
+        conn.send(traceback.format_exc(limit=3).strip().splitlines()[-1])
     finally:
         shared.close(unlink=False)
 
@@ -195,16 +206,21 @@ class DataParallel:
             a["x"][part] = x[part]
             if y is not None:
                 a["y"][part] = y[part]
-            conn.send((kind, part.start, part.stop))
+            try:
+                conn.send((kind, part.start, part.stop))
+            except OSError:
+                raise WorkerError(_DIED) from None
 
     def _wait(self, parts: list[slice]) -> None:
         for conn, _ in zip(self._conns, parts[1:], strict=False):
             try:
                 reply = conn.recv()
             except EOFError:
-                raise RuntimeError("a DataParallel worker process died") from None
+                raise WorkerError(_DIED) from None
+            if reply == "memory":
+                raise MemoryError("a worker process ran out of memory")
             if reply != "ok":
-                raise RuntimeError(f"DataParallel worker failed: {reply}")
+                raise WorkerError(f"a worker process failed: {reply}")
 
     def forward(self, x: Any) -> Any:
         """Logits of ``x (N, ...)``, slices computed in parallel."""

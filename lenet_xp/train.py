@@ -31,7 +31,7 @@ from lenet_xp.evaluate import evaluate
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.model import LeNet5
 from lenet_xp.optim import Optimizer, make_optimizer
-from lenet_xp.parallel import DataParallel
+from lenet_xp.parallel import DataParallel, WorkerError
 from lenet_xp.schedules import make_schedule
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
     try:
         run(args)
-    except (DataError, DeviceError, CheckpointError, TrainingError) as exc:
+    except (DataError, DeviceError, CheckpointError, TrainingError, WorkerError) as exc:
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
     except MemoryError:

@@ -5,7 +5,7 @@ import pytest
 
 from lenet_xp import LeNet5
 from lenet_xp.optim import Adam
-from lenet_xp.parallel import DataParallel, forward_backward
+from lenet_xp.parallel import DataParallel, WorkerError, forward_backward
 
 
 def batch(n=37, seed=0):
@@ -59,5 +59,15 @@ def test_worker_error_is_reported_and_batch_limit_checked():
             runner.forward_backward(*batch(9))
         y_bad = y.copy()
         y_bad[-1] = 99  # the worker's slice holds an impossible label
-        with pytest.raises(RuntimeError, match="worker failed"):
+        with pytest.raises(WorkerError, match="worker process failed: IndexError"):
             runner.forward_backward(x, y_bad)
+
+
+def test_a_killed_worker_is_reported():
+    x, y = batch(8)
+    with DataParallel(LeNet5(seed=0), 2, max_batch=8) as runner:
+        runner.forward_backward(x, y)
+        runner._procs[0].kill()
+        runner._procs[0].join()
+        with pytest.raises(WorkerError, match="died"):
+            runner.forward_backward(x, y)

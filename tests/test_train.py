@@ -266,3 +266,28 @@ def test_validation_split_chooses_best_and_is_reported(tmp_path):
 
     best_epoch = load_checkpoint(tmp_path / "best.npz")[2]["epoch"]
     assert records[best_epoch - 1]["val_acc"] == max(r["val_acc"] for r in records)
+
+
+@needs_mnist
+def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
+    """SIGINT to the whole process group (as a terminal's Ctrl-C), workers included."""
+    import os
+    import signal
+    import time
+
+    from lenet_xp.checkpoint import load_checkpoint
+
+    cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "cpu", "--data-dir", str(DATA)]
+    cmd += ["--epochs", "50", "--limit-train", "3000", "--limit-test", "500", "--workers", "2"]
+    cmd += ["--quiet", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "last.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert "resume with --resume" in err
+    assert load_checkpoint(tmp_path / "last.npz")[2]["epoch"] >= 1
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written checkpoint left behind
