@@ -312,21 +312,21 @@ def run(args: argparse.Namespace) -> dict:
             }  # fmt: skip
             if val is not None:
                 record["val_loss"], record["val_acc"], _ = evaluate(
-                    model, val, args.eval_batch_size
+                    runner, val, args.eval_batch_size
                 )
             score = record["val_acc"] if val is not None else -train_loss
             meta = {
                 "epoch": epoch, "step": step, "rng_state": rng.bit_generator.state,
                 "config": config, "metrics": record, "best_score": max(best_score, score),
             }  # fmt: skip
-            save_checkpoint(out / "last.npz", model.state_dict(), optimizer.state_dict(), meta)
+            names = ["last.npz"]
             if args.keep_every_epoch:
-                save_checkpoint(
-                    out / f"epoch_{epoch:03d}.npz", model.state_dict(), optimizer.state_dict(), meta
-                )
+                names.append(f"epoch_{epoch:03d}.npz")
             if score > best_score:
-                best_score = score
-                save_checkpoint(out / "best.npz", model.state_dict(), optimizer.state_dict(), meta)
+                names.append("best.npz")
+            for name in names:
+                save_checkpoint(out / name, model.state_dict(), optimizer.state_dict(), meta)
+            best_score = max(best_score, score)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if not args.quiet:
