@@ -5,6 +5,10 @@
 #   3. the benchmark at batch 128 and 1024 with PyTorch side by side (if installed),
 # and prints one summary table. Usage: LENET_XP_DATA=/path/to/mnist bash scripts/gpu_check.sh
 # (DEVICE=cpu runs the same steps on the CPU: a dry run of this script where there is no GPU.)
+# Needs numpy, cupy, pytest, tqdm, threadpoolctl (and torch for the side-by-side); it runs from
+# the source tree (PYTHONPATH), nothing is installed. On a machine that cannot download MNIST,
+# copy the four .gz files into the git-ignored .data/ first (e.g. with the device tool:
+# `mkdir -p .data && cp ../shared/datasets/mnist/*.gz .data/`, carry .data, LENET_XP_DATA=.data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
