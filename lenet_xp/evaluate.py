@@ -41,6 +41,20 @@ def evaluate(
     return float(loss_sum) / n, int(confusion.trace()) / n, confusion
 
 
+def load_model(path: str, device: Any) -> tuple[LeNet5, dict]:
+    """``(model on device, meta)`` from a checkpoint written by ``lenet_xp.train``."""
+    model_state, _, meta = load_checkpoint(path)
+    config = meta.get("config", {})
+    model = LeNet5(
+        dtype=config.get("dtype", "float32"), input_size=32 if config.get("pad32") else 28
+    )
+    try:
+        model.load_state_dict(model_state)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not hold a LeNet5: {exc}") from None
+    return model.to(device), meta
+
+
 def format_confusion(confusion: Any) -> str:
     """The confusion matrix as text: rows are true digits, columns predictions."""
     lines = ["true\\pred " + " ".join(f"{d:>5}" for d in range(10))]
@@ -62,19 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
     try:
-        model_state, _, meta = load_checkpoint(args.checkpoint)
-        config = meta.get("config", {})
         device = get_device(args.device)
-        pad32 = bool(config.get("pad32", False))
-        model = LeNet5(dtype=config.get("dtype", "float32"), input_size=32 if pad32 else 28)
-        model.load_state_dict(model_state)
-        model.to(device)
+        model, meta = load_model(args.checkpoint, device)
+        config = meta.get("config", {})
         mnist = load_mnist(args.data_dir)
         test = to_device_split(
-            mnist.test_images, mnist.test_labels, device, config.get("dtype", "float32"), pad32
+            mnist.test_images,
+            mnist.test_labels,
+            device,
+            config.get("dtype", "float32"),
+            bool(config.get("pad32")),
         )
         loss, acc, confusion = evaluate(model, test, args.batch_size)
-    except (DataError, DeviceError, CheckpointError, KeyError, ValueError) as exc:
+    except (DataError, DeviceError, CheckpointError) as exc:
         print(f"lenet_xp.evaluate: error: {exc}", file=sys.stderr)
         return 1
     print(f"checkpoint {args.checkpoint} (epoch {meta.get('epoch', '?')}) on {device}")

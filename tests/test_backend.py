@@ -24,7 +24,7 @@ from lenet_xp.backend import (
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lenet_xp"
 # Host-side file formats: bytes on disk in, host arrays out; never on the training path.
-HOST_IO_MODULES = {"backend.py", "mnist.py", "checkpoint.py"}
+HOST_IO_MODULES = {"backend.py", "mnist.py", "checkpoint.py", "images.py"}
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
 GPU_REASON = cuda_unavailable_reason() if HAS_CUPY else "CuPy is not installed"
 

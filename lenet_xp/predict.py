@@ -1,0 +1,54 @@
+"""``python -m lenet_xp.predict --checkpoint PATH IMAGE...``: read your own digit pictures.
+
+Each picture (any format Pillow reads; dark-on-light or light-on-dark) is prepared the way
+MNIST's digits were (see :mod:`lenet_xp.images`) and classified; one line per picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lenet_xp.backend import DeviceError, asnumpy, get_device, to_device
+from lenet_xp.checkpoint import CheckpointError
+from lenet_xp.evaluate import load_model
+from lenet_xp.functional.loss import log_softmax
+from lenet_xp.images import ImageError, load_digit
+from lenet_xp.mnist import MEAN, STD
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lenet_xp.predict", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("images", nargs="+", help="picture files (PNG, JPEG, ...)")
+    p.add_argument("--checkpoint", required=True, help="a .npz written by lenet_xp.train")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    args = p.parse_args(argv)
+    try:
+        device = get_device(args.device)
+        model, _ = load_model(args.checkpoint, device)
+    except (DeviceError, CheckpointError) as exc:
+        print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
+        return 1
+    model.eval()
+    failed = 0
+    for path in args.images:
+        try:
+            x = load_digit(path)
+        except ImageError as exc:
+            print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        x = to_device(x[None], device).astype(model.conv1.weight.data.dtype)
+        if model.input_size == 32:  # pad with the background value, as --pad32 training did
+            xp = device.xp
+            x = xp.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-MEAN / STD)
+        probs = asnumpy(device.xp.exp(log_softmax(model.forward(x))))[0]
+        digit = int(probs.argmax())
+        print(f"{path}: {digit} (probability {probs[digit]:.3f})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
