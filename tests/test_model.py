@@ -120,3 +120,13 @@ def test_matches_pytorch_forward_and_backward():
     assert float(loss) == pytest.approx(torch_loss.item(), rel=1e-12)
     for name, param in net.named_parameters():
         np.testing.assert_allclose(grads[name], param.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_astype_converts_parameters_and_outputs():
+    model = LeNet5(seed=0).astype("float64")
+    assert {v.dtype for v in model.state_dict().values()} == {np.dtype(np.float64)}
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28))
+    assert model.forward(x).dtype == np.float64
+    np.testing.assert_allclose(
+        model.forward(x), LeNet5(seed=0).forward(x.astype(np.float32)), rtol=1e-4, atol=1e-5
+    )
