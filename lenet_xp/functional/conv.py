@@ -3,7 +3,10 @@
 Layout. ``x_cols`` has shape ``(C*kh*kw, OH*OW*N)``: row ``(c, i, j)`` holds input pixel
 ``x[n, c, i + s*oh, j + s*ow]`` for every output position ``(oh, ow, n)``. It is built from
 a strided *view* of the padded input with a single copy, and the forward pass is one
-well-shaped GEMM ``w_mat (OC, C*kh*kw) @ x_cols -> (OC, OH*OW*N)``.
+well-shaped GEMM ``w_mat (OC, C*kh*kw) @ x_cols -> (OC, OH*OW*N)``. On the CPU that GEMM is
+computed in column blocks of a few output rows (``backend.gemm_block``): each block's
+``x_cols`` is built, multiplied and dropped while it is still in cache, and rebuilt in the
+backward pass, where the same blocks give ``grad_w`` (summed) and ``grad_x`` (col2im'd).
 
 Arrays are indexed ``(N, C, H, W)`` everywhere, but the GEMM's output is stored batch-innermost
 (``C, H, W, N`` in memory, as in cuda-convnet) and handed on as a transposed *view*: nothing
