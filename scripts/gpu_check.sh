@@ -37,6 +37,12 @@ set -e
 echo "== 2. training, 10 epochs on $DEVICE"
 $PY -m lenet_xp.train --device "$DEVICE" --quiet --out "$OUT/run" --metrics "$OUT/gpu.jsonl"
 
+echo "== 2b. determinism: the same short run twice"
+for r in a b; do
+  $PY -m lenet_xp.train --device "$DEVICE" --quiet --epochs 2 --limit-train 10000 \
+    --out "$OUT/det_$r" --metrics "$OUT/det_$r.jsonl"
+done
+
 echo "== 3. benchmark"
 $PY -m lenet_xp.bench --device "$DEVICE" --batch-sizes 128 1024 --epochs 3 --torch | tee "$OUT/bench.txt"
 
@@ -50,6 +56,10 @@ for r in runs:
     elapsed += r["train_seconds"]
     if to_99 is None and r["test_acc"] >= 0.99:
         to_99 = (r["epoch"], elapsed)
+def without_timings(path):
+    drop = {"train_seconds", "images_per_second"}
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in open(path)]
+same = without_timings(f"{out}/det_a.jsonl") == without_timings(f"{out}/det_b.jsonl")
 bench = open(f"{out}/bench.txt").read()
 rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d,]+)\s+([\d.na]+)\s+([\d.na]+)\s*$", bench, re.M)
 print("\n== gpu_check summary")
@@ -57,6 +67,7 @@ print(f"{'item':<34} value")
 print(f"{'tests':<34} {summary} (exit {tests_rc})")
 for r in runs:
     print(f"{'epoch ' + str(r['epoch']) + ' test_acc / seconds':<34} {100 * r['test_acc']:.2f} % / {r['train_seconds']:.2f} s")
+print(f"{'same seed, same metrics (2 runs)':<34} {'yes' if same else 'NO: metrics differ'}")
 print(f"{'time to 99 % test accuracy':<34} " + (f"{to_99[1]:.1f} s (epoch {to_99[0]})" if to_99 else "not reached"))
 for b, s, ips, ref, ratio in rows:
     print(f"{'batch ' + b + ': epoch s, img/s':<34} {s} s, {ips} img/s; torch {ref} s; ours/torch {ratio}")
