@@ -7,7 +7,7 @@ process with one BLAS thread. The processes share (``multiprocessing.shared_memo
 
 - the parameters, one flat buffer that the model's ``param.data`` arrays are views of, so
   the optimizer's in-place updates reach every replica;
-- the input batch and labels, written once per step by the main process;
+- the workers' slices of each batch (images and labels), written by the main process;
 - one gradient buffer per worker, and per-worker loss and correct-count slots.
 
 Per step the main process sends each worker a ``(start, stop)`` slice over a pipe, runs the
@@ -18,6 +18,7 @@ in a fixed order, so the same seed gives the same numbers for a given worker cou
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import signal
 import traceback
@@ -42,10 +43,10 @@ class _Shared:
     """Named shared-memory arrays; ``attach`` maps the same names in a worker."""
 
     def __init__(self, specs: dict[str, tuple[tuple[int, ...], str]], attach: dict | None = None):
-        self.specs, self.blocks, self.arrays = specs, {}, {}
+        self.blocks, self.arrays = {}, {}
         for name, (shape, dtype) in specs.items():
             if attach is None:
-                nbytes = host_zeros(shape, dtype).nbytes
+                nbytes = math.prod(shape) * host_zeros((), dtype).itemsize
                 block = SharedMemory(create=True, size=max(nbytes, 1))
             else:
                 block = SharedMemory(name=attach[name])
