@@ -40,10 +40,13 @@ def load_train_split(device: Device, data_dir: str | None) -> tuple[DeviceSplit,
         return to_device_split(images, labels, device), "random images (MNIST not found)"
 
 
-def our_epoch(split: DeviceSplit, batch_size: int, workers: int) -> tuple[Any, Any]:
+def our_epoch(
+    split: DeviceSplit, batch_size: int, workers: int, tune_allocator: bool = True
+) -> tuple[Any, Any]:
     """``(run_one_epoch, close)`` for lenet_xp's training loop, after a 20-step warm-up."""
     model = LeNet5(seed=0).to(split.device)
-    runner = DataParallel(model, workers if split.device.kind == "cpu" else 1, batch_size)
+    workers = workers if split.device.kind == "cpu" else 1
+    runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
     optimizer = Adam(model.parameters(), lr=1e-3)
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     n_warm = 20 * batch_size
@@ -154,18 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=default_workers(), help="CPU processes (see train --workers)"
     )
     p.add_argument("--torch", action="store_true", help="also time PyTorch on the same device")
+    p.add_argument(
+        "--plain-malloc",
+        action="store_true",
+        help="CPU: leave glibc's allocator as it is (to measure what tune_host_allocator buys)",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer profile")
     p.add_argument("--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA)")
     args = p.parse_args(argv)
     device = get_device(args.device)
-    if device.kind == "cpu":
+    if device.kind == "cpu" and not args.plain_malloc:
         tune_host_allocator()
     split, source = load_train_split(device, args.data_dir)
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
     rows = []
     for batch_size in args.batch_sizes:
         # Alternate ours and PyTorch's epochs, so that both see the same machine conditions.
-        ours_epoch, close = our_epoch(split, batch_size, args.workers)
+        ours_epoch, close = our_epoch(split, batch_size, args.workers, not args.plain_malloc)
         theirs_epoch = torch_epoch(split, batch_size) if args.torch else None
         ours, theirs = [], []
         for _ in range(args.epochs):

@@ -55,6 +55,15 @@ def load_model(path: str, device: Any) -> tuple[LeNet5, dict]:
     return model.to(device), meta
 
 
+def test_split(meta: dict, device: Any, data_dir: str | None) -> DeviceSplit:
+    """MNIST's test set on ``device``, prepared as the run in ``meta`` was trained
+    (its dtype, and 32x32 padding if it used ``--pad32``)."""
+    config = meta.get("config", {})
+    mnist = load_mnist(data_dir)
+    dtype, pad32 = config.get("dtype", "float32"), bool(config.get("pad32"))
+    return to_device_split(mnist.test_images, mnist.test_labels, device, dtype, pad32)
+
+
 def format_confusion(confusion: Any) -> str:
     """The confusion matrix as text: rows are true digits, columns predictions."""
     lines = ["true\\pred " + " ".join(f"{d:>5}" for d in range(10))]
@@ -78,15 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = get_device(args.device)
         model, meta = load_model(args.checkpoint, device)
-        config = meta.get("config", {})
-        mnist = load_mnist(args.data_dir)
-        test = to_device_split(
-            mnist.test_images,
-            mnist.test_labels,
-            device,
-            config.get("dtype", "float32"),
-            bool(config.get("pad32")),
-        )
+        test = test_split(meta, device, args.data_dir)
         loss, acc, confusion = evaluate(model, test, args.batch_size)
     except (DataError, DeviceError, CheckpointError) as exc:
         print(f"lenet_xp.evaluate: error: {exc}", file=sys.stderr)

@@ -71,12 +71,15 @@ class WorkerError(RuntimeError):
 _DIED = "a worker process died (killed for memory?); try --workers 1"
 
 
-def _worker(index: int, model: Module, specs: dict, names: dict, conn: Any) -> None:
+def _worker(
+    index: int, model: Module, specs: dict, names: dict, conn: Any, tune_allocator: bool
+) -> None:
     from threadpoolctl import threadpool_limits
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threadpool_limits(limits=1, user_api="blas")
-    tune_host_allocator()
+    if tune_allocator:
+        tune_host_allocator()
     shared = _Shared(specs, attach=names)
     a = shared.arrays
     params = model.parameters()
@@ -119,11 +122,17 @@ class DataParallel:
     the others in ``workers - 1`` worker processes; ``workers=1``: no processes at all.
 
     ``max_batch`` bounds the batches it will see (training and evaluation), ``num_classes``
-    the logits' width. Use as a context manager, or call :meth:`close`.
+    the logits' width; ``tune_allocator`` applies ``backend.tune_host_allocator`` in the
+    workers. Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(
-        self, model: Module, workers: int = 1, max_batch: int = 2048, num_classes: int = 10
+        self,
+        model: Module,
+        workers: int = 1,
+        max_batch: int = 2048,
+        num_classes: int = 10,
+        tune_allocator: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -159,7 +168,7 @@ class DataParallel:
             ours, theirs = context.Pipe()
             proc = context.Process(
                 target=_worker,
-                args=(index, model, specs, self._shared.names(), theirs),
+                args=(index, model, specs, self._shared.names(), theirs, tune_allocator),
                 daemon=True,
             )
             proc.start()

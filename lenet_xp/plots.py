@@ -15,8 +15,8 @@ from typing import Any
 
 from lenet_xp.backend import CPU, asnumpy
 from lenet_xp.checkpoint import CheckpointError
-from lenet_xp.data import DeviceSplit, to_device_split
-from lenet_xp.evaluate import load_model
+from lenet_xp.data import DeviceSplit
+from lenet_xp.evaluate import load_model, test_split
 from lenet_xp.layers import Module
 from lenet_xp.mnist import DataError, load_mnist
 
@@ -108,11 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             written.append(plot_curves(run / "metrics.jsonl", run))
         model, meta = load_model(args.checkpoint or str(run / "best.npz"), CPU)
         written.append(plot_filters(model, run))
-        mnist = load_mnist(args.data_dir)
-        config = meta.get("config", {})
-        dtype, pad32 = config.get("dtype", "float32"), bool(config.get("pad32"))
-        test = to_device_split(mnist.test_images, mnist.test_labels, CPU, dtype, pad32)
+        test = test_split(meta, CPU, args.data_dir)
         wrong, predicted = misclassified(model, test)
+        mnist = load_mnist(args.data_dir)  # the raw pictures, to show them as they are
         written.append(
             plot_misclassified(mnist.test_images, mnist.test_labels, wrong, predicted, run)
         )

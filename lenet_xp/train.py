@@ -42,27 +42,24 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
 
 
-def _positive(kind: type) -> Any:
+def _number(kind: type, minimum: float, strict: bool) -> Any:
+    """An argparse type: a finite ``kind`` above ``minimum`` (or equal to it, if not strict)."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text}")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            relation = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"must be {relation} {minimum:g}, got {text}")
         return value
 
     return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_int, _positive_float = _number(int, 0, True), _number(float, 0, True)
+_non_negative_float = _number(float, 0, False)
 
 
 def default_workers() -> int:
@@ -85,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, cuda, cuda:N, or auto (CUDA if CuPy and a GPU answer, else CPU); "
         "default from $LENET_XP_DEVICE",
     )
-    p.add_argument("--epochs", type=_positive(int), default=10, help="passes over the training set")
-    p.add_argument("--batch-size", type=_positive(int), default=128, help="images per step")
-    p.add_argument("--lr", type=_positive(float), default=2e-3, help="peak learning rate")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
+    p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="update rule")
     p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="for sgd/nesterov")
     p.add_argument(
@@ -136,19 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the test set never chooses",
     )
     p.add_argument(
-        "--limit-train", type=_positive(int), default=None, help="use the first N train images"
+        "--limit-train", type=_positive_int, default=None, help="use the first N train images"
     )
     p.add_argument(
-        "--limit-test", type=_positive(int), default=None, help="use the first N test images"
+        "--limit-test", type=_positive_int, default=None, help="use the first N test images"
     )
     p.add_argument(
         "--workers",
-        type=_positive(int),
+        type=_positive_int,
         default=default_workers(),
         help="CPU only: split each batch over this many processes, one BLAS thread each",
     )
     p.add_argument(
-        "--eval-batch-size", type=_positive(int), default=2000, help="images per eval batch"
+        "--eval-batch-size", type=_positive_int, default=2000, help="images per eval batch"
     )
     p.add_argument(
         "--keep-every-epoch", action="store_true", help="also keep OUT/epoch_NNN.npz for each epoch"
