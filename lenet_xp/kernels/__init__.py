@@ -1,0 +1,120 @@
+"""Our own CUDA kernels: sources (``*.cu`` beside this file), loading, and the switch.
+
+The array-op (``xp``) code of :mod:`lenet_xp.functional` is the reference: it is what the
+CPU runs, what every kernel here is tested against, and the GPU fallback. A kernel that
+cannot be compiled or launched falls back to it *and is recorded* (:func:`fallbacks`), so a
+GPU test can fail when one of ours silently fell back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+#: Kernels that fell back to the array code in this process: ``(name, reason)``.
+_FALLBACKS: list[tuple[str, str]] = []
+
+
+def record_fallback(name: str, reason: str) -> None:
+    """Note that kernel ``name`` could not be used (one line on stderr, once per name)."""
+    if all(seen != name for seen, _ in _FALLBACKS):
+        print(
+            f"lenet_xp: CUDA kernel {name} unavailable ({reason}); using array ops", file=sys.stderr
+        )
+    _FALLBACKS.append((name, reason))
+
+
+def fallbacks() -> list[tuple[str, str]]:
+    """Every ``(kernel name, reason)`` that fell back to array ops so far in this process."""
+    return list(_FALLBACKS)
+
+
+def clear_fallbacks() -> None:
+    _FALLBACKS.clear()
+
+
+# -- sources --------------------------------------------------------------------------------
+#: Each kernel source file and the templated kernels it defines; every kernel is
+#: instantiated for float and double (``"im2col<float>"``, ...).
+SOURCES: dict[str, tuple[str, ...]] = {
+    "conv.cu": ("im2col", "col2im"),
+    "pool.cu": ("max_pool_bias_relu", "max_pool_relu_backward"),
+    "loss.cu": ("softmax_cross_entropy",),
+    "data.cu": ("gather_shift",),
+    "adam.cu": ("adam",),
+    "dense.cu": ("bias_act", "relu_mask", "gemm", "gemm_reduce"),
+}
+DTYPES = {"float32": "float", "float64": "double"}
+#: Threads per block of the 1-d kernels; the loss kernel is one block of LOSS_THREADS.
+THREADS = 256
+LOSS_THREADS = 256
+GEMM_TILE = 16
+_HERE = Path(__file__).resolve().parent
+
+
+def source_text(file: str) -> str:
+    """The full text NVRTC compiles for ``file``: ``common.cuh`` followed by the file."""
+    if file not in SOURCES:
+        raise KeyError(f"unknown kernel source {file!r}; known: {', '.join(SOURCES)}")
+    return (_HERE / "common.cuh").read_text() + "\n" + (_HERE / file).read_text()
+
+
+def name_expressions(file: str) -> list[str]:
+    """``kernel<float>`` and ``kernel<double>`` for every kernel of ``file``."""
+    return [f"{name}<{ctype}>" for name in SOURCES[file] for ctype in DTYPES.values()]
+
+
+NVRTC_OPTIONS = ("--std=c++14",)
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel source; the message holds its log (file, line, error)."""
+
+
+def compile_check(file: str, arch: str = "compute_80", text: str | None = None) -> str:
+    """Compile ``file`` (or ``text`` under that name) to PTX with NVRTC for ``arch`` and
+    return the PTX; raises :class:`KernelCompileError` with NVRTC's log if it does not
+    compile. Needs only the NVRTC library (e.g. the ``nvidia-cuda-nvrtc-cu12`` wheel), no GPU
+    and no driver, so a kernel that does not compile never reaches a GPU."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    source = source_text(file) if text is None else text
+    program = nvrtc.createProgram(source, file, [], [])
+    try:
+        for expression in name_expressions(file):
+            nvrtc.addNameExpression(program, expression)
+        options = [*NVRTC_OPTIONS, f"--gpu-architecture={arch}"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(program).strip()
+            raise KernelCompileError(f"{file} ({arch}): {exc}\n{log}") from None
+        ptx = nvrtc.getPTX(program)
+        return ptx.decode() if isinstance(ptx, bytes) else ptx
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+@functools.cache
+def _cupy_module(file: str, device_id: int) -> Any:
+    cupy = sys.modules.get("cupy") or __import__("cupy")
+    return cupy.RawModule(
+        code=source_text(file), options=NVRTC_OPTIONS, name_expressions=name_expressions(file)
+    )
+
+
+def cupy_function(file: str, expression: str) -> Any:
+    """The compiled CuPy kernel ``expression`` (e.g. ``"im2col<float>"``) of ``file`` on the
+    current device: call it as ``fn(grid, block, args)``. Compiled once per device (NVRTC;
+    CuPy caches the binary on disk)."""
+    cupy = sys.modules["cupy"]
+    return _cupy_module(file, cupy.cuda.runtime.getDevice()).get_function(expression)
+
+
+def enabled_by_default() -> bool:
+    """Whether our kernels are on when no flag says otherwise: ``$LENET_XP_CUDA_KERNELS``
+    (``1`` on, else off). Off until ``scripts/gpu_check.sh`` has passed with them on a GPU."""
+    return os.environ.get("LENET_XP_CUDA_KERNELS", "0") == "1"

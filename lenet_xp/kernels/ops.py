@@ -1,0 +1,195 @@
+"""Python launchers for the kernels in ``*.cu``: shapes in, launch configuration and typed
+arguments out. One :class:`Kernels` per array namespace and kernel provider: CuPy's compiled
+kernels on a GPU; the tests hand it a CPU emulation of the same sources.
+
+Arrays are batch-innermost (``C, H, W, N`` for images, ``F, N`` for features) as in
+:mod:`lenet_xp.functional.conv`. Every launcher writes into ``out`` when given one (a
+captured CUDA graph needs fixed buffers) and counts its launches in :attr:`Kernels.launches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from lenet_xp.kernels import DTYPES, GEMM_TILE, LOSS_THREADS, THREADS, cupy_function
+
+#: ``(file, "kernel<ctype>") -> fn(grid, block, args)``, e.g. :func:`cupy_function`.
+KernelProvider = Callable[[str, str], Any]
+_MAX_BLOCKS = 4096  # grid-stride loops cover the rest
+
+
+class Kernels:
+    """Typed launchers of every kernel for namespace ``xp`` (``cupy``, or ``numpy`` with an
+    emulating ``provider``). ``launches`` counts kernel launches issued through it."""
+
+    def __init__(self, xp: ModuleType, provider: KernelProvider = cupy_function) -> None:
+        self.xp, self.provider = xp, provider
+        self.launches = 0
+        self._functions: dict[tuple[str, str], Any] = {}
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _fn(self, file: str, kernel: str, dtype: Any) -> Any:
+        key = (file, f"{kernel}<{DTYPES[str(self.xp.dtype(dtype))]}>")
+        if key not in self._functions:
+            self._functions[key] = self.provider(*key)
+        return self._functions[key]
+
+    def _launch(self, fn: Any, total: int, args: tuple, threads: int = THREADS) -> None:
+        blocks = max(1, min(_MAX_BLOCKS, -(-total // threads)))
+        fn((blocks,), (threads,), args)
+        self.launches += 1
+
+    def _i32(self, value: int) -> Any:
+        return self.xp.int32(value)
+
+    def _i64(self, value: int) -> Any:
+        return self.xp.int64(value)
+
+    def _empty(self, shape: tuple[int, ...], dtype: Any, out: Any | None) -> Any:
+        if out is None:
+            return self.xp.empty(shape, dtype=dtype)
+        if tuple(out.shape) != tuple(shape) or out.dtype != self.xp.dtype(dtype):
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} {dtype}")
+        return out
+
+    # -- convolution -----------------------------------------------------------------------
+    def im2col(
+        self, x: Any, kh: int, kw: int, stride: int, pad: int, oh: int, ow: int, out: Any = None
+    ) -> Any:
+        """``x (N, C, H, W)`` (any strides) -> ``x_cols (C*kh*kw, OH*OW*N)``."""
+        n, c, h, w = x.shape
+        cols = self._empty((c * kh * kw, oh * ow * n), x.dtype, out)
+        s = [self._i64(stride_bytes // x.itemsize) for stride_bytes in x.strides]
+        ints = [self._i32(v) for v in (kh, kw, stride, pad, oh, ow)]
+        dims = [self._i32(v) for v in (n, c, h, w)]
+        self._launch(self._fn("conv.cu", "im2col", x.dtype), cols.size, (x, cols, *dims, *s, *ints))
+        return cols
+
+    def col2im(
+        self, x_cols: Any, x_shape: tuple, kh: int, kw: int, stride: int, pad: int, oh: int,
+        ow: int, out: Any = None,
+    ) -> Any:  # fmt: skip
+        """``x_cols (C*kh*kw, OH*OW*N)`` -> ``grad_x`` stored ``(C, H, W, N)`` (that shape)."""
+        n, c, h, w = x_shape
+        grad_x = self._empty((c, h, w, n), x_cols.dtype, out)
+        args = [self._i32(v) for v in (n, c, h, w, kh, kw, stride, pad, oh, ow)]
+        self._launch(
+            self._fn("conv.cu", "col2im", x_cols.dtype), grad_x.size, (x_cols, grad_x, *args)
+        )
+        return grad_x
+
+    # -- pooling ---------------------------------------------------------------------------
+    def max_pool_bias_relu(
+        self, y: Any, bias: Any, k: int, out: Any = None, argmax: Any = None
+    ) -> tuple[Any, Any]:
+        """``y (C, H, W, N)`` -> ``(relu(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``."""
+        c, h, w, n = y.shape
+        oh, ow = h // k, w // k
+        out = self._empty((c, oh, ow, n), y.dtype, out)
+        argmax = self._empty((c, oh, ow, n), self.xp.uint8, argmax)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow)]
+        fn = self._fn("pool.cu", "max_pool_bias_relu", y.dtype)
+        self._launch(fn, out.size, (y, bias, out, argmax, *args))
+        return out, argmax
+
+    def max_pool_relu_backward(
+        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, grad_y: Any = None
+    ) -> Any:
+        """Gradient of :meth:`max_pool_bias_relu` w.r.t. ``y``: ``(C, H, W, N)``."""
+        c, h, w, n = y_shape
+        oh, ow = out.shape[1:3]
+        grad_y = self._empty((c, h, w, n), grad_out.dtype, grad_y)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow)]
+        fn = self._fn("pool.cu", "max_pool_relu_backward", grad_out.dtype)
+        self._launch(fn, grad_y.size, (grad_out, out, argmax, grad_y, *args))
+        return grad_y
+
+    # -- loss, data, optimizer -------------------------------------------------------------
+    def softmax_cross_entropy(
+        self, logits_kn: Any, labels: Any, grad_kn: Any, batch_loss: Any, loss_sum: Any,
+        correct: Any, counters: Any = None,
+    ) -> None:  # fmt: skip
+        """Feature-major ``logits_kn (K, N)`` -> ``grad_kn (K, N)``, ``batch_loss (1,)``; adds
+        to the running ``loss_sum (1,) float64`` and ``correct (1,) int64``; ``counters``
+        (int64) each += 1."""
+        k, n = logits_kn.shape
+        item = logits_kn.itemsize
+        sl = [self._i64(s // item) for s in logits_kn.strides[::-1]]  # (row = n, class = k)
+        sg = [self._i64(s // grad_kn.itemsize) for s in grad_kn.strides[::-1]]
+        n_counters = 0 if counters is None else int(counters.size)
+        args = (
+            logits_kn, *sl, labels, grad_kn, *sg, self._i32(n), self._i32(k), batch_loss,
+            loss_sum, correct, counters, self._i32(n_counters),
+        )  # fmt: skip
+        fn = self._fn("loss.cu", "softmax_cross_entropy", logits_kn.dtype)
+        fn((1,), (LOSS_THREADS,), args)
+        self.launches += 1
+
+    def gather_shift(
+        self, images: Any, labels: Any, order: Any, shifts: Any, batch_index: Any, x: Any,
+        y: Any, fill: float,
+    ) -> None:  # fmt: skip
+        """Fill ``x (B, 1, H, W)`` and ``y (B,)`` with batch ``batch_index[0]`` of ``order``,
+        each image translated by its ``shifts (2, M)`` (or not, if ``None``)."""
+        m, _, h, w = images.shape
+        b = x.shape[0]
+        ints = [self._i32(v) for v in (b, m, h, w)]
+        fn = self._fn("data.cu", "gather_shift", images.dtype)
+        fill_t = images.dtype.type(fill)
+        self._launch(fn, x.size, (images, labels, order, shifts, batch_index, *ints, fill_t, x, y))
+
+    def adam(
+        self, param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, lr_of_step: Any,
+        counters: Any, betas: tuple[float, float], eps: float, weight_decay: float,
+        decoupled: bool,
+    ) -> None:  # fmt: skip
+        """One Adam/AdamW step over flat buffers; step ``t = counters[0]``, learning rate
+        ``lr_of_step[t - 1]``."""
+        f64 = self.xp.float64
+        args = (
+            param, grad, exp_avg, exp_avg_sq, lr_of_step, counters, f64(betas[0]),
+            f64(betas[1]), f64(eps), f64(weight_decay), self._i32(int(decoupled)),
+            self._i64(param.size),
+        )  # fmt: skip
+        self._launch(self._fn("adam.cu", "adam", param.dtype), param.size, args)
+
+    # -- dense -----------------------------------------------------------------------------
+    def bias_act(self, y: Any, bias: Any, relu: bool) -> Any:
+        """``y (M, N)`` contiguous, in place: ``act(y + bias[:, None])``."""
+        m, n = y.shape
+        args = (y, bias, self._i32(m), self._i32(n), self._i32(int(relu)))
+        self._launch(self._fn("dense.cu", "bias_act", y.dtype), y.size, args)
+        return y
+
+    def relu_mask(self, grad: Any, out: Any) -> Any:
+        """In place: ``grad`` zeroed where ``out <= 0`` (same shape, contiguous)."""
+        args = (grad, out, self._i64(grad.size))
+        self._launch(self._fn("dense.cu", "relu_mask", grad.dtype), grad.size, args)
+        return grad
+
+    def gemm(
+        self, a: Any, b: Any, c: Any, bias: Any = None, mask: Any = None, relu: bool = False,
+        partial: Any = None,
+    ) -> Any:  # fmt: skip
+        """``c[...] = epilogue(a @ b)`` for 2-d ``a (M, K)``, ``b (K, N)``, ``c (M, N)`` with
+        any strides (transposed views are free). ``partial (S, M, N)``, if given, splits K
+        into ``S`` chunks (for long K and small M*N) summed by ``gemm_reduce`` in order."""
+        (m, k), n = a.shape, b.shape[1]
+        splits = 1 if partial is None else partial.shape[0]
+        chunk = -(-k // splits)
+        chunk = -(-chunk // GEMM_TILE) * GEMM_TILE
+        splits = -(-k // chunk)
+        s = [self._i64(v // a.itemsize) for v in (*a.strides, *b.strides, *c.strides)]
+        grid = (-(-n // GEMM_TILE), -(-m // GEMM_TILE), splits)
+        fn = self._fn("dense.cu", "gemm", a.dtype)
+        ints = [self._i32(v) for v in (m, n, k, chunk, int(relu))]
+        args = (a, s[0], s[1], b, s[2], s[3], c, s[4], s[5], partial, bias, mask, *ints)
+        fn(grid, (GEMM_TILE, GEMM_TILE), args)
+        self.launches += 1
+        if splits > 1:
+            fn = self._fn("dense.cu", "gemm_reduce", a.dtype)
+            args = (partial, self._i32(splits), c, s[4], s[5], bias, mask)
+            self._launch(fn, m * n, (*args, self._i32(m), self._i32(n), self._i32(int(relu))))
+        return c
