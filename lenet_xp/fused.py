@@ -113,6 +113,7 @@ class FusedStep:
         self.counters = xp.zeros(2, xp.int64)  # [global step, batch of this epoch]
         self.counters[0] = steps
         self.lr_of_step = xp.asarray(lr_of_step, dtype=xp.float64)
+        self.steps_done = steps  # host-side twin of counters[0]: no sync to check bounds
         self.loss_sum, self.correct = xp.zeros(1, xp.float64), xp.zeros(1, xp.int64)
         n = len(split)
         self.order = xp.zeros(n, xp.int64)
@@ -149,6 +150,12 @@ class FusedStep:
         """Every batch of the epoch: the full ones by graph replay (if captured) or eagerly,
         a short last batch eagerly. ``on_batch(n_images)`` after each (host only)."""
         n, b = len(self.split), self.batch_size
+        if self.steps_done + -(-n // b) > self.lr_of_step.shape[0]:
+            raise ValueError(
+                f"lr_of_step has {self.lr_of_step.shape[0]} steps; this epoch would reach step "
+                f"{self.steps_done + -(-n // b)}"
+            )
+        self.steps_done += -(-n // b)
         for start in range(0, n, b):
             rows = min(b, n - start)
             if rows == b and self.graph is not None:
@@ -279,6 +286,9 @@ class FusedStep:
         """Launches one full-batch step issues (kernels of ours + cuBLAS/reduction calls),
         counted by running one step. Changes the model like any step."""
         self.begin_epoch(self.xp.arange(len(self.split)), self.shifts)
+        if self.steps_done >= self.lr_of_step.shape[0]:
+            raise ValueError("lr_of_step has no step left to count launches with")
+        self.steps_done += 1
         before = self.kernels.launches + self.array_launches
         self.step(self._space(self.batch_size), self.counters[1:], self.order)
         return self.kernels.launches + self.array_launches - before

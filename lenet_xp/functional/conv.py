@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import gemm_block, get_array_module
+from lenet_xp.kernels import record_fallback
+from lenet_xp.kernels.ops import gpu_kernels
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -107,6 +109,20 @@ def col2im(
     return grad_pad[:, padding : padding + h, padding : padding + w].transpose(3, 0, 1, 2)
 
 
+def _col2im_gpu(
+    x_cols: Any, x_shape: tuple, kh: int, kw: int, stride: int, padding: int, oh: int, ow: int
+) -> Any:
+    """:func:`col2im` as our gather kernel when it is on, else the reference."""
+    kernels = gpu_kernels(get_array_module(x_cols))
+    if kernels is not None:
+        try:
+            grad_x = kernels.col2im(x_cols, x_shape, kh, kw, stride, padding, oh, ow)
+            return grad_x.transpose(3, 0, 1, 2)
+        except Exception as exc:  # cannot compile or launch here: the reference takes over
+            record_fallback("col2im", str(exc))
+    return col2im(x_cols, x_shape, kh, kw, stride, padding)
+
+
 def conv2d_forward(
     x: Any, weight: Any, bias: Any | None, stride: int = 1, padding: int = 0
 ) -> tuple[Any, tuple]:
@@ -123,8 +139,20 @@ def conv2d_forward(
     if c != wc:
         raise ValueError(f"conv input has {c} channels, weight expects {wc} (x shape {x.shape})")
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
-    x_pad = _pad(x, padding)
     w_mat = weight.reshape(oc, -1)
+    kernels = gpu_kernels(xp)
+    if kernels is not None:
+        try:
+            x_cols = kernels.im2col(x, kh, kw, stride, padding, oh, ow)
+        except Exception as exc:  # cannot compile or launch here: the reference takes over
+            record_fallback("im2col", str(exc))
+        else:
+            y_mat = w_mat @ x_cols
+            if bias is not None:
+                y_mat += bias[:, None]
+            cache = (None, x_cols, x.shape, stride, padding)
+            return y_mat.reshape(oc, oh, ow, n).transpose(3, 0, 1, 2), cache
+    x_pad = _pad(x, padding)
     y_mat = xp.empty((oc, oh * ow * n), dtype=xp.result_type(x, weight))
     blocks = _row_blocks(xp, oh, ow * n)
     for r0, r1 in blocks:
@@ -153,7 +181,15 @@ def conv2d_backward(
     # Free when grad_y is stored batch-innermost (it is, coming back through LeNet's layers).
     grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 2, 3, 0)).reshape(oc, -1)
     w_mat = weight.reshape(oc, -1)
-    grad_pad = xp.zeros(x_pad.shape[1:] + (n,), dtype=grad_y.dtype) if need_grad_x else None
+    if x_pad is None:  # the forward pass ran im2col as our kernel (GPU) and kept x_cols
+        grad_w = (kept_cols @ grad_y_mat.T).T.reshape(weight.shape)
+        grad_b = grad_y_mat.sum(axis=1)
+        grad_x = None
+        if need_grad_x:
+            grad_x = _col2im_gpu(w_mat.T @ grad_y_mat, x_shape, kh, kw, stride, padding, oh, ow)
+        return grad_x, grad_w, grad_b
+    pad_shape = (c, h + 2 * padding, w + 2 * padding, n)
+    grad_pad = xp.zeros(pad_shape, dtype=grad_y.dtype) if need_grad_x else None
     grad_w_t = None  # (C*kh*kw, OC): the faster orientation of the sum over positions
     for r0, r1 in _row_blocks(xp, oh, ow * n):
         x_cols = kept_cols if kept_cols is not None else _cols(x_pad, kh, kw, stride, (r0, r1), ow)

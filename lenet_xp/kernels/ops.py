@@ -9,11 +9,13 @@ captured CUDA graph needs fixed buffers) and counts its launches in :attr:`Kerne
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from lenet_xp.kernels import DTYPES, GEMM_TILE, LOSS_THREADS, THREADS, cupy_function
+from lenet_xp.backend import is_gpu
+from lenet_xp.kernels import DTYPES, GEMM_TILE, LOSS_THREADS, THREADS, cupy_function, enabled
 
 #: ``(file, "kernel<ctype>") -> fn(grid, block, args)``, e.g. :func:`cupy_function`.
 KernelProvider = Callable[[str, str], Any]
@@ -33,8 +35,14 @@ class Kernels:
     def _fn(self, file: str, kernel: str, dtype: Any) -> Any:
         key = (file, f"{kernel}<{DTYPES[str(self.xp.dtype(dtype))]}>")
         if key not in self._functions:
-            self._functions[key] = self.provider(*key)
-        return self._functions[key]
+            try:
+                self._functions[key] = self.provider(*key)
+            except Exception as exc:  # keep the reason: do not compile again at every call
+                self._functions[key] = exc
+        found = self._functions[key]
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     def _launch(self, fn: Any, total: int, args: tuple, threads: int = THREADS) -> None:
         blocks = max(1, min(_MAX_BLOCKS, -(-total // threads)))
@@ -193,3 +201,16 @@ class Kernels:
             args = (partial, self._i32(splits), c, s[4], s[5], bias, mask)
             self._launch(fn, m * n, (*args, self._i32(m), self._i32(n), self._i32(int(relu))))
         return c
+
+
+@functools.cache
+def _gpu_kernels(xp: ModuleType) -> Kernels:
+    return Kernels(xp)
+
+
+def gpu_kernels(xp: ModuleType) -> Kernels | None:
+    """The shared :class:`Kernels` of CuPy when our kernels are on and ``xp`` is a GPU
+    namespace; ``None`` otherwise (use the array-op reference)."""
+    if not (enabled() and is_gpu(xp)):
+        return None
+    return _gpu_kernels(xp)

@@ -1,0 +1,96 @@
+"""Our CUDA kernels on a real GPU: the fused step against the array-op layers, graph replay
+against eager steps, no hidden synchronisation, and the training CLI with the kernels on.
+
+Every test here needs a GPU (``scripts/gpu_check.sh`` runs them with
+``LENET_XP_REQUIRE_CUDA=1``, so they cannot pass by skipping). The same comparisons run on
+the CPU through the kernel emulator in ``test_fused_emulated.py``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DATA, needs_cuda, needs_mnist
+from fused_check import assert_same_training, fused_epoch, make_split, reference_epoch
+
+from lenet_xp.backend import asnumpy
+
+pytestmark = needs_cuda
+TOL = {"float32": (1e-4, 1e-5), "float64": (1e-10, 1e-12)}
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "ours"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_epoch_matches_the_layers(dtype, gemm):
+    split = make_split("cuda", dtype)
+    ref = reference_epoch(split, dtype, batch=128, shift=2)
+    fused = fused_epoch(split, dtype, batch=128, shift=2, gemm=gemm)
+    assert_same_training(ref, fused, *TOL[dtype])
+
+
+def test_adamw_in_the_fused_step():
+    split = make_split("cuda", "float64")
+    ref = reference_epoch(split, "float64", batch=64, shift=0, adamw=True)
+    fused = fused_epoch(split, "float64", batch=64, shift=0, gemm="ours", adamw=True)
+    assert_same_training(ref, fused, *TOL["float64"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_graph_replay_equals_eager_steps_bit_for_bit(dtype):
+    """Replays and eager steps run the same kernels: identical numbers over an epoch with a
+    short last batch (300 = 2 x 128 + 44)."""
+    split = make_split("cuda", dtype)
+    eager = fused_epoch(split, dtype, batch=128, shift=2, gemm="ours")
+    graph = fused_epoch(split, dtype, batch=128, shift=2, gemm="ours", graph=True)
+    assert graph[2].graph is not None
+    for (name, a), (_, b) in zip(
+        eager[0].named_parameters(), graph[0].named_parameters(), strict=True
+    ):
+        np.testing.assert_array_equal(asnumpy(b.data), asnumpy(a.data), err_msg=name)
+    assert graph[1] == eager[1]
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_an_epoch_never_synchronises(graph):
+    import cupyx
+
+    from lenet_xp.backend import host_rng
+    from lenet_xp.data import permutation, random_shifts
+
+    split = make_split("cuda", "float32", n=1000)
+    _, _, fused = fused_epoch(
+        split, "float32", 128, 2, "ours" if graph else "cublas", graph=graph, epochs=2
+    )
+    rng = host_rng(5)
+    fused.begin_epoch(
+        permutation(1000, rng, split.device), random_shifts(1000, 2, rng, split.device)
+    )
+    with cupyx.allow_synchronize(False):
+        fused.run_epoch()
+    loss_sum, correct = fused.end_epoch()
+    assert np.isfinite(loss_sum) and 0 <= correct <= 1000
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "ours"])
+def test_launches_per_step_within_the_target(gemm):
+    split = make_split("cuda", "float32")
+    _, _, fused = fused_epoch(split, "float32", 128, 2, gemm)
+    assert fused.launches_per_step() <= 40
+
+
+@needs_mnist
+@pytest.mark.parametrize("flag", ["--cuda-kernels", "--cuda-graph"])
+def test_training_cli_with_our_kernels(tmp_path, flag):
+    """Two same-seed runs: accuracy in the CPU's band and identical metrics (timings aside)."""
+    from lenet_xp import train
+
+    runs = []
+    for name in ("a", "b"):
+        args = ["--device", "cuda", flag, "--epochs", "2", "--limit-train", "10000", "--quiet"]
+        args += ["--data-dir", str(DATA), "--out", str(tmp_path / name)]
+        assert train.main(args) == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        drop = {"train_seconds", "images_per_second"}
+        runs.append([{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines])
+    assert runs[0][-1]["test_acc"] > 0.95
+    assert runs[0] == runs[1]
