@@ -6,8 +6,10 @@ either from a :class:`Device` or from the arrays it is handed (:func:`get_array_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -54,26 +56,85 @@ def _import_cupy() -> ModuleType:
     return cupy
 
 
+#: How long a reason quoted from CUDA may be: a compiler log can run to pages.
+_REASON_CHARS = 300
+
+
+def _one_line(text: str, limit: int = _REASON_CHARS) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space, cut to ``limit``."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+#: A probe step: ``(what it does, check, hint)``. ``check()`` returns ``None`` when it worked,
+#: else a reason (or raises); ``hint`` (may be empty) says what to do when it fails.
+ProbeStep = tuple[str, Callable[[], str | None], str]
+
+
+def probe_steps(steps: Iterable[ProbeStep]) -> str | None:
+    """Run the steps in order; the first that fails (returns a reason or raises) gives one
+    line: ``CUDA is not usable: <what> failed: <reason, CUDA's own words><hint>``. ``None``
+    when every step passes. Reasons are put on one line and cut short; hints are kept whole.
+    """
+    for what, check, hint in steps:
+        try:
+            problem = check()
+        except Exception as exc:  # CUDARuntimeError, CUDADriverError, CompileException, ...
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            return f"CUDA is not usable: {what} failed: {_one_line(problem)}{hint}"
+    return None
+
+
+def _cuda_probe_steps(cupy: ModuleType, index: int) -> list[ProbeStep]:
+    """What training needs of CUDA device ``index``, smallest first: the driver and the
+    device, an allocation, cuBLAS (a 2x2 float32 matmul) and NVRTC (compiling an
+    elementwise kernel); results are checked too."""
+    libraries = f"; the CUDA libraries come with {CUDA_EXTRA_HINT}"
+
+    def device_count() -> str | None:
+        count = cupy.cuda.runtime.getDeviceCount()
+        return None if index < count else f"only {count} CUDA device(s) are visible"
+
+    def allocate() -> None:
+        with cupy.cuda.Device(index):
+            cupy.asarray(numpy.ones(1, dtype=numpy.float32)).get()  # no kernel: a copy each way
+
+    def matmul() -> str | None:
+        a = numpy.array([[1, 2], [3, 4]], dtype=numpy.float32)
+        with cupy.cuda.Device(index):
+            product = (cupy.asarray(a) @ cupy.asarray(a)).get()
+        expected = a @ a
+        return None if (product == expected).all() else f"gave {product.tolist()}"
+
+    def kernel() -> str | None:
+        with cupy.cuda.Device(index):
+            add_one = cupy.ElementwiseKernel("T x", "T y", "y = x + 1", "lenet_xp_probe")
+            value = add_one(cupy.asarray(numpy.full(2, 41, dtype=numpy.float32))).get()
+        return None if (value == 42).all() else f"gave {value.tolist()} for 41 + 1"
+
+    return [
+        (f"finding cuda:{index}", device_count, ""),
+        (f"allocating on cuda:{index}", allocate, ""),
+        ("a 2x2 matmul (cuBLAS)", matmul, libraries),
+        ("compiling an elementwise kernel (NVRTC)", kernel, libraries),
+    ]
+
+
 @functools.cache
 def cuda_unavailable_reason(index: int = 0) -> str | None:
-    """Why CUDA device ``index`` cannot be used, or ``None`` when it can.
+    """Why CUDA device ``index`` cannot be used (one line), or ``None`` when it can.
 
-    Touches the GPU (one tiny allocation), so a missing driver or GPU shows up here
-    with CUDA's own words rather than at the first layer. Probed once per process.
+    Touches the GPU as training will (an allocation, a 2x2 matmul through cuBLAS, a tiny
+    elementwise kernel compiled by NVRTC), so a missing driver, GPU or CUDA library shows up
+    here, in one line with CUDA's own words, rather than as a traceback at the first layer.
+    Probed once per process.
     """
     try:
         cupy = _import_cupy()
     except DeviceError as exc:
         return str(exc)
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-        if index >= count:
-            return f"cuda:{index} requested but only {count} CUDA device(s) are visible"
-        with cupy.cuda.Device(index):
-            cupy.zeros(1, dtype=cupy.float32) + 1
-    except Exception as exc:  # CUDARuntimeError, CUDADriverError, ... all mean "unusable"
-        return f"CUDA is not usable: {type(exc).__name__}: {exc}".strip()
-    return None
+    return probe_steps(_cuda_probe_steps(cupy, index))
 
 
 def get_device(spec: str | Device = "auto", *, announce: bool = False) -> Device:
@@ -153,6 +214,16 @@ def to_device(array: Any, device: Device | str) -> Any:
     cupy = _import_cupy()
     with cupy.cuda.Device(device.index):
         return cupy.asarray(array)
+
+
+def use_device(device: Device | str) -> contextlib.AbstractContextManager[Any]:
+    """A context in which new arrays and kernels go to ``device``: ``cupy.cuda.Device(index)``
+    for a GPU (CuPy otherwise works on device 0 whatever ``--device cuda:N`` says), nothing for
+    the CPU. Wrap a whole run in it: data, model, training, evaluation, checkpoints."""
+    device = get_device(device)
+    if device.kind == "cpu":
+        return contextlib.nullcontext()
+    return _import_cupy().cuda.Device(device.index)
 
 
 def synchronize(device: Device | str = CPU) -> None:

@@ -17,7 +17,15 @@ import sys
 import time
 from typing import Any
 
-from lenet_xp.backend import Device, get_device, host_rng, synchronize, tune_host_allocator
+from lenet_xp.backend import (
+    Device,
+    DeviceError,
+    get_device,
+    host_rng,
+    synchronize,
+    tune_host_allocator,
+    use_device,
+)
 from lenet_xp.data import DeviceSplit, to_device_split
 from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.mnist import DataError, load_mnist
@@ -98,7 +106,8 @@ def torch_epoch(split: DeviceSplit, batch_size: int) -> Any:
     from lenet_xp.backend import asnumpy
 
     nn = torch.nn
-    dev = torch.device("cuda" if split.device.kind == "cuda" else "cpu")
+    on_gpu = split.device.kind == "cuda"
+    dev = torch.device("cuda", split.device.index) if on_gpu else torch.device("cpu")
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -119,7 +128,7 @@ def torch_epoch(split: DeviceSplit, batch_size: int) -> Any:
             loss.backward()
             opt.step()
         if dev.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
 
     epoch(20 * batch_size)
     return epoch
@@ -165,9 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer profile")
     p.add_argument("--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA)")
     args = p.parse_args(argv)
-    device = get_device(args.device)
+    try:
+        device = get_device(args.device)
+    except DeviceError as exc:
+        print(f"lenet_xp.bench: error: {exc}", file=sys.stderr)
+        return 1
     if device.kind == "cpu" and not args.plain_malloc:
         tune_host_allocator()
+    with use_device(device):
+        return _bench(args, device)
+
+
+def _bench(args: argparse.Namespace, device: Device) -> int:
+    """:func:`main` on the resolved ``device``, inside :func:`use_device`: prints the tables."""
     split, source = load_train_split(device, args.data_dir)
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
     rows = []

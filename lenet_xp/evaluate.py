@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from lenet_xp.backend import DeviceError, asnumpy, get_device
+from lenet_xp.backend import DeviceError, asnumpy, get_device, use_device
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit, to_device_split
 from lenet_xp.functional.loss import softmax_cross_entropy
@@ -25,17 +25,23 @@ def evaluate(
 ) -> tuple[float, float, Any]:
     """``(mean loss, accuracy, confusion (10, 10) host int64)`` of ``model`` on ``split``.
 
-    ``confusion[true, predicted]`` counts images. The model is left in eval mode.
+    ``confusion[true, predicted]`` counts images. The model is left in eval mode. Nothing
+    is read back to the host until the end (no per-batch synchronisation on a GPU).
     """
     xp = split.device.xp
     model.eval()
     loss_sum = xp.zeros((), dtype=xp.float64)
     confusion = xp.zeros(100, dtype=xp.int64)
+    cells = xp.arange(100)
     for x, y in split.batches(batch_size):
         logits = model.forward(x)
         loss, _ = softmax_cross_entropy(logits, y)
         loss_sum += loss * y.shape[0]
-        confusion += xp.bincount(y * 10 + logits.argmax(axis=1), minlength=100)
+        # Cell true * 10 + predicted of each image (N,), counted by comparing with every cell
+        # (N, 100): CuPy's bincount would read its input's min and max on the host (two syncs
+        # per batch); this is one deterministic reduction, no atomics.
+        codes = y * 10 + logits.argmax(axis=1)
+        confusion += (codes[:, None] == cells).sum(axis=0)
     confusion = asnumpy(confusion).reshape(10, 10)
     n = len(split)
     return float(loss_sum) / n, int(confusion.trace()) / n, confusion
@@ -86,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
     try:
         device = get_device(args.device)
-        model, meta = load_model(args.checkpoint, device)
-        test = test_split(meta, device, args.data_dir)
-        loss, acc, confusion = evaluate(model, test, args.batch_size)
+        with use_device(device):
+            model, meta = load_model(args.checkpoint, device)
+            test = test_split(meta, device, args.data_dir)
+            loss, acc, confusion = evaluate(model, test, args.batch_size)
     except (DataError, DeviceError, CheckpointError) as exc:
         print(f"lenet_xp.evaluate: error: {exc}", file=sys.stderr)
         return 1

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Iterable
 from typing import Any
 
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
+from lenet_xp.kernels import fallbacks, record_fallback
 from lenet_xp.layers.module import Parameter
 
 
@@ -295,19 +295,16 @@ def _adam_kernel() -> Any:
     )
 
 
-_FUSED_ADAM_FAILED: list[str] = []
-
-
 def _fused_adam_on_gpu(*args: Any) -> bool:
-    """Run :func:`_adam_kernel`; ``False`` (after one line on stderr, once) if it cannot be
-    compiled here, so the caller falls back to the array code."""
-    if _FUSED_ADAM_FAILED:
+    """Run :func:`_adam_kernel`; ``False`` if it cannot be compiled or launched here, so the
+    caller falls back to the array code. The failure is recorded (one line on stderr, and in
+    :func:`lenet_xp.kernels.fallbacks`, which the tests check) and not retried."""
+    if any(name == "adam" for name, _ in fallbacks()):
         return False
     try:
         _adam_kernel()(*args)
     except Exception as exc:  # a compiler or driver problem: keep training, say so once
-        _FUSED_ADAM_FAILED.append(str(exc))
-        print(f"lenet_xp: fused Adam kernel unavailable ({exc}); using array ops", file=sys.stderr)
+        record_fallback("adam", " ".join(f"{type(exc).__name__}: {exc}".split()))
         return False
     return True
 

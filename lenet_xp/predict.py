@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lenet_xp.backend import DeviceError, asnumpy, get_device, to_device
+from lenet_xp.backend import Device, DeviceError, asnumpy, get_device, to_device, use_device
 from lenet_xp.checkpoint import CheckpointError
 from lenet_xp.evaluate import load_model
 from lenet_xp.functional.loss import log_softmax
@@ -27,13 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         device = get_device(args.device)
-        model, _ = load_model(args.checkpoint, device)
-    except (DeviceError, CheckpointError) as exc:
+    except DeviceError as exc:
+        print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
+        return 1
+    with use_device(device):
+        return _predict(args.checkpoint, args.images, device)
+
+
+def _predict(checkpoint: str, images: list[str], device: Device) -> int:
+    """Classify each picture in ``images`` with the model in ``checkpoint`` on ``device``
+    (the current device); one line each. Returns the exit status: 1 if any failed."""
+    try:
+        model, _ = load_model(checkpoint, device)
+    except CheckpointError as exc:
         print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
         return 1
     model.eval()
     failed = 0
-    for path in args.images:
+    for path in images:
         try:
             x = load_digit(path)
         except ImageError as exc:

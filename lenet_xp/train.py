@@ -24,6 +24,7 @@ from lenet_xp.backend import (
     host_rng,
     synchronize,
     tune_host_allocator,
+    use_device,
 )
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
@@ -226,10 +227,20 @@ def _progress_bar(total: int, epoch: int, epochs: int, quiet: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train as ``args`` says; returns the last epoch's metrics."""
+    """Train as ``args`` says; returns the last epoch's metrics.
+
+    The whole run (data, model, training, evaluation, checkpoints) happens with
+    ``--device``'s GPU as CuPy's current device, so ``cuda:N`` means device N throughout.
+    """
     device = get_device(args.device, announce=args.device == "auto" and not args.quiet)
     if device.kind == "cpu":
         tune_host_allocator()
+    with use_device(device):
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: Device) -> dict:
+    """:func:`run` on the resolved ``device``, inside :func:`use_device`."""
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
     resume_state = None
     if args.resume:

@@ -2,6 +2,7 @@
 only the backend takes NumPy for array math."""
 
 import ast
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -9,24 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CUDA_REASON, needs_no_cuda
 
 from lenet_xp import LeNet5
 from lenet_xp.backend import (
     CPU,
+    CUDA_EXTRA_HINT,
     DeviceError,
+    _cuda_probe_steps,
     asnumpy,
-    cuda_unavailable_reason,
     default_rng,
     get_array_module,
     get_device,
+    probe_steps,
     to_device,
+    use_device,
 )
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lenet_xp"
 # Host-side file formats: bytes on disk in, host arrays out; never on the training path.
 HOST_IO_MODULES = {"backend.py", "mnist.py", "checkpoint.py", "images.py"}
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
-GPU_REASON = cuda_unavailable_reason() if HAS_CUPY else "CuPy is not installed"
 
 
 def test_cpu_and_auto_resolve(capsys):
@@ -34,7 +38,7 @@ def test_cpu_and_auto_resolve(capsys):
     device = get_device("auto", announce=True)
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"device: auto -> {device}")
-    if GPU_REASON:
+    if CUDA_REASON:
         assert device is CPU and "\n" not in line
 
 
@@ -59,13 +63,87 @@ def test_cuda_without_cupy_names_the_extra():
 
 
 @pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")
-@pytest.mark.skipif(not GPU_REASON, reason="a GPU is usable here; this tests the no-GPU path")
+@needs_no_cuda
 def test_cupy_without_gpu_gives_cudas_reason():
     with pytest.raises(DeviceError) as info:
         get_device("cuda:0")
     message = str(info.value)
     assert "CUDA is not usable" in message and "--device cpu" in message
     assert "\n" not in message
+
+
+LIBRARIES_HINT = 'the CUDA libraries come with pip install "lenet_xp[cuda12]"'
+
+
+def test_probe_names_the_first_failing_step_in_one_line():
+    ran = []
+
+    def compile_error():
+        raise RuntimeError("nvrtc: error: failed to load\n  builtins\n" + "log " * 500)
+
+    steps = [
+        ("finding cuda:0", lambda: ran.append("find"), ""),
+        ("compiling an elementwise kernel (NVRTC)", compile_error, f"; {LIBRARIES_HINT}"),
+        ("never reached", lambda: ran.append("late"), ""),
+    ]
+    message = probe_steps(steps)
+    assert ran == ["find"]  # stops at the first failure
+    assert message.startswith(
+        "CUDA is not usable: compiling an elementwise kernel (NVRTC) failed: "
+        "RuntimeError: nvrtc: error: failed to load builtins log"
+    )
+    assert message.endswith(LIBRARIES_HINT)  # the hint survives the cut of a long log
+    assert "\n" not in message and len(message) < 500
+    wrong = [("a 2x2 matmul (cuBLAS)", lambda: "gave [[0.0, 0.0], [0.0, 0.0]]", "")]
+    assert probe_steps(wrong) == (
+        "CUDA is not usable: a 2x2 matmul (cuBLAS) failed: gave [[0.0, 0.0], [0.0, 0.0]]"
+    )
+    assert probe_steps([("finding cuda:0", lambda: None, "")]) is None
+
+
+@pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")
+def test_each_real_probe_step_says_what_it_checks():
+    """The real checks, one by one: allocation, cuBLAS matmul and NVRTC kernel all pass on a
+    usable GPU; where one fails, it says so in one line, the library steps with the fix, and
+    the first failure is what :func:`cuda_unavailable_reason` reports."""
+    import cupy
+
+    steps = _cuda_probe_steps(cupy, 0)
+    libraries = ["a 2x2 matmul (cuBLAS)", "compiling an elementwise kernel (NVRTC)"]
+    assert [what for what, _, _ in steps] == ["finding cuda:0", "allocating on cuda:0", *libraries]
+    messages = [probe_steps([step]) for step in steps]
+    failures = [message for message in messages if message is not None]
+    assert (failures[0] if failures else None) == CUDA_REASON
+    for (what, _, _), message in zip(steps, messages, strict=True):
+        if message is not None:
+            assert message.startswith(f"CUDA is not usable: {what} failed: ")
+            assert "\n" not in message
+            with_fix = message.endswith(f"; the CUDA libraries come with {CUDA_EXTRA_HINT}")
+            assert with_fix == (what in libraries), message
+
+
+def test_use_device_on_the_cpu_is_a_no_op():
+    for spec in ("cpu", CPU):
+        context = use_device(spec)
+        assert isinstance(context, contextlib.nullcontext)
+        with context as entered:
+            assert entered is None
+            assert get_array_module(np.zeros(2)) is np
+    with pytest.raises(DeviceError, match="use cpu, cuda, cuda:N or auto"):
+        use_device("tpu")
+
+
+@pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")
+def test_use_device_cuda_enters_that_gpu_or_says_why_not():
+    import cupy
+
+    if CUDA_REASON is not None:
+        with pytest.raises(DeviceError) as info:
+            use_device("cuda:0")
+        assert "CUDA is not usable" in str(info.value) and "\n" not in str(info.value)
+        return
+    with use_device("cuda:0"):
+        assert cupy.cuda.Device().id == 0 and cupy.zeros(1).device.id == 0
 
 
 def test_moves_and_namespaces_on_cpu():

@@ -4,21 +4,14 @@ CPU<->GPU parity: the same weights and batch give the same logits, loss and grad
 (float32 within 1e-4, float64 within 1e-10).
 """
 
-import importlib.util
-
 import numpy as np
 import pytest
+from conftest import DATA, DEVICES, needs_cuda, needs_mnist, needs_two_gpus
 
 from lenet_xp import LeNet5, loss_and_grads
-from lenet_xp.backend import asnumpy, cuda_unavailable_reason, get_device, to_device
+from lenet_xp.backend import asnumpy, get_device, to_device, use_device
 from lenet_xp.layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, LeCunTanh, Linear, MaxPool2d
 
-NO_CUDA = cuda_unavailable_reason() if importlib.util.find_spec("cupy") else "CuPy is not installed"
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(bool(NO_CUDA), reason=f"{NO_CUDA}")),
-]
-needs_cuda = pytest.mark.skipif(bool(NO_CUDA), reason=f"no usable GPU: {NO_CUDA}")
 TOL = {"float32": 1e-4, "float64": 1e-10}
 
 
@@ -102,21 +95,17 @@ def test_dropout_on_gpu_masks_on_device():
     assert abs(kept.mean() - 0.5) < 0.05 and np.allclose(asnumpy(y)[kept], 2.0)
 
 
-@needs_cuda
+@needs_mnist
+@needs_cuda  # listed last, checked first: without a GPU, that is the reason
 def test_three_gpu_epochs_reach_the_cpu_accuracy_band(tmp_path):
     import json
-    import os
-    from pathlib import Path
 
     from lenet_xp import train
 
-    data = os.environ.get(
-        "LENET_XP_DATA", str(Path(__file__).resolve().parents[2] / "shared/datasets/mnist")
-    )
     accs = {}
     for device in ("cpu", "cuda"):
         args = ["--device", device, "--epochs", "3", "--limit-train", "10000", "--quiet"]
-        args += ["--data-dir", data, "--out", str(tmp_path / device)]
+        args += ["--data-dir", str(DATA), "--out", str(tmp_path / device)]
         assert train.main(args) == 0
         last = (tmp_path / device / "metrics.jsonl").read_text().splitlines()[-1]
         accs[device] = json.loads(last)["test_acc"]
@@ -142,3 +131,46 @@ def test_optimizer_steps_match_across_devices(name):
             optimizer.step()
         finals.append(asnumpy(param.data))
     np.testing.assert_allclose(finals[1], finals[0], rtol=1e-12, atol=1e-12)
+
+
+@needs_two_gpus
+def test_use_device_puts_new_arrays_on_that_gpu():
+    import cupy
+
+    with use_device("cuda:1"):
+        assert cupy.zeros(3).device.id == 1
+        model = LeNet5(seed=0).to("cuda:1")
+        loss, grads = loss_and_grads(model, *(to_device(a, "cuda:1") for a in batch("float32")))
+        assert {g.device.id for g in grads.values()} == {1}
+    assert cupy.zeros(3).device.id == 0  # the context is left again
+
+
+@needs_mnist
+@needs_two_gpus
+def test_a_cuda_1_run_stays_on_device_1(tmp_path):
+    """``--device cuda:1``: data, parameters, optimizer state and evaluation all live in
+    device 1's memory pool; device 0's pool does not grow by a byte."""
+    import json
+
+    import cupy
+
+    from lenet_xp import evaluate, train
+
+    pool = cupy.get_default_memory_pool()
+
+    def pool_bytes(index):
+        with cupy.cuda.Device(index):
+            return pool.total_bytes()
+
+    for index in (0, 1):  # what is left is in use: the run cannot reuse a cached block
+        with cupy.cuda.Device(index):
+            pool.free_all_blocks()
+    before = pool_bytes(0), pool_bytes(1)
+    common = ["--device", "cuda:1", "--data-dir", str(DATA)]
+    args = common + ["--epochs", "1", "--limit-train", "2000", "--limit-test", "1000", "--quiet"]
+    assert train.main(args + ["--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["device"] == "cuda:1" and record["test_acc"] > 0.5
+    assert evaluate.main(common + ["--checkpoint", str(tmp_path / "last.npz")]) == 0
+    assert pool_bytes(1) > before[1]  # the run's arrays were on device 1 ...
+    assert pool_bytes(0) == before[0]  # ... and not one byte on device 0

@@ -8,18 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import DATA, DEVICES, needs_mnist, needs_no_cuda  # test_plots, test_predict: too
 
 from lenet_xp import evaluate as evaluate_cli
 from lenet_xp import train as train_cli
 
-DATA = Path(
-    os.environ.get("LENET_XP_DATA", Path(__file__).resolve().parents[2] / "shared/datasets/mnist")
-)
-needs_mnist = pytest.mark.skipif(
-    not (DATA / "train-images-idx3-ubyte.gz").exists(),
-    reason=f"MNIST not found in {DATA}; set LENET_XP_DATA to the folder with the four .gz files",
-)
 SMALL = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--limit-train", "2000"]
 TIMINGS = {"train_seconds", "images_per_second"}
 
@@ -112,6 +107,40 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "last.npz").exists()  # a diverged model is not saved over good weights
 
 
+@needs_mnist
+@pytest.mark.parametrize("device", DEVICES)
+def test_confusion_matrix_equals_numpy_bincount(device):
+    """The on-device count (no host sync per batch) gives exactly NumPy's bincount of
+    ``true * 10 + predicted``, over batches that do not divide the set, for a model trained
+    just enough to fill many cells."""
+    from lenet_xp import LeNet5, loss_and_grads
+    from lenet_xp.backend import asnumpy, get_device
+    from lenet_xp.data import to_device_split
+    from lenet_xp.mnist import load_mnist
+    from lenet_xp.optim import Adam
+
+    dev = get_device(device)
+    mnist = load_mnist(DATA, download=False)
+    train = to_device_split(mnist.train_images[:2048], mnist.train_labels[:2048], dev)
+    test = to_device_split(mnist.test_images[:3000], mnist.test_labels[:3000], dev)
+    model = LeNet5(seed=0).to(dev)
+    optimizer = Adam(model.parameters(), lr=2e-3)
+    for x, y in train.batches(128):
+        loss_and_grads(model, x, y)
+        optimizer.step()
+
+    loss, acc, confusion = evaluate_cli.evaluate(model, test, batch_size=777)
+    predicted = np.concatenate(
+        [asnumpy(model.forward(x).argmax(axis=1)) for x, _ in test.batches(777)]
+    )
+    true = asnumpy(test.labels)
+    expected = np.bincount(true * 10 + predicted, minlength=100).reshape(10, 10)
+    assert isinstance(confusion, np.ndarray) and confusion.dtype == np.int64
+    np.testing.assert_array_equal(confusion, expected)
+    assert np.count_nonzero(confusion) >= 20 and confusion.sum() == 3000  # not a trivial matrix
+    assert acc == (predicted == true).mean() and 0.5 < acc < 1
+
+
 def _one_line_error(capsys, fragment):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lenet_xp.") and "\n" not in err and "Traceback" not in err, err
@@ -179,15 +208,8 @@ def test_evaluate_missing_checkpoint_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, "does not exist")
 
 
-def _cuda_reason():
-    from lenet_xp.backend import cuda_unavailable_reason
-
-    return cuda_unavailable_reason()
-
-
+@needs_no_cuda
 def test_cuda_requested_without_usable_gpu_is_one_line(tmp_path, capsys):
-    if _cuda_reason() is None:
-        pytest.skip("a GPU is usable here; this tests the no-GPU path")
     assert train_cli.main(["--device", "cuda", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
@@ -195,9 +217,8 @@ def test_cuda_requested_without_usable_gpu_is_one_line(tmp_path, capsys):
 
 
 @needs_mnist
+@needs_no_cuda
 def test_auto_falls_back_to_cpu_with_a_notice(tmp_path):
-    if _cuda_reason() is None:
-        pytest.skip("a GPU is usable here; auto picks it")
     cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "auto", "--epochs", "1"]
     cmd += [
         "--limit-train",
