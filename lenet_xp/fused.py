@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 from lenet_xp.data import DeviceSplit
+from lenet_xp.kernels import SOURCES
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.mnist import MEAN, STD
 from lenet_xp.model import LeNet5
@@ -121,6 +122,7 @@ class FusedStep:
         self._zero = xp.zeros(1, xp.int64)
         self._spaces: dict[int, _Workspace] = {}
         self.graph: Any = None
+        self._load_kernels()  # a kernel that does not compile fails here, before any step
 
     def _views(self, flat: Any) -> list[Any]:
         views, offset = [], 0
@@ -301,7 +303,6 @@ class FusedStep:
             raise ValueError("a captured step needs gemm='ours' (CuPy cannot capture cuBLAS)")
         cuda = self.xp.cuda
         ws = self._space(self.batch_size)
-        self._load_kernels(ws)
         stream = cuda.Stream(non_blocking=True)
         with stream:
             stream.begin_capture()
@@ -311,10 +312,53 @@ class FusedStep:
                 graph = stream.end_capture()
         self.graph, self._capture_stream = graph, stream
 
-    def _load_kernels(self, ws: _Workspace) -> None:
-        """Compile and load every kernel before capture (no module loads while capturing)."""
-        from lenet_xp.kernels import SOURCES
-
+    def _load_kernels(self) -> None:
+        """Compile and load every kernel now: a broken one fails before any step, and no
+        module is loaded during a capture."""
         for file, names in SOURCES.items():
             for name in names:
-                self.kernels._fn(file, name, ws.x.dtype)
+                self.kernels._fn(file, name, self.dtype)
+
+
+def build(
+    model: Any, optimizer: Any, split: DeviceSplit, batch_size: int, lr_of_step: Any,
+    max_shift: int, graph: bool,
+) -> tuple[FusedStep | None, str]:  # fmt: skip
+    """The fused step for a training run (captured as a graph if ``graph``), or ``None`` and
+    the one-line reason why the array-op layers train instead (a kernel that does not compile
+    or capture is recorded as a fallback)."""
+    from lenet_xp.kernels import record_fallback
+
+    reason = supports(model, optimizer)
+    if reason:
+        return None, reason
+    try:
+        fused = FusedStep(
+            model,
+            optimizer,
+            split,
+            batch_size,
+            lr_of_step,
+            max_shift,
+            "ours" if graph else "cublas",
+        )
+        if graph:
+            fused.capture()
+    except Exception as exc:  # compile, load or capture failed: the layers take over
+        record_fallback("fused step", " ".join(str(exc).split())[:300])
+        return None, f"our kernels failed here ({type(exc).__name__}); see the line above"
+    return fused, "graph" if graph else "kernels"
+
+
+def train_epoch_fused(fused: FusedStep, rng: Any, bar: Any) -> tuple[float, float, int]:
+    """One epoch as :func:`lenet_xp.train.train_epoch` (the same random order and shifts from
+    ``rng``): ``(mean loss, accuracy, global step)``; one host sync, at the end."""
+    from lenet_xp.data import permutation, random_shifts
+
+    n, device = len(fused.split), fused.split.device
+    order = permutation(n, rng, device)
+    shifts = random_shifts(n, fused.max_shift, rng, device) if fused.max_shift else None
+    fused.begin_epoch(order, shifts)
+    fused.run_epoch(None if bar is None else bar.update)
+    loss_sum, correct = fused.end_epoch()
+    return loss_sum / n, correct / n, fused.steps_done

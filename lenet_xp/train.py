@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lenet_xp import fused as fused_step
+from lenet_xp import kernels
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -151,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-every-epoch", action="store_true", help="also keep OUT/epoch_NNN.npz for each epoch"
     )
+    p.add_argument(
+        "--cuda-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=kernels.enabled_by_default(),
+        help="CUDA: train with our own kernels (a fused step of about 35 launches) instead of "
+        "the array-op layers; default from $LENET_XP_CUDA_KERNELS (off until checked on a GPU)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="CUDA: capture the fused training step once as a CUDA graph and replay it per "
+        "batch (implies --cuda-kernels)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
 
@@ -283,6 +299,8 @@ def _run(args: argparse.Namespace, device: Device) -> dict:
     workers = config.get("workers", 1) if device.kind == "cpu" else 1
     max_batch = max(config["batch_size"], args.eval_batch_size)
     runner = DataParallel(model, workers, max_batch=max_batch)
+    total_steps = config["epochs"] * steps_per_epoch
+    fused, engine = _engine(args, device, model, optimizer, train, config, schedule, total_steps)
     record: dict = {}
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
@@ -290,17 +308,20 @@ def _run(args: argparse.Namespace, device: Device) -> dict:
             lr = schedule(step)
             synchronize(device)
             t0 = time.perf_counter()
-            train_loss, train_acc, step = train_epoch(
-                runner,
-                optimizer,
-                schedule,
-                train,
-                config["batch_size"],
-                rng,
-                step,
-                bar,
-                config.get("shift", 0),
-            )
+            if fused is not None:
+                train_loss, train_acc, step = fused_step.train_epoch_fused(fused, rng, bar)
+            else:
+                train_loss, train_acc, step = train_epoch(
+                    runner,
+                    optimizer,
+                    schedule,
+                    train,
+                    config["batch_size"],
+                    rng,
+                    step,
+                    bar,
+                    config.get("shift", 0),
+                )
             synchronize(device)
             seconds = time.perf_counter() - t0
             if bar is not None:
@@ -316,7 +337,7 @@ def _run(args: argparse.Namespace, device: Device) -> dict:
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
                 "train_seconds": seconds, "images_per_second": len(train) / seconds,
-                "device": str(device),
+                "device": str(device), "engine": engine,
             }  # fmt: skip
             if val is not None:
                 record["val_loss"], record["val_acc"], _ = evaluate(
@@ -343,6 +364,32 @@ def _run(args: argparse.Namespace, device: Device) -> dict:
         runner.close()
         metrics_file.close()
     return record
+
+
+def _engine(
+    args: argparse.Namespace, device: Device, model: Any, optimizer: Any, train: DeviceSplit,
+    config: dict, schedule: Any, total_steps: int,
+) -> tuple[Any, str]:  # fmt: skip
+    """``(fused step or None, engine name)``: ``"layers"`` (array ops), ``"kernels"`` (our
+    fused step) or ``"graph"`` (that step as a CUDA graph), as the flags ask and allow."""
+    wanted = args.cuda_graph or args.cuda_kernels
+    kernels.set_enabled(wanted and device.kind == "cuda")
+    if not wanted or device.kind != "cuda":
+        if wanted and args.cuda_graph and not args.quiet:
+            print(
+                f"note: --cuda-graph applies to CUDA devices; training on {device}", file=sys.stderr
+            )
+        return None, "layers"
+    lr_of_step = [schedule(s) for s in range(total_steps)]
+    fused, why = fused_step.build(
+        model, optimizer, train, config["batch_size"], lr_of_step, config.get("shift", 0),
+        args.cuda_graph,
+    )  # fmt: skip
+    if fused is None:
+        if not args.quiet:
+            print(f"note: training with the array-op layers: {why}", file=sys.stderr)
+        return None, "layers"
+    return fused, why
 
 
 def _summary(r: dict, epochs: int) -> str:
