@@ -1,8 +1,11 @@
-"""``python -m lenet_xp.bench``: epoch time, images/s, per-layer profile and peak memory.
+"""``python -m lenet_xp.bench``: epoch time, images/s, launches per step, time to a target
+accuracy, per-layer profile and peak memory.
 
 Trains the default LeNet-5 (Adam, data resident on the device) with the real training loop
-and prints tables. ``--torch`` trains the same network in PyTorch in the same run (if
-installed: ``pip install "lenet_xp[bench]"``) and prints the time ratio.
+and prints tables. Engines: ``layers`` (the array-op layers, every device), on CUDA also
+``kernels`` (our fused step) and ``graph`` (that step as one CUDA graph); with ``--torch``
+(``pip install "lenet_xp[bench]"``) the same network in PyTorch, eager (``torch``) and, on
+CUDA, as a captured CUDA graph (``torch-graph``), timed in the same run, epochs alternating.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from lenet_xp import bench_torch
+from lenet_xp import fused as fused_step
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -27,11 +34,13 @@ from lenet_xp.backend import (
     use_device,
 )
 from lenet_xp.data import DeviceSplit, to_device_split
+from lenet_xp.evaluate import evaluate
 from lenet_xp.functional.loss import softmax_cross_entropy
+from lenet_xp.fused import FusedStep
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.model import LeNet5
 from lenet_xp.optim import Adam
-from lenet_xp.parallel import DataParallel
+from lenet_xp.parallel import DataParallel, forward_backward
 from lenet_xp.schedules import ConstantLR
 from lenet_xp.train import default_workers, train_epoch
 
@@ -96,44 +105,6 @@ def profile_layers(
     return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in names]
 
 
-def torch_epoch(split: DeviceSplit, batch_size: int) -> Any:
-    """The same network, data in memory, Adam, in PyTorch eager: ``run_one_epoch`` (after a
-    20-step warm-up), or ``None`` if PyTorch is not installed."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    from lenet_xp.backend import asnumpy
-
-    nn = torch.nn
-    on_gpu = split.device.kind == "cuda"
-    dev = torch.device("cuda", split.device.index) if on_gpu else torch.device("cpu")
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
-    ).to(dev)  # fmt: skip
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    images = torch.from_numpy(asnumpy(split.images)).to(dev)
-    labels = torch.from_numpy(asnumpy(split.labels)).to(dev)
-    n = images.shape[0]
-
-    def epoch(limit: int = n) -> None:
-        order = torch.randperm(n, device=dev)[:limit]
-        for start in range(0, limit, batch_size):
-            idx = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(net(images[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    epoch(20 * batch_size)
-    return epoch
-
-
 def timed(fn: Any, device: Device) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -157,6 +128,132 @@ def machine_line(device: Device) -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, NumPy {device.xp.__version__}"
 
 
+@dataclass
+class Engine:
+    """One way of training: ``epoch()`` one timed pass, ``one_step()`` a single step (for
+    counting launches), ``issued`` the launches per step our code issues (fused engines)."""
+
+    name: str
+    epoch: Callable[[], Any]
+    one_step: Callable[[], Any]
+    close: Callable[[], Any] = lambda: None
+    issued: int | None = None
+
+
+def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -> Engine:
+    model = LeNet5(seed=0).to(split.device)
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    steps = (epochs + 3) * -(-len(split) // batch_size) + 10
+    gemm = "ours" if name == "graph" else "cublas"
+    fused = FusedStep(model, optimizer, split, batch_size, [1e-3] * steps, 0, gemm)
+    issued = fused.launches_per_step()
+    if name == "graph":
+        fused.capture()
+    rng = host_rng(0)
+    fused_step.train_epoch_fused(fused, rng, None)  # warm-up
+    space = fused._space(batch_size)
+
+    def one_step() -> None:
+        if fused.graph is not None:
+            fused.graph.launch()
+        else:
+            fused.step(space, fused._zero, fused.order)
+
+    epoch = lambda: fused_step.train_epoch_fused(fused, rng, None)  # noqa: E731
+    return Engine(name, epoch, one_step, issued=issued)
+
+
+def _layers_engine(split: DeviceSplit, batch_size: int, args: argparse.Namespace) -> Engine:
+    epoch, close = our_epoch(split, batch_size, args.workers, not args.plain_malloc)
+    model = LeNet5(seed=0).to(split.device)
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    x, y = split.images[:batch_size], split.labels[:batch_size]
+
+    def one_step() -> None:
+        forward_backward(model, x, y)
+        optimizer.step()
+
+    return Engine("layers", epoch, one_step, close)
+
+
+def _torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Engine:
+    run = bench_torch.TorchRun(split, batch_size, graph=name == "torch-graph")
+    run.epoch(20 * batch_size)  # warm-up
+    return Engine(name, run.epoch, lambda: run.epoch(batch_size))
+
+
+def engines(
+    args: argparse.Namespace, split: DeviceSplit, batch_size: int
+) -> tuple[list[Engine], list[str]]:
+    """The engines to time on this device, and one line per engine that could not run."""
+    names = ["layers"] + (["kernels", "graph"] if split.device.kind == "cuda" else [])
+    if args.torch:
+        names += ["torch"] + (["torch-graph"] if split.device.kind == "cuda" else [])
+    built, skipped = [], []
+    for name in names:
+        try:
+            if name == "layers":
+                built.append(_layers_engine(split, batch_size, args))
+            elif name in ("kernels", "graph"):
+                built.append(_fused_engine(name, split, batch_size, args.epochs))
+            elif not bench_torch.available():
+                skipped.append(f"{name}: PyTorch is not installed (pip install 'lenet_xp[bench]')")
+            else:
+                built.append(_torch_engine(name, split, batch_size))
+        except Exception as exc:  # an engine that cannot run here is reported, not fatal
+            skipped.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+    return built, skipped
+
+
+def time_to_accuracy(
+    name: str, split: DeviceSplit, test: DeviceSplit, target: float, max_epochs: int
+) -> tuple[float, float, int, float]:
+    """Train ``name`` from scratch (batch 128, Adam at a constant 2e-3, no augmentation),
+    testing after each epoch: ``(setup s, training s until test accuracy >= target,
+    epochs, accuracy reached)``; training seconds are ``inf`` if ``max_epochs`` do not do."""
+    batch, lr = 128, 2e-3
+    start = time.perf_counter()
+    if name.startswith("torch"):
+        run = bench_torch.TorchRun(split, batch, graph=name == "torch-graph", lr=lr)
+
+        def epoch() -> None:
+            run.epoch()
+
+        def accuracy() -> float:
+            return run.accuracy(test)
+    else:
+        model = LeNet5(seed=0).to(split.device)
+        optimizer = Adam(model.parameters(), lr=lr)
+        rng = host_rng(0)
+        steps = max_epochs * -(-len(split) // batch)
+        fused = None
+        if name in ("kernels", "graph"):
+            gemm = "ours" if name == "graph" else "cublas"
+            fused = FusedStep(model, optimizer, split, batch, [lr] * steps, 0, gemm)
+            if name == "graph":
+                fused.capture()
+        runner = DataParallel(model, 1, 2000)
+
+        def epoch() -> None:
+            if fused is not None:
+                fused_step.train_epoch_fused(fused, rng, None)
+            else:
+                train_epoch(runner, optimizer, ConstantLR(lr), split, batch, rng, 0, None)
+
+        def accuracy() -> float:
+            return evaluate(runner, test)[1]
+
+    synchronize(split.device)
+    setup = time.perf_counter() - start
+    seconds, acc = 0.0, 0.0
+    for n_epochs in range(1, max_epochs + 1):
+        seconds += timed(epoch, split.device)
+        acc = accuracy()
+        if acc >= target:
+            return setup, seconds, n_epochs, acc
+    return setup, math.inf, max_epochs, acc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lenet_xp.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -166,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=default_workers(), help="CPU processes (see train --workers)"
     )
     p.add_argument("--torch", action="store_true", help="also time PyTorch on the same device")
+    p.add_argument(
+        "--time-to",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="also train each engine from scratch until this test accuracy (e.g. 0.99)",
+    )
+    p.add_argument("--race-epochs", type=int, default=10, help="epochs allowed for --time-to")
     p.add_argument(
         "--plain-malloc",
         action="store_true",
@@ -189,47 +294,91 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
     """:func:`main` on the resolved ``device``, inside :func:`use_device`: prints the tables."""
     split, source = load_train_split(device, args.data_dir)
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
-    rows = []
+    rows, notes = [], []
     for batch_size in args.batch_sizes:
-        # Alternate ours and PyTorch's epochs, so that both see the same machine conditions.
-        ours_epoch, close = our_epoch(split, batch_size, args.workers, not args.plain_malloc)
-        theirs_epoch = torch_epoch(split, batch_size) if args.torch else None
-        ours, theirs = [], []
-        for _ in range(args.epochs):
-            ours.append(timed(ours_epoch, device))
-            if theirs_epoch is not None:
-                theirs.append(timed(theirs_epoch, device))
-        close()
-        ours = statistics.median(ours)
-        ref = statistics.median(theirs) if theirs else math.nan
-        rows.append((batch_size, ours, len(split) / ours, ref, ours / ref if theirs else math.nan))
-    print(f"\n{'batch':>6} {'epoch s':>9} {'images/s':>10} {'torch s':>9} {'ours/torch':>11}")
-    for b, s, ips, ref, ratio in rows:
-        print(f"{b:>6} {s:>9.2f} {ips:>10,.0f} {ref:>9.2f} {ratio:>11.2f}")
+        built, skipped = engines(args, split, batch_size)
+        notes += [f"batch {batch_size}: {line}" for line in skipped]
+        times: dict[str, list[float]] = {engine.name: [] for engine in built}
+        for _ in range(args.epochs):  # alternate the engines: all see the same conditions
+            for engine in built:
+                times[engine.name].append(timed(engine.epoch, device))
+        reference = statistics.median(times["torch"]) if "torch" in times else math.nan
+        for engine in built:
+            seconds = statistics.median(times[engine.name])
+            cupti = bench_torch.cupti_launches(engine.one_step) if device.kind == "cuda" else None
+            rows.append(
+                (batch_size, engine.name, seconds, len(split) / seconds, engine.issued, cupti,
+                 seconds / reference)
+            )  # fmt: skip
+            engine.close()
+    print(f"\n{'batch':>6} {'engine':<12} {'epoch s':>9} {'images/s':>10} {'launches':>9} "
+          f"{'CUPTI':>6} {'vs torch':>9}")  # fmt: skip
+    for b, name, s, ips, issued, cupti, ratio in rows:
+        issued_text = "-" if issued is None else str(issued)
+        cupti_text = "-" if cupti is None else str(cupti)
+        print(
+            f"{b:>6} {name:<12} {s:>9.3f} {ips:>10,.0f} {issued_text:>9} {cupti_text:>6} "
+            f"{ratio:>9.2f}"
+        )
+    for line in notes:
+        print(f"not timed: {line}")
+    print(
+        "launches: kernels and cuBLAS/reduction calls our fused step issues per step; CUPTI: "
+        "CUDA kernels and copies the GPU ran for one step (needs PyTorch's profiler)"
+    )
+    if args.time_to:
+        _race(args, device, split)
     if not args.no_profile:
-        # What one worker does: its slice of the batch, with one BLAS thread.
-        workers = args.workers if device.kind == "cpu" else 1
-        slice_size = -(-args.batch_sizes[0] // workers)
-        limits = None
-        if workers > 1:
-            from threadpoolctl import threadpool_limits
-
-            limits = threadpool_limits(limits=1, user_api="blas")
-        print(f"\nper-layer ms per step for one worker's slice of {slice_size} images")
-        print(f"{'layer':<8} {'forward':>8} {'backward':>9}")
-        total_f = total_b = 0.0
-        for name, f, b in profile_layers(split, slice_size):
-            total_f, total_b = total_f + f, total_b + b
-            print(f"{name:<8} {f:>8.3f} {b:>9.3f}")
-        print(f"{'total':<8} {total_f:>8.3f} {total_b:>9.3f}")
-        if limits is not None:
-            limits.restore_original_limits()
+        _profile(args, device, split)
     what = "GPU pool" if device.kind == "cuda" else "RSS"
     print(f"\npeak memory: {peak_memory_mib(device):,.0f} MiB ({what})")
     if device.kind == "cpu" and args.workers > 1:
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"peak memory of the largest worker process: {children:,.0f} MiB (RSS)")
     return 0
+
+
+def _race(args: argparse.Namespace, device: Device, split: DeviceSplit) -> None:
+    """The time-to-accuracy table: every engine from scratch on the real test set."""
+    try:
+        mnist = load_mnist(args.data_dir, download=False)
+    except DataError as exc:
+        print(f"\ntime to accuracy: skipped ({exc})")
+        return
+    test = to_device_split(mnist.test_images, mnist.test_labels, device)
+    names = ["layers"] + (["kernels", "graph"] if device.kind == "cuda" else [])
+    if args.torch and bench_torch.available():
+        names += ["torch"] + (["torch-graph"] if device.kind == "cuda" else [])
+    print(f"\ntime to {100 * args.time_to:.1f} % test accuracy from the first step "
+          "(batch 128, Adam 2e-3 constant, no augmentation; tested after each epoch, "
+          "testing not timed)")  # fmt: skip
+    print(f"{'engine':<12} {'setup s':>8} {'train s':>8} {'epochs':>6} {'test acc':>9}")
+    for name in names:
+        setup, seconds, epochs, acc = time_to_accuracy(
+            name, split, test, args.time_to, args.race_epochs
+        )
+        print(f"{name:<12} {setup:>8.2f} {seconds:>8.2f} {epochs:>6} {100 * acc:>8.2f}%")
+
+
+def _profile(args: argparse.Namespace, device: Device, split: DeviceSplit) -> None:
+    """Per-layer forward/backward milliseconds of the array-op layers."""
+    # What one worker does: its slice of the batch, with one BLAS thread.
+    workers = args.workers if device.kind == "cpu" else 1
+    slice_size = -(-args.batch_sizes[0] // workers)
+    limits = None
+    if workers > 1:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(limits=1, user_api="blas")
+    print(f"\nper-layer ms per step for one worker's slice of {slice_size} images (layers engine)")
+    print(f"{'layer':<8} {'forward':>8} {'backward':>9}")
+    total_f = total_b = 0.0
+    for name, f, b in profile_layers(split, slice_size):
+        total_f, total_b = total_f + f, total_b + b
+        print(f"{name:<8} {f:>8.3f} {b:>9.3f}")
+    print(f"{'total':<8} {total_f:>8.3f} {total_b:>9.3f}")
+    if limits is not None:
+        limits.restore_original_limits()
 
 
 if __name__ == "__main__":

@@ -41,9 +41,12 @@ class TorchRun:
         import torch
 
         self.torch = torch
-        self.device = torch.device("cuda" if split.device.kind == "cuda" else "cpu")
-        if graph and self.device.type != "cuda":
+        on_gpu = split.device.kind == "cuda"
+        self.device = torch.device("cuda", split.device.index) if on_gpu else torch.device("cpu")
+        if graph and not on_gpu:
             raise ValueError("a CUDA graph needs a CUDA device")
+        if on_gpu:
+            torch.cuda.set_device(self.device)  # streams and graphs go to --device's GPU
         torch.manual_seed(0)
         self.net = _net(torch, self.device)
         self.images = torch.from_numpy(asnumpy(split.images)).to(self.device)
@@ -94,7 +97,7 @@ class TorchRun:
             else:  # eager, and the graph's short last batch
                 self._eager_step(self.images[idx], self.labels[idx])
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
     def accuracy(self, split: DeviceSplit) -> float:
         """Test accuracy of the current weights on ``split``."""

@@ -13,15 +13,18 @@ __global__ void adam(T* param, const T* grad, T* exp_avg, T* exp_avg_sq,
   const T step_size = (T)(lr / (1.0 - pow(beta1, (double)t)));
   const T bias2_sqrt = (T)sqrt(1.0 - pow(beta2, (double)t));
   const T b1 = (T)beta1, b2 = (T)beta2, wd = (T)weight_decay;
+  // 1 - beta and the decay factor in double, then rounded (as the reference): T(1) - b2
+  // in float is 0.00099998713 for beta2 = 0.999, 1.3e-5 off 0.001.
+  const T c1 = (T)(1.0 - beta1), c2 = (T)(1.0 - beta2), decay = (T)(1.0 - lr * weight_decay);
   GRID_STRIDE_LOOP(i, size) {
     T p = param[i];
     T g = grad[i];
     if (weight_decay != 0.0) {
-      if (decoupled) p *= T(1) - (T)lr * wd;
+      if (decoupled) p *= decay;
       else g += wd * p;
     }
-    const T m = b1 * exp_avg[i] + (T(1) - b1) * g;
-    const T v = b2 * exp_avg_sq[i] + (T(1) - b2) * g * g;
+    const T m = b1 * exp_avg[i] + c1 * g;
+    const T v = b2 * exp_avg_sq[i] + c2 * g * g;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     param[i] = p - step_size * m / (sqrt(v) / bias2_sqrt + (T)eps);
