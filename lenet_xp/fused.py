@@ -67,7 +67,9 @@ class _Workspace:
         self.batch_loss = e((1,), dtype)
         longest = oh1 * oh1 * b
         self.ones = xp.ones((longest, 1), dtype)
-        self.partial = e((math.ceil(longest / _SPLIT_K), 16, 150), dtype)
+        # split-K partial sums of our GEMM: the largest (splits, M, N) of the weight gradients
+        splits = [(longest, 6 * 25), (100 * b, 16 * 150), (b, 120 * 400)]
+        self.partial = e(max(math.ceil(k / _SPLIT_K) * mn for k, mn in splits), dtype)
 
 
 class FusedStep:
@@ -271,13 +273,13 @@ class FusedStep:
             length = grad_y.shape[1]
             splits = math.ceil(length / _SPLIT_K)
             m, n = grad_w.shape
-            partial = ws.partial[:splits].reshape(-1)[: splits * m * n].reshape(splits, m, n)
-            self.kernels.gemm(grad_y, x_cols.T, grad_w, partial=partial if splits > 1 else None)
-            partial_b = ws.partial[:splits].reshape(-1)[: splits * m].reshape(splits, m, 1)
+            partial_w = partial_b = None
+            if splits > 1:
+                partial_w = ws.partial[: splits * m * n].reshape(splits, m, n)
+                partial_b = ws.partial[: splits * m].reshape(splits, m, 1)
+            self.kernels.gemm(grad_y, x_cols.T, grad_w, partial=partial_w)
             ones = ws.ones[:length]
-            self.kernels.gemm(
-                grad_y, ones, grad_b.reshape(m, 1), partial=partial_b if splits > 1 else None
-            )
+            self.kernels.gemm(grad_y, ones, grad_b.reshape(m, 1), partial=partial_b)
         else:
             self.xp.matmul(grad_y, x_cols.T, out=grad_w)
             self.xp.sum(grad_y, axis=1, out=grad_b)

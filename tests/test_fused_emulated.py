@@ -1,0 +1,80 @@
+"""The fused training step (lenet_xp.fused) on the CPU, its CUDA kernels run by the emulator
+(tests/cuda_emulator.py): the whole orchestration, buffer layouts and launch arguments
+checked against the array-op layers, before any GPU sees them. ``test_gpu_fused.py`` runs the
+same comparisons with the kernels compiled for a real GPU.
+"""
+
+import numpy as np
+import pytest
+from cuda_emulator import compiler_available, emulated_function
+from fused_check import assert_same_training, fused_epoch, make_split, reference_epoch
+
+from lenet_xp.fused import FusedStep, supports
+from lenet_xp.kernels.ops import Kernels
+from lenet_xp.model import LeNet5
+from lenet_xp.optim import SGD, Adam
+
+NO_COMPILER = compiler_available()
+pytestmark = pytest.mark.skipif(bool(NO_COMPILER), reason=str(NO_COMPILER))
+TOL = {"float32": (2e-4, 2e-5), "float64": (1e-9, 1e-11)}
+
+
+def emulated() -> Kernels:
+    return Kernels(np, provider=emulated_function)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_epoch_with_cublas_gemms_matches_the_layers(dtype):
+    """300 images in batches of 128: two full batches and a short one of 44, shifted."""
+    split = make_split("cpu", dtype)
+    ref = reference_epoch(split, dtype, batch=128, shift=2)
+    fused = fused_epoch(split, dtype, batch=128, shift=2, gemm="cublas", kernels=emulated())
+    assert_same_training(ref, fused, *TOL[dtype])
+
+
+def test_fused_epoch_with_our_gemm_matches_the_layers():
+    """Our GEMM (split-K weight gradients, bias gradients against a ones vector, fused bias,
+    ReLU and ReLU-mask epilogues) in a whole step: 20 images in batches of 8 (8, 8, 4)."""
+    split = make_split("cpu", "float64", n=20)
+    ref = reference_epoch(split, "float64", batch=8, shift=1)
+    fused = fused_epoch(split, "float64", batch=8, shift=1, gemm="ours", kernels=emulated())
+    assert_same_training(ref, fused, *TOL["float64"])
+
+
+def test_adamw_and_a_second_epoch_match_the_layers():
+    split = make_split("cpu", "float64", n=150)
+    ref = reference_epoch(split, "float64", batch=64, shift=0, adamw=True)
+    fused = fused_epoch(split, "float64", 64, 0, "cublas", kernels=emulated(), adamw=True)
+    assert_same_training(ref, fused, *TOL["float64"])
+    # The optimizer's state is the flat buffers': a checkpoint of it has the right step.
+    state = fused[2].optimizer.state_dict()
+    assert state["steps"] == 3 and state["step.0"] == 3
+    np.testing.assert_array_equal(state["exp_avg.0"], fused[2].flat["m"][:150].reshape(6, 1, 5, 5))
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "ours"])
+def test_one_step_is_at_most_40_launches(gemm):
+    split = make_split("cpu", "float32", n=16)
+    model = LeNet5(seed=0)
+    fused = FusedStep(model, Adam(model.parameters()), split, 16, [1e-3] * 4, 2, gemm, emulated())
+    launches = fused.launches_per_step()
+    assert 25 <= launches <= 40, launches
+
+
+def test_an_lr_table_too_short_for_the_epoch_is_refused():
+    split = make_split("cpu", "float32", n=40)
+    model = LeNet5(seed=0)
+    fused = FusedStep(
+        model, Adam(model.parameters()), split, 16, [1e-3] * 2, 0, "cublas", emulated()
+    )
+    fused.begin_epoch(np.arange(40))
+    with pytest.raises(ValueError, match="lr_of_step has 2 steps"):
+        fused.run_epoch()
+
+
+def test_what_the_fused_step_cannot_train_is_named():
+    model = LeNet5(seed=0)
+    assert "Adam" in supports(model, SGD(model.parameters(), lr=0.1))
+    assert supports(model, Adam(model.parameters())) is None
+    with pytest.raises(ValueError, match="not SGD"):
+        FusedStep(model, SGD(model.parameters(), lr=0.1), make_split("cpu", "float32", 8), 8, [0.1])
