@@ -31,12 +31,13 @@ def _net(torch: Any, device: Any) -> Any:
 
 class TorchRun:
     """LeNet-5 in PyTorch on ``split``'s images (copied once to PyTorch's device), Adam at a
-    constant ``lr``. ``graph=True`` (CUDA only) captures forward, loss, backward and the
-    (capturable) Adam step once and replays it per batch; the batch is gathered into the
-    graph's static input first. :meth:`epoch` runs one pass in a fresh random order."""
+    learning rate ``lr_of_step(step)`` (default: a constant 1e-3). ``graph=True`` (CUDA only)
+    captures forward, loss, backward and the (capturable) Adam step once and replays it per
+    batch; the batch is gathered into the graph's static input and the learning rate written
+    into its tensor first. :meth:`epoch` runs one pass in a fresh random order."""
 
     def __init__(
-        self, split: DeviceSplit, batch_size: int, graph: bool = False, lr: float = 1e-3
+        self, split: DeviceSplit, batch_size: int, graph: bool = False, lr_of_step: Any = None
     ) -> None:
         import torch
 
@@ -52,6 +53,10 @@ class TorchRun:
         self.images = torch.from_numpy(asnumpy(split.images)).to(self.device)
         self.labels = torch.from_numpy(asnumpy(split.labels)).to(self.device)
         self.batch_size = batch_size
+        self.lr_of_step = lr_of_step or (lambda step: 1e-3)
+        self.steps = 0
+        # A captured step reads the learning rate from a tensor (capturable Adam allows it).
+        lr = torch.tensor(self.lr_of_step(0), device=self.device) if graph else self.lr_of_step(0)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, capturable=graph)
         self.graph = None
         if graph:
@@ -88,8 +93,15 @@ class TorchRun:
         torch, b = self.torch, self.batch_size
         n = self.images.shape[0] if limit is None else limit
         order = torch.randperm(self.images.shape[0], device=self.device)[:n]
+        group = self.opt.param_groups[0]
         for start in range(0, n, b):
             idx = order[start : start + b]
+            lr = self.lr_of_step(self.steps)
+            self.steps += 1
+            if self.graph is not None:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
             if self.graph is not None and idx.shape[0] == b:
                 self.static_x.copy_(self.images[idx])
                 self.static_y.copy_(self.labels[idx])

@@ -1,0 +1,41 @@
+"""The benchmark CLI on a small slice: every engine of the device times an epoch, the
+time-to-accuracy race runs, and PyTorch's side runs where it is installed."""
+
+import importlib.util
+
+import pytest
+from conftest import DATA, needs_mnist
+
+from lenet_xp import bench, bench_torch
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@needs_mnist
+def test_bench_prints_every_engine_and_the_race(capsys):
+    args = ["--device", "cpu", "--epochs", "1", "--limit-train", "2560", "--no-profile"]
+    args += ["--torch", "--time-to", "0.5", "--race-epochs", "1", "--data-dir", str(DATA)]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("   128")}
+    assert "layers" in rows
+    assert float(rows["layers"][2]) > 0  # epoch seconds
+    if HAS_TORCH:
+        assert "torch" in rows and float(rows["torch"][-1]) == pytest.approx(1.0)
+    else:
+        assert "not timed: batch 128: torch: PyTorch is not installed" in out
+    race = out.split("time to 50.0 % test accuracy")[1].splitlines()
+    layers = next(line.split() for line in race if line.startswith("layers"))
+    assert layers[3] == "1" and float(layers[4].rstrip("%")) >= 50  # reached in one epoch
+
+
+def test_bench_rejects_a_bad_device_and_a_tiny_slice(capsys):
+    assert bench.main(["--device", "tpu"]) == 1
+    assert "lenet_xp.bench: error: bad device 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--limit-train", "100"])
+    assert "--limit-train must hold 20 batches" in capsys.readouterr().err
+
+
+def test_no_cupti_count_without_a_gpu():
+    assert bench_torch.cupti_launches(lambda: None) is None
