@@ -251,8 +251,12 @@ def run(args: argparse.Namespace) -> dict:
     device = get_device(args.device, announce=args.device == "auto" and not args.quiet)
     if device.kind == "cpu":
         tune_host_allocator()
-    with use_device(device):
-        return _run(args, device)
+    enabled = kernels.enabled()
+    try:
+        with use_device(device):
+            return _run(args, device)
+    finally:
+        kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
 
 def _run(args: argparse.Namespace, device: Device) -> dict:
