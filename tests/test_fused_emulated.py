@@ -78,3 +78,18 @@ def test_what_the_fused_step_cannot_train_is_named():
     assert supports(model, Adam(model.parameters())) is None
     with pytest.raises(ValueError, match="not SGD"):
         FusedStep(model, SGD(model.parameters(), lr=0.1), make_split("cpu", "float32", 8), 8, [0.1])
+
+
+def test_the_count_launches_script_reports_both_flavours_within_40():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "count_launches.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    counts = [int(n) for n in re.findall(r"GEMMs\): (\d+)", proc.stdout)]
+    assert len(counts) == 2 and all(25 <= n <= 40 for n in counts), proc.stdout
