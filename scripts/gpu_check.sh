@@ -19,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export LENET_XP_DATA=${LENET_XP_DATA:-$PWD/../shared/datasets/mnist}
 DEVICE=${DEVICE:-cuda}
