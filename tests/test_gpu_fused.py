@@ -118,3 +118,45 @@ def test_conv_layers_with_our_im2col_and_col2im_match_the_reference(dtype):
     rtol = {"float32": 1e-5, "float64": 1e-12}[dtype]
     for ours, ref in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+@needs_mnist
+@pytest.mark.parametrize("flag", ["--no-cuda-kernels", "--cuda-graph"])
+def test_evaluate_predict_and_resume_on_cuda(tmp_path, capsys, flag):
+    """Resuming on CUDA from the epoch-1 checkpoint gives the uninterrupted run's metrics;
+    evaluate and predict read the checkpoint on CUDA."""
+    from lenet_xp import evaluate, predict, train
+
+    common = ["--device", "cuda", flag, "--quiet", "--data-dir", str(DATA)]
+    straight = common + ["--limit-train", "4000", "--limit-test", "1000", "--epochs", "2"]
+    straight += ["--keep-every-epoch", "--out", str(tmp_path / "s")]
+    assert train.main(straight + ["--metrics", str(tmp_path / "s.jsonl")]) == 0
+    (tmp_path / "r.jsonl").write_text((tmp_path / "s.jsonl").read_text().splitlines()[0] + "\n")
+    resume = common + ["--resume", str(tmp_path / "s" / "epoch_001.npz")]
+    assert (
+        train.main(resume + ["--out", str(tmp_path / "r"), "--metrics", str(tmp_path / "r.jsonl")])
+        == 0
+    )
+    drop = {"train_seconds", "images_per_second"}
+
+    def metrics(name):
+        lines = (tmp_path / name).read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
+
+    assert metrics("r.jsonl") == metrics("s.jsonl") and len(metrics("s.jsonl")) == 2
+    capsys.readouterr()
+    last = tmp_path / "s" / "last.npz"
+    assert (
+        evaluate.main(["--checkpoint", str(last), "--device", "cuda", "--data-dir", str(DATA)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "on cuda:0" in out and "test_acc" in out
+
+    image = pytest.importorskip("PIL.Image")
+    from lenet_xp.mnist import load_mnist
+
+    digit = load_mnist(DATA, download=False).test_images[0]
+    path = tmp_path / "digit.png"
+    image.fromarray(digit).save(path)
+    assert predict.main([str(path), "--checkpoint", str(last), "--device", "cuda"]) == 0
+    assert str(path) in capsys.readouterr().out
