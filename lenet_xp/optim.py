@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from lenet_xp import kernels
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
 from lenet_xp.kernels import fallbacks, record_fallback
 from lenet_xp.layers.module import Parameter
@@ -263,7 +264,7 @@ class Adam(Optimizer):
 
         step_size = self.lr / (1.0 - beta1**step)
         bias2_sqrt = math.sqrt(1.0 - beta2**step)
-        if is_gpu(xp) and _fused_adam_on_gpu(
+        if is_gpu(xp) and kernels.enabled() and _fused_adam_on_gpu(
             grad, beta1, beta2, step_size, bias2_sqrt, self.eps, data, exp_avg, exp_avg_sq
         ):
             return
