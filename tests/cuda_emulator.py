@@ -10,13 +10,15 @@ for scalars. Every argument is checked against the kernel's parameter list parse
 source (on a GPU a mismatch corrupts memory silently): see :meth:`EmulatedFunction.check`.
 
 Execution (see the prelude): a kernel whose body has no ``__syncthreads`` runs its threads one
-after another on the calling thread (fast); one with it runs ``blockDim`` threads as
-``std::thread``s that walk the blocks together, so shared-memory reductions run as on a GPU.
-A fault in kernel code (segfault, integer division by zero) raises :class:`KernelFaultError`
-instead of killing the process. With ``check_bounds`` (or ``$CUDA_EMU_CHECK_BOUNDS=1``) every
-array is copied between guard pages, and the launch runs twice (data flush against the
-guard after it, then against the guard before it), so any access outside an argument's
-memory raises :class:`KernelFaultError` naming the argument.
+after another on the calling thread (fast); one with it runs each block's threads as
+coroutines on the calling thread (each with its own stack; ``__syncthreads`` switches to the
+next thread, and the block goes on once all of them wait there), so shared-memory reductions
+run as on a GPU. A fault in kernel code (segfault, integer division by zero, a thread's stack
+overflow) raises :class:`KernelFaultError` instead of killing the process, as does a block
+whose threads do not all reach the same ``__syncthreads``. With ``check_bounds`` (or
+``$CUDA_EMU_CHECK_BOUNDS=1``) every array is copied between guard pages, and the launch runs
+twice (data flush against the guard after it, then against the guard before it), so any
+access outside an argument's memory raises :class:`KernelFaultError` naming the argument.
 """
 
 from __future__ import annotations
@@ -429,8 +431,9 @@ class _Guarded:
 class EmulatedFunction:
     """One kernel instantiation; ``fn(grid, block, args, shared_mem=0)`` launches it.
 
-    ``name`` ("im2col<float>"), ``params`` (:class:`Param` each), ``threaded`` (runs on
-    std::threads: the body uses ``__syncthreads``), ``launches`` (count so far).
+    ``name`` ("im2col<float>"), ``params`` (:class:`Param` each), ``threaded`` (runs a
+    block's threads as coroutines: the body uses ``__syncthreads``), ``launches`` (count so
+    far).
     """
 
     def __init__(self, name, params, threaded, cfunc, check_bounds) -> None:

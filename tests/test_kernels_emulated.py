@@ -487,6 +487,26 @@ def test_sequential_launches_are_fast():
     np.testing.assert_array_equal(cols, im2col(x, k, k))
 
 
+def test_threaded_launches_are_fast():
+    """A 16 x 150 @ 150 x 800 GEMM (50 blocks of 16 x 16 threads, 21 barriers each: 270 k
+    thread switches) in well under a second (on OS threads with a std::barrier: 1.5 s)."""
+    module = EmulatedModule("dense.cu", check_bounds=False)
+    m, k, n = 16, 150, 800
+    rng = np.random.default_rng(13)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = np.full((m, n), np.nan, np.float32)
+    args = (a, *elem_strides(a), b, *elem_strides(b), c, *elem_strides(c), None, None, None)
+    args += (*map(i32, (m, n, k, -(-k // GEMM_TILE) * GEMM_TILE, 0)),)
+    fn = module.get_function("gemm<float>")
+    assert fn.threaded
+    for _ in range(2):  # the first launch maps the threads' stacks
+        start = time.perf_counter()
+        fn((-(-n // GEMM_TILE), -(-m // GEMM_TILE), 1), (GEMM_TILE, GEMM_TILE), args)
+        assert time.perf_counter() - start < 0.5
+    assert_close(c, a.astype(np.float64) @ b, np.float32)
+
+
 def test_out_of_bounds_access_is_caught(modules):
     relu_mask = kernel(modules, "dense.cu", "relu_mask", np.float32)
     grad, out = np.ones(100, np.float32), np.ones(99, np.float32)
@@ -499,7 +519,7 @@ def test_out_of_bounds_access_is_caught(modules):
     args += (*map(i32, (2, 2, 9, 9)), np.float64(0), x, np.zeros(2, np.int64))
     with pytest.raises(KernelFaultError, match=r"before the start of argument 0 \(const double\*"):
         launch_1d(gather, x.size, args)
-    # a fault on one of the block's std::threads (gemm): A has 10 rows, m says 20
+    # a fault on one of the block's threads (gemm, run as coroutines): A has 10 rows, m says 20
     gemm = kernel(modules, "dense.cu", "gemm", np.float32)
     a, b, c = np.ones((10, 16), np.float32), np.ones((16, 16), np.float32), np.zeros((20, 16))
     c = c.astype(np.float32)
@@ -538,6 +558,26 @@ __global__ void geometry(long long* out) {
   out[id] = id;
 }
 
+// Thread 0 leaves while the others wait at the barrier: a deadlock on a GPU.
+__global__ void early_return(int* out) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+// Recursion n deep on every thread of the block: overflows a thread's stack for large n.
+__device__ __noinline__ int depth(int n) {
+  volatile char pad[512];
+  pad[0] = (char)n;
+  const int below = n > 0 ? depth(n - 1) : 0;
+  pad[1] = (char)below;
+  return below + pad[0] + pad[1];
+}
+__global__ void deep(int* out, int n) {
+  __syncthreads();
+  out[threadIdx.x] = depth(n);
+}
+
 __device__ void hidden_barrier() { __syncthreads(); }
 __global__ void sync_in_helper(int* out) { hidden_barrier(); out[threadIdx.x] = 1; }
 __global__ void divide(int* out, int d) { out[threadIdx.x] = 100 / d; }
@@ -546,7 +586,8 @@ __global__ void divide(int* out, int d) { out[threadIdx.x] = 100 / d; }
 
 @pytest.fixture(scope="module")
 def selftest() -> EmulatedModule:
-    names = ["block_reverse<float>", "geometry", "sync_in_helper", "divide"]
+    names = ["block_reverse<float>", "geometry", "sync_in_helper", "divide", "early_return"]
+    names.append("deep")
     return EmulatedModule("emulator_selftest.cu", text=SELFTEST, names=names, check_bounds=True)
 
 
@@ -577,3 +618,20 @@ def test_kernel_errors_are_reported(selftest):
         selftest.get_function("divide")((1,), (32,), (out, i32(0)))
     selftest.get_function("divide")((1,), (32,), (out, i32(4)))
     assert (out == 25).all()
+
+
+def test_barrier_errors_are_reported(selftest):
+    out = np.zeros(32, np.int32)
+    fn = selftest.get_function("early_return")
+    assert fn.threaded
+    with pytest.raises(
+        KernelFaultError,
+        match=r"returned from the kernel while 31 of the block's 32 threads wait at "
+        r"__syncthreads\(\).* in block \(0, 0, 0\) thread \(0, 0, 0\)",
+    ):
+        fn((2,), (32,), (out,))
+    deep = selftest.get_function("deep")
+    with pytest.raises(KernelFaultError, match=r"stack overflow.* thread \(0, 0, 0\)"):
+        deep((2,), (32,), (out, i32(1_000_000)))
+    deep((2,), (32,), (out, i32(10)))  # a fault or error leaves later launches working
+    assert (out == out[0]).all() and out[0] != 0
