@@ -13,11 +13,11 @@ from typing import Any
 from lenet_xp.backend import DeviceError, asnumpy, get_device, use_device
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit, to_device_split
-from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.layers import Module
 from lenet_xp.mnist import DataError, load_mnist
-from lenet_xp.model import LeNet5
+from lenet_xp.model import model_loss
 from lenet_xp.parallel import DataParallel
+from lenet_xp.presets import PresetError, build_from_config
 
 
 def evaluate(
@@ -35,7 +35,7 @@ def evaluate(
     cells = xp.arange(100)
     for x, y in split.batches(batch_size):
         logits = model.forward(x)
-        loss, _ = softmax_cross_entropy(logits, y)
+        loss, _ = model_loss(getattr(model, "model", model), logits, y)
         loss_sum += loss * y.shape[0]
         # Cell true * 10 + predicted of each image (N,), counted by comparing with every cell
         # (N, 100): CuPy's bincount would read its input's min and max on the host (two syncs
@@ -47,27 +47,33 @@ def evaluate(
     return float(loss_sum) / n, int(confusion.trace()) / n, confusion
 
 
-def load_model(path: str, device: Any) -> tuple[LeNet5, dict]:
-    """``(model on device, meta)`` from a checkpoint written by ``lenet_xp.train``."""
+def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module, dict]:
+    """``(model on device, meta)`` from a checkpoint written by ``lenet_xp.train``: the
+    network its config names (``--arch``, options), rebuilt and loaded. ``arch``, if given,
+    must be the checkpoint's (else :class:`CheckpointError`, one line)."""
     model_state, _, meta = load_checkpoint(path)
     config = meta.get("config", {})
-    model = LeNet5(
-        dtype=config.get("dtype", "float32"), input_size=32 if config.get("pad32") else 28
-    )
+    saved = config.get("arch", "lenet5")
+    if arch is not None and arch != saved:
+        raise CheckpointError(f"checkpoint {path} holds --arch {saved}, not --arch {arch}")
+    try:
+        model = build_from_config(config)
+    except PresetError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     try:
         model.load_state_dict(model_state)
     except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not hold a LeNet5: {exc}") from None
+        raise CheckpointError(f"checkpoint {path} does not hold a {saved}: {exc}") from None
     return model.to(device), meta
 
 
-def test_split(meta: dict, device: Any, data_dir: str | None) -> DeviceSplit:
-    """MNIST's test set on ``device``, prepared as the run in ``meta`` was trained
-    (its dtype, and 32x32 padding if it used ``--pad32``)."""
+def test_split(meta: dict, device: Any, data_dir: str | None, size: int = 28) -> DeviceSplit:
+    """MNIST's test set on ``device``, prepared as the run in ``meta`` was trained: its
+    dtype, and padded to 32x32 for a model of input ``size`` 32."""
     config = meta.get("config", {})
     mnist = load_mnist(data_dir)
-    dtype, pad32 = config.get("dtype", "float32"), bool(config.get("pad32"))
-    return to_device_split(mnist.test_images, mnist.test_labels, device, dtype, pad32)
+    dtype = config.get("dtype", "float32")
+    return to_device_split(mnist.test_images, mnist.test_labels, device, dtype, size == 32)
 
 
 def format_confusion(confusion: Any) -> str:
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--checkpoint", required=True, help="a .npz written by lenet_xp.train")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--arch", default=None, help="refuse a checkpoint of another --arch")
     p.add_argument(
         "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
     )
@@ -93,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = get_device(args.device)
         with use_device(device):
-            model, meta = load_model(args.checkpoint, device)
-            test = test_split(meta, device, args.data_dir)
+            model, meta = load_model(args.checkpoint, device, args.arch)
+            test = test_split(meta, device, args.data_dir, model.input_size)
             loss, acc, confusion = evaluate(model, test, args.batch_size)
     except (DataError, DeviceError, CheckpointError) as exc:
         print(f"lenet_xp.evaluate: error: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ class LeNet5(Sequential):
             raise ValueError(f"input_size must be 28 (padded in conv1) or 32, got {input_size}")
         rng = host_rng(seed)
         kw = {"init": init, "rng": rng, "dtype": dtype}
-        self.input_size = input_size
+        self.input_shape = (1, input_size, input_size)
         # ReLU and max-pool commute exactly (max is monotone; both send the gradient to the
         # first maximum, or nowhere if it is <= 0), so ReLU runs after pooling on 4x fewer values.
         self.conv1 = Conv2d(1, 6, 5, padding=(32 - input_size) // 2, **kw)
@@ -49,23 +49,11 @@ class LeNet5(Sequential):
         self.fc3 = Linear(84, 10, **kw)
         self.conv1.needs_input_grad = False  # the image needs no gradient
 
-    def layers(self) -> list[Module]:
-        return [child for _, child in self.named_children()]
 
-    def forward(self, x: Any) -> Any:
-        size = self.input_size
-        if x.ndim != 4 or x.shape[1:] != (1, size, size):
-            raise ValueError(
-                f"LeNet5 expects images of shape (N, 1, {size}, {size}), got {x.shape}"
-            )
-        for layer in self.layers():
-            x = layer.forward(x)
-        return x
-
-    def backward(self, grad_logits: Any) -> Any:
-        for layer in reversed(self.layers()):
-            grad_logits = layer.backward(grad_logits)
-        return grad_logits
+def model_loss(model: Module, logits: Any, labels: Any) -> tuple[Any, Any]:
+    """``(mean loss, grad_logits)`` of ``model``'s output: its ``loss_fn`` if it has one (e.g.
+    LeCun's RBF loss for ``lenet5-classic --output rbf``), else softmax cross-entropy."""
+    return getattr(model, "loss_fn", softmax_cross_entropy)(logits, labels)
 
 
 def loss_and_grads(model: Module, x: Any, labels: Any) -> tuple[Any, dict[str, Any]]:
@@ -76,6 +64,6 @@ def loss_and_grads(model: Module, x: Any, labels: Any) -> tuple[Any, dict[str, A
     like ``model.state_dict()`` (``"conv1.weight"``, ...). Also sets each ``param.grad``.
     """
     logits = model.forward(x)
-    loss, grad_logits = softmax_cross_entropy(logits, labels)
+    loss, grad_logits = model_loss(model, logits, labels)
     model.backward(grad_logits)
     return loss, {name: param.grad for name, param in model.named_parameters()}

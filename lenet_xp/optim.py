@@ -264,8 +264,12 @@ class Adam(Optimizer):
 
         step_size = self.lr / (1.0 - beta1**step)
         bias2_sqrt = math.sqrt(1.0 - beta2**step)
-        if is_gpu(xp) and kernels.enabled() and _fused_adam_on_gpu(
-            grad, beta1, beta2, step_size, bias2_sqrt, self.eps, data, exp_avg, exp_avg_sq
+        if (
+            is_gpu(xp)
+            and kernels.enabled()
+            and _fused_adam_on_gpu(
+                grad, beta1, beta2, step_size, bias2_sqrt, self.eps, data, exp_avg, exp_avg_sq
+            )
         ):
             return
         exp_avg *= beta1

@@ -26,15 +26,15 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from lenet_xp.backend import host_view, host_zeros, tune_host_allocator
-from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.layers import Module
+from lenet_xp.model import model_loss
 
 
 def forward_backward(model: Module, x: Any, labels: Any) -> tuple[Any, Any]:
     """Forward, loss and backward on one batch: returns ``(loss, n_correct)`` as 0-d device
     arrays (no host sync) and leaves the gradients in ``param.grad``."""
     logits = model.forward(x)
-    loss, grad_logits = softmax_cross_entropy(logits, labels)
+    loss, grad_logits = model_loss(model, logits, labels)
     model.backward(grad_logits)
     return loss, (logits.argmax(axis=1) == labels).sum()
 
@@ -94,7 +94,8 @@ def _worker(
                 model.train()
                 loss, correct = forward_backward(model, x, y)
                 for param, view in zip(params, grad_views, strict=True):
-                    view[...] = param.grad
+                    if param.grad is not None:  # fixed parameters (RBF centres) have none
+                        view[...] = param.grad
                 a["stats"][index] = (float(loss), int(correct))
             else:
                 model.eval()
@@ -258,6 +259,8 @@ class DataParallel:
         loss = loss * weights[0] + sum(w * stats[i, 0] for i, w in enumerate(weights) if i)
         correct = correct + int(stats[1 : len(parts), 1].sum())
         for j, param in enumerate(self.model.parameters()):
+            if param.grad is None:  # a fixed parameter (e.g. RBF centres): nothing to combine
+                continue
             param.grad *= weights[0]
             for i in range(1, len(parts)):
                 param.grad += weights[i] * self._grad_views[i][j]

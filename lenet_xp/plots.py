@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             written.append(plot_curves(run / "metrics.jsonl", run))
         model, meta = load_model(args.checkpoint or str(run / "best.npz"), CPU)
         written.append(plot_filters(model, run))
-        test = test_split(meta, CPU, args.data_dir)
+        test = test_split(meta, CPU, args.data_dir, model.input_size)
         wrong, predicted = misclassified(model, test)
         mnist = load_mnist(args.data_dir)  # the raw pictures, to show them as they are
         written.append(

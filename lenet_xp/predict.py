@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", help="picture files (PNG, JPEG, ...)")
     p.add_argument("--checkpoint", required=True, help="a .npz written by lenet_xp.train")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--arch", default=None, help="refuse a checkpoint of another --arch")
     args = p.parse_args(argv)
     try:
         device = get_device(args.device)
@@ -31,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
         return 1
     with use_device(device):
-        return _predict(args.checkpoint, args.images, device)
+        return _predict(args.checkpoint, args.images, device, args.arch)
 
 
-def _predict(checkpoint: str, images: list[str], device: Device) -> int:
+def _predict(checkpoint: str, images: list[str], device: Device, arch: str | None = None) -> int:
     """Classify each picture in ``images`` with the model in ``checkpoint`` on ``device``
     (the current device); one line each. Returns the exit status: 1 if any failed."""
     try:
-        model, _ = load_model(checkpoint, device)
+        model, _ = load_model(checkpoint, device, arch)
     except CheckpointError as exc:
         print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
         return 1
@@ -51,7 +52,7 @@ def _predict(checkpoint: str, images: list[str], device: Device) -> int:
             print(f"lenet_xp.predict: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        x = to_device(x[None], device).astype(model.conv1.weight.data.dtype)
+        x = to_device(x[None], device).astype(model.parameters()[0].data.dtype)
         if model.input_size == 32:  # pad with the background value, as --pad32 training did
             xp = device.xp
             x = xp.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-MEAN / STD)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp import fused as fused_step
-from lenet_xp import kernels
+from lenet_xp import kernels, presets
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -32,7 +32,6 @@ from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.evaluate import evaluate
 from lenet_xp.mnist import DataError, load_mnist
-from lenet_xp.model import LeNet5
 from lenet_xp.optim import Optimizer, make_optimizer
 from lenet_xp.parallel import DataParallel, WorkerError
 from lenet_xp.schedules import make_schedule
@@ -127,7 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run saved in this checkpoint (e.g. OUT/last.npz), with its config",
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision")
-    p.add_argument("--pad32", action="store_true", help="pad images to 32x32 (LeCun 1998 input)")
+    p.add_argument(
+        "--arch",
+        default="lenet5",
+        help="network preset; `--arch list` prints them all with their parameter counts",
+    )
+    p.add_argument(
+        "--activation",
+        choices=tuple(presets.ACTIVATIONS),
+        default=None,
+        help="LeNet-family presets: the activation (default: the preset's own)",
+    )
+    p.add_argument(
+        "--pool", choices=presets.POOLS, default=None, help="LeNet-family presets: pooling"
+    )
+    p.add_argument(
+        "--batchnorm",
+        action="store_true",
+        help="LeNet-family presets: batch-norm after each conv and hidden fc",
+    )
+    p.add_argument(
+        "--dropout",
+        type=_non_negative_float,
+        default=0.0,
+        help="LeNet-family presets: dropout probability before each hidden fc",
+    )
+    p.add_argument(
+        "--output",
+        choices=presets.OUTPUTS,
+        default="fc",
+        help="lenet5-classic: a fully connected output (softmax cross-entropy) or LeCun's RBF "
+        "units with the paper's loss",
+    )
+    p.add_argument(
+        "--pad32", action="store_true", help="lenet5: pad images to 32x32 (LeCun 1998 input)"
+    )
     p.add_argument(
         "--val-size",
         type=int,
@@ -173,16 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
-    "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "workers",
+    "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "workers", "arch",
+    "activation", "pool", "batchnorm", "dropout", "output",
 )  # fmt: skip
 
 
-def _load_splits(config: dict, data_dir: str | None, device: Device, quiet: bool):
+def _load_splits(config: dict, data_dir: str | None, device: Device, quiet: bool, size: int):
     """``(train, val or None, test)`` splits on ``device``; ``val`` is the end of the
     training set when ``config["val_size"]`` asks for one."""
 
     def on_device(images: Any, labels: Any) -> DeviceSplit:
-        return to_device_split(images, labels, device, config["dtype"], config["pad32"])
+        return to_device_split(images, labels, device, config["dtype"], size == 32)
 
     mnist = load_mnist(data_dir, progress=not quiet)
     n_train = config["limit_train"] or len(mnist.train_labels)
@@ -242,8 +276,9 @@ def _progress_bar(total: int, epoch: int, epochs: int, quiet: bool) -> Any:
     )
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train as ``args`` says; returns the last epoch's metrics.
+def run(args: argparse.Namespace, model: Any = None) -> dict:
+    """Train as ``args`` says (``model``: a network built in Python instead of ``--arch``);
+    returns the last epoch's metrics.
 
     The whole run (data, model, training, evaluation, checkpoints) happens with
     ``--device``'s GPU as CuPy's current device, so ``cuda:N`` means device N throughout.
@@ -254,25 +289,31 @@ def run(args: argparse.Namespace) -> dict:
     enabled = kernels.enabled()
     try:
         with use_device(device):
-            return _run(args, device)
+            return _run(args, device, model)
     finally:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
 
-def _run(args: argparse.Namespace, device: Device) -> dict:
+def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
     """:func:`run` on the resolved ``device``, inside :func:`use_device`."""
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
+    if model is not None:
+        config["arch"] = "custom"  # built in Python: the CLIs cannot rebuild it
     resume_state = None
     if args.resume:
         model_state, optim_state, meta = load_checkpoint(args.resume)
         config = meta["config"]  # a resumed run keeps its own configuration
+        saved = config.get("arch", "lenet5")
+        if args.arch not in ("lenet5", saved) and model is None:
+            raise CheckpointError(
+                f"checkpoint {args.resume} holds --arch {saved}, not --arch {args.arch}"
+            )
         resume_state = (model_state, optim_state, meta)
-    train, val, test = _load_splits(config, args.data_dir, device, args.quiet)
-
-    model = LeNet5(
-        seed=config["seed"], dtype=config["dtype"], input_size=32 if config["pad32"] else 28
-    )
+    model = presets.build_from_config(config) if model is None else model
+    train, val, test = _load_splits(config, args.data_dir, device, args.quiet, model.input_size)
     model.to(device)
+    if not args.quiet:
+        print(model.summary(config["batch_size"]), flush=True)
     optimizer = make_optimizer(
         config["optimizer"],
         model.parameters(),
@@ -406,8 +447,25 @@ def _summary(r: dict, epochs: int) -> str:
     )
 
 
+def fit(model: Any = None, **options: Any) -> dict:
+    """Train ``model`` (any :class:`~lenet_xp.layers.Sequential` ending in 10 logits, or
+    ``None`` for ``--arch``) through the same loop as the CLI; ``options`` are the CLI's
+    flags with underscores (``epochs=3, out="runs/mine", resume="runs/mine/last.npz"``).
+    Returns the last epoch's metrics. Bad options raise, as in the CLI, with one line."""
+    parser = build_parser()
+    args = parser.parse_args([])
+    for key, value in options.items():
+        if not hasattr(args, key):
+            raise TypeError(f"fit() got an unknown option {key!r}; see train --help")
+        setattr(args, key, value)
+    return run(args, model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.arch == "list":
+        print(presets.listing())
+        return 0
     # A diverging run overflows; it is reported once, as a NaN/inf loss, not per operation.
     warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
     try:
@@ -415,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DeviceError, CheckpointError, TrainingError, WorkerError) as exc:
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
+    except presets.PresetError as exc:
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        return 2
     except MemoryError:
         print(
             f"lenet_xp.train: error: out of memory at --batch-size {args.batch_size}; "

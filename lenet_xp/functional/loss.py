@@ -1,4 +1,5 @@
-"""Softmax cross-entropy on logits, mean over the batch. Pure functions."""
+"""Softmax cross-entropy on logits and LeCun et al. 1998's RBF loss, mean over the batch.
+Pure functions."""
 
 from __future__ import annotations
 
@@ -28,6 +29,48 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     rows = xp.arange(n)
     loss = -log_probs[rows, labels].mean()
     grad_logits = xp.exp(log_probs)
+    grad_logits[rows, labels] -= 1.0
+    grad_logits *= 1.0 / n
+    return loss, grad_logits
+
+
+#: Default ``j`` of :func:`rbf_loss`. The paper asks only for a positive constant (it gives
+#: no value). The gradient pulls the right class's penalty ``y_D`` down with weight about
+#: ``sigmoid(y_D - j)`` (other classes far) and pushes a wrong class ``i`` up with weight about
+#: ``exp(-(y_i - min(j, min_k y_k)))``. We take ``j = 1``, the scale of one F6 unit's squared
+#: error: while every penalty is well above 1 (early on F6 is near 0 and every penalty is
+#: about 84) the rubbish class takes the normalisation and the loss is the paper's first term
+#: alone, the squared distance to the right bitmap; a wrong class is pushed only while its
+#: penalty is within a few units of ``min(j, smallest penalty)``, and "the penalties of
+#: classes that are already very large" are left alone, as the paper intends.
+RBF_LOSS_J = 1.0
+
+
+def rbf_loss(logits: Any, labels: Any, j: float = RBF_LOSS_J) -> tuple[Any, Any]:
+    """LeCun et al. 1998's loss (section II-C) on RBF logits ``(N, K) = -y`` (``y``: the
+    penalties of :class:`~lenet_xp.layers.RBFOutput`) against integer ``labels (N,)``, and its
+    gradient:
+
+    ``E = mean_p ( y[p, D_p] + log(exp(-j) + sum_i exp(-y[p, i])) )``
+
+    that is, softmax cross-entropy over the K logits plus one constant logit ``-j`` for a
+    "rubbish" class that is never the label: as ``j -> inf`` (``j=math.inf`` works) it is
+    :func:`softmax_cross_entropy`. ``E >= 0``. Stable for any finite logits (log-sum-exp).
+    Returns ``(loss, grad_logits)``: ``loss`` a 0-d array on the logits' device (no host
+    sync), ``grad_logits (N, K) = (p - onehot(labels)) / N`` with ``p`` the softmax over
+    all K + 1 logits restricted to the K real ones.
+    """
+    xp = get_array_module(logits)
+    n = logits.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
+    rubbish = -float(j)
+    top = xp.maximum(logits.max(axis=1, keepdims=True), rubbish)  # (N, 1), finite
+    exp = xp.exp(logits - top)
+    total = exp.sum(axis=1, keepdims=True) + xp.exp(rubbish - top)
+    rows = xp.arange(n)
+    loss = (top[:, 0] + xp.log(total[:, 0]) - logits[rows, labels]).mean()
+    grad_logits = exp / total
     grad_logits[rows, labels] -= 1.0
     grad_logits *= 1.0 / n
     return loss, grad_logits

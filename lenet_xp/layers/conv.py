@@ -44,6 +44,11 @@ class Conv2d(Module):
         self._cache = cache if self.training else None
         return y
 
+    def macs(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> int:
+        """Every output value is one dot product of ``C*kh*kw`` terms."""
+        oc, c, kh, kw = self.weight.shape
+        return oc * y_shape[2] * y_shape[3] * c * kh * kw
+
     def backward(self, grad_y: Any) -> Any:
         grad_x, grad_w, grad_b = conv2d_backward(
             grad_y, self._cache, self.weight.data, need_grad_x=self.needs_input_grad

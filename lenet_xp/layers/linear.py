@@ -37,6 +37,9 @@ class Linear(Module):
             y += self.bias.data
         return y
 
+    def macs(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> int:
+        return self.weight.shape[0] * self.weight.shape[1]
+
     def backward(self, grad_y: Any) -> Any:
         self.weight.grad = grad_y.T @ self._x
         if self.bias is not None:

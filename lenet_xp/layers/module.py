@@ -124,18 +124,61 @@ class Module:
     def num_parameters(self) -> int:
         return sum(int(param.data.size) for param in self.parameters())
 
+    def macs(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> int:
+        """Multiply-accumulates per image of one forward pass from ``x_shape`` to ``y_shape``
+        (``(N, ...)``); 0 unless the layer multiplies by weights (see ``summary``)."""
+        return 0
+
+    def summary(self, batch: int = 128) -> str:
+        """A table of the layers: output shapes, parameters and MACs per image, with totals
+        (see :mod:`lenet_xp.summary`)."""
+        from lenet_xp.summary import summarize
+
+        return summarize(self, batch)
+
 
 class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse."""
+    """Layers applied in order; backward runs them in reverse.
 
-    def __init__(self, *layers: Module) -> None:
+    ``Sequential(a, b, c)`` or ``Sequential([a, b, c])`` names them ``0``, ``1``, ``2`` (as
+    PyTorch); ``Sequential(conv1=a, relu1=b)`` by keyword. ``input_shape`` ``(C, H, W)``,
+    if given, is checked on every forward pass (one clear error instead of one from deep
+    inside a layer).
+    """
+
+    input_shape: tuple[int, ...] | None = None
+
+    def __init__(
+        self, *layers: Module | list[Module], input_shape: tuple[int, ...] | None = None,
+        **named: Module,
+    ) -> None:  # fmt: skip
+        if len(layers) == 1 and isinstance(layers[0], list | tuple):
+            layers = tuple(layers[0])
         for index, layer in enumerate(layers):
             setattr(self, str(index), layer)
+        for name, layer in named.items():
+            setattr(self, name, layer)
+        for name, layer in self.named_children():
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: {name} is a {type(layer).__name__}, not a layer")
+        if input_shape is not None:
+            self.input_shape = tuple(input_shape)
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square images this model takes (28 or 32); 28 if unknown."""
+        return self.input_shape[-1] if self.input_shape else 28
 
     def layers(self) -> list[Module]:
         return [child for _, child in self.named_children()]
 
     def forward(self, x: Any) -> Any:
+        expected = self.input_shape
+        if expected is not None and (x.ndim != 4 or tuple(x.shape[1:]) != expected):
+            shape = ", ".join(map(str, expected))
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (N, {shape}), got {tuple(x.shape)}"
+            )
         for layer in self.layers():
             x = layer.forward(x)
         return x
