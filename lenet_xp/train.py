@@ -163,10 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--val-size",
-        type=int,
-        default=0,
-        help="hold out this many training images to choose best.npz (else lowest train loss); "
-        "the test set never chooses",
+        type=_number(int, 0, False),
+        default=None,
+        help="hold out the last N training images to choose best.npz and to stop early "
+        "(default: 1/12 of the training set, 5,000 of 60,000; 0: train on all, best.npz then "
+        "has the lowest training loss); the test set never chooses",
+    )
+    p.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=None,
+        help="stop when validation accuracy has not improved for this many epochs",
     )
     p.add_argument(
         "--limit-train", type=_positive_int, default=None, help="use the first N train images"
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
     "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "workers", "arch",
-    "activation", "pool", "batchnorm", "dropout", "output",
+    "activation", "pool", "batchnorm", "dropout", "output", "patience",
 )  # fmt: skip
 
 
@@ -224,6 +231,8 @@ def _load_splits(config: dict, data_dir: str | None, device: Device, quiet: bool
     train_x, train_y = mnist.train_images[:n_train], mnist.train_labels[:n_train]
     test = on_device(mnist.test_images[:n_test], mnist.test_labels[:n_test])
     n_val = config["val_size"]
+    if n_val is None:  # the default: the last twelfth (5,000 of 60,000)
+        n_val = len(train_y) // 12
     if not n_val:
         return on_device(train_x, train_y), None, test
     if not 0 < n_val < len(train_y):
@@ -311,6 +320,8 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
         resume_state = (model_state, optim_state, meta)
     model = presets.build_from_config(config) if model is None else model
     train, val, test = _load_splits(config, args.data_dir, device, args.quiet, model.input_size)
+    if config.get("patience") and val is None:
+        raise TrainingError("--patience needs a validation split: drop --val-size 0")
     model.to(device)
     if not args.quiet:
         print(model.summary(config["batch_size"]), flush=True)
@@ -326,7 +337,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
         config["schedule"], config["lr"], config["epochs"] * steps_per_epoch, steps_per_epoch
     )
     rng = host_rng(config["seed"])
-    start_epoch, step, best_score = 1, 0, -math.inf
+    start_epoch, step, best_score, best_epoch = 1, 0, -math.inf, 0
     if resume_state:
         model_state, optim_state, meta = resume_state
         try:
@@ -334,6 +345,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
             optimizer.load_state_dict(optim_state)
             rng.bit_generator.state = meta["rng_state"]
             start_epoch, step, best_score = meta["epoch"] + 1, meta["step"], meta["best_score"]
+            best_epoch = meta.get("best_epoch", 0)
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {args.resume} does not fit: {exc}") from None
 
@@ -389,9 +401,17 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
                     runner, val, args.eval_batch_size
                 )
             score = record["val_acc"] if val is not None else -train_loss
+            if score > best_score:
+                best_epoch = epoch
+            record["best_epoch"] = best_epoch
+            patience = config.get("patience")
+            stop = bool(patience) and epoch - best_epoch >= patience and epoch < config["epochs"]
+            if stop:
+                record["stopped_early"] = True
             meta = {
                 "epoch": epoch, "step": step, "rng_state": rng.bit_generator.state,
                 "config": config, "metrics": record, "best_score": max(best_score, score),
+                "best_epoch": best_epoch,
             }  # fmt: skip
             names = ["last.npz"]
             if args.keep_every_epoch:
@@ -405,6 +425,14 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
             metrics_file.flush()
             if not args.quiet:
                 print(_summary(record, config["epochs"]), flush=True)
+            if stop:
+                if not args.quiet:
+                    print(
+                        f"early stop: val_acc has not improved for {patience} epochs "
+                        f"(best: epoch {best_epoch}, {out / 'best.npz'})",
+                        flush=True,
+                    )
+                break
     finally:
         runner.close()
         metrics_file.close()

@@ -213,7 +213,7 @@ def test_a_network_built_in_python_trains_checkpoints_and_resumes(tmp_path, caps
 @needs_mnist
 def test_lenet5_classic_with_rbf_output_trains_over_two_workers(tmp_path, capsys):
     """The fixed RBF centres (no gradient) pass through the shared-memory workers."""
-    args = ["--device", "cpu", "--data-dir", str(DATA), "--epochs", "1", "--limit-train", "2000"]
+    args = ["--device", "cpu", "--data-dir", str(DATA), "--epochs", "1", "--limit-train", "5000"]
     args += ["--limit-test", "500", "--arch", "lenet5-classic", "--output", "rbf", "--workers", "2"]
     assert train_cli.main(args + ["--quiet", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])

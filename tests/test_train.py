@@ -312,3 +312,29 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
     assert "resume with --resume" in err
     assert load_checkpoint(tmp_path / "last.npz")[2]["epoch"] >= 1
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+@needs_mnist
+def test_a_validation_split_is_the_default_and_patience_stops_early(tmp_path, capsys):
+    """By default the last twelfth of the training images validates; with a learning rate
+    too small to change anything, validation accuracy never improves after epoch 1, so
+    ``--patience 2`` stops after epoch 3 and says so; the metrics record the best epoch."""
+    args = ["--device", "cpu", "--data-dir", str(DATA), "--limit-train", "1200"]
+    args += ["--limit-test", "200", "--epochs", "10", "--lr", "1e-12", "--schedule", "constant"]
+    args += ["--patience", "2", "--out", str(tmp_path), "--workers", "1"]
+    assert train_cli.main(args) == 0
+    out = capsys.readouterr().out
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all("val_acc" in r and r["best_epoch"] == 1 for r in records)
+    assert records[-1]["stopped_early"] is True and "stopped_early" not in records[0]
+    assert "early stop: val_acc has not improved for 2 epochs (best: epoch 1" in out
+    assert records[0]["images_per_second"] * records[0]["train_seconds"] == pytest.approx(1100)
+
+
+def test_patience_without_validation_is_one_line(tmp_path, capsys):
+    args = SMALL + ["--val-size", "0", "--patience", "2", "--out", str(tmp_path)]
+    if not (DATA / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found in {DATA}")
+    assert train_cli.main(args) == 1
+    _one_line_error(capsys, "--patience needs a validation split")
