@@ -24,6 +24,7 @@ from typing import Any
 
 from lenet_xp import bench_torch
 from lenet_xp import fused as fused_step
+from lenet_xp.augment import parse_augment
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -61,9 +62,11 @@ def load_train_split(
 
 
 def our_epoch(
-    split: DeviceSplit, batch_size: int, workers: int, tune_allocator: bool = True
-) -> tuple[Any, Any]:
-    """``(run_one_epoch, close)`` for lenet_xp's training loop, after a 20-step warm-up."""
+    split: DeviceSplit, batch_size: int, workers: int, tune_allocator: bool = True,
+    augment: Any = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """``(run_one_epoch, close)`` for lenet_xp's training loop (images distorted as
+    ``augment``, an :class:`~lenet_xp.augment.Augment`, if given), after a 20-step warm-up."""
     model = LeNet5(seed=0).to(split.device)
     workers = workers if split.device.kind == "cpu" else 1
     runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
@@ -71,10 +74,10 @@ def our_epoch(
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     n_warm = 20 * batch_size
     warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)
-    train_epoch(runner, optimizer, schedule, warmup, batch_size, rng, 0, None)
+    train_epoch(runner, optimizer, schedule, warmup, batch_size, rng, 0, None, 0, augment)
 
     def epoch() -> None:
-        train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None)
+        train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None, 0, augment)
 
     return epoch, runner.close
 
@@ -166,8 +169,10 @@ def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -
     return Engine(name, epoch, one_step, issued=issued)
 
 
-def _layers_engine(split: DeviceSplit, batch_size: int, args: argparse.Namespace) -> Engine:
-    epoch, close = our_epoch(split, batch_size, args.workers, not args.plain_malloc)
+def _layers_engine(
+    split: DeviceSplit, batch_size: int, args: argparse.Namespace, augment: Any = None
+) -> Engine:
+    epoch, close = our_epoch(split, batch_size, args.workers, not args.plain_malloc, augment)
     model = LeNet5(seed=0).to(split.device)
     optimizer = Adam(model.parameters(), lr=1e-3)
     x, y = split.images[:batch_size], split.labels[:batch_size]
@@ -176,7 +181,7 @@ def _layers_engine(split: DeviceSplit, batch_size: int, args: argparse.Namespace
         forward_backward(model, x, y)
         optimizer.step()
 
-    return Engine("layers", epoch, one_step, close)
+    return Engine("layers+aug" if augment else "layers", epoch, one_step, close)
 
 
 def _torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Engine:
@@ -189,7 +194,8 @@ def engines(
     args: argparse.Namespace, split: DeviceSplit, batch_size: int
 ) -> tuple[list[Engine], list[str]]:
     """The engines to time on this device, and one line per engine that could not run."""
-    names = ["layers"] + (["kernels", "graph"] if split.device.kind == "cuda" else [])
+    names = ["layers"] + (["layers+aug"] if args.augment else [])
+    names += ["kernels", "graph"] if split.device.kind == "cuda" else []
     if args.torch:
         names += ["torch"] + (["torch-graph"] if split.device.kind == "cuda" else [])
     built, skipped = [], []
@@ -197,6 +203,9 @@ def engines(
         try:
             if name == "layers":
                 built.append(_layers_engine(split, batch_size, args))
+            elif name == "layers+aug":
+                augment = parse_augment(args.augment)
+                built.append(_layers_engine(split, batch_size, args, augment))
             elif name in ("kernels", "graph"):
                 built.append(_fused_engine(name, split, batch_size, args.epochs))
             elif not bench_torch.available():
@@ -288,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         "--race-epochs", type=int, default=3, help="--time-to: epochs of the cosine schedule"
     )
     p.add_argument(
+        "--augment",
+        default=None,
+        metavar="SPEC",
+        help="also time the layers with this --augment spec (the cost of augmentation)",
+    )
+    p.add_argument(
         "--plain-malloc",
         action="store_true",
         help="CPU: leave glibc's allocator as it is (to measure what tune_host_allocator buys)",
@@ -343,6 +358,14 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
         )
     for line in notes:
         print(f"not timed: {line}")
+    by_name = {(r[0], r[1]): r[2] for r in rows}
+    for batch_size in args.batch_sizes:
+        if (batch_size, "layers+aug") in by_name:
+            cost = by_name[(batch_size, "layers+aug")] / by_name[(batch_size, "layers")] - 1
+            print(
+                f"augmentation ({args.augment}) at batch {batch_size}: "
+                f"{100 * cost:+.1f} % epoch time (layers)"
+            )
     print(
         "launches: kernels and cuBLAS/reduction calls our fused step issues per step; CUPTI: "
         "CUDA kernels and copies the GPU ran for one step (needs PyTorch's profiler)"

@@ -19,6 +19,7 @@ from typing import Any
 
 from lenet_xp import fused as fused_step
 from lenet_xp import kernels, presets
+from lenet_xp.augment import Augment, augment_batch, parse_augment
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -31,7 +32,7 @@ from lenet_xp.backend import (
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.evaluate import evaluate
-from lenet_xp.mnist import DataError, load_mnist
+from lenet_xp.mnist import MEAN, STD, DataError, load_mnist
 from lenet_xp.optim import Optimizer, make_optimizer
 from lenet_xp.parallel import DataParallel, WorkerError
 from lenet_xp.schedules import make_schedule
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         metavar="{0..4}",
         help="augment: translate each training image by up to this many pixels at random",
+    )
+    p.add_argument(
+        "--augment",
+        default="none",
+        help="distort training images on the training device: none, light, default, strong, "
+        "or key=value,... (rotate, scale, shear, translate, elastic=ALPHA:SIGMA, noise); "
+        "see lenet_xp/augment.py",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
     p.add_argument(
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
     "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "workers", "arch",
-    "activation", "pool", "batchnorm", "dropout", "output", "patience",
+    "activation", "pool", "batchnorm", "dropout", "output", "patience", "augment",
 )  # fmt: skip
 
 
@@ -251,16 +259,27 @@ def train_epoch(
     step: int,
     bar: Any,
     max_shift: int = 0,
+    augment: Any = None,
+    epoch: int = 0,
 ) -> tuple[float, float, int]:
     """One pass in a fresh random order, images randomly translated by up to ``max_shift``
-    pixels. Returns ``(mean loss, accuracy, global step)``."""
+    pixels and distorted as ``augment`` (an :class:`~lenet_xp.augment.Augment`; its draws
+    depend on the run's seed, the ``epoch`` and each image, not on the device). Returns
+    ``(mean loss, accuracy, global step)``."""
     xp = split.device.xp
     runner.train()
     loss_sum = xp.zeros((), dtype=xp.float64)
     correct = xp.zeros((), dtype=xp.int64)
     order = permutation(len(split), rng, split.device)
     shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
-    for x, y in split.batches(batch_size, order, shifts, max_shift):
+    distort = None
+    if augment is not None and augment != Augment():
+        seed = int(rng.integers(2**62))  # from the run's generator: resumable, device-free
+
+        def distort(x: Any, ids: Any) -> Any:
+            return augment_batch(x, augment, ids, seed, epoch, -MEAN / STD)
+
+    for x, y in split.batches(batch_size, order, shifts, max_shift, distort):
         optimizer.lr = schedule(step)
         loss, n_correct = runner.forward_backward(x, y)
         optimizer.step()
@@ -378,6 +397,8 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
                     step,
                     bar,
                     config.get("shift", 0),
+                    parse_augment(config.get("augment", "none")),
+                    epoch,
                 )
             synchronize(device)
             seconds = time.perf_counter() - t0
@@ -453,6 +474,10 @@ def _engine(
                 f"note: --cuda-graph applies to CUDA devices; training on {device}", file=sys.stderr
             )
         return None, "layers"
+    if parse_augment(config.get("augment", "none")) != Augment():
+        if not args.quiet:
+            print("note: training with the array-op layers: --augment runs there", file=sys.stderr)
+        return None, "layers"
     lr_of_step = [schedule(s) for s in range(total_steps)]
     fused, why = fused_step.build(
         model, optimizer, train, config["batch_size"], lr_of_step, config.get("shift", 0),
@@ -490,7 +515,12 @@ def fit(model: Any = None, **options: Any) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_augment(args.augment)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.arch == "list":
         print(presets.listing())
         return 0

@@ -15,11 +15,14 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 def test_bench_prints_every_engine_and_the_race(capsys):
     args = ["--device", "cpu", "--epochs", "1", "--limit-train", "2560", "--no-profile"]
     args += ["--torch", "--time-to", "0.5", "--race-epochs", "1", "--data-dir", str(DATA)]
+    args += ["--augment", "default"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("   128")}
     assert "layers" in rows
     assert float(rows["layers"][2]) > 0  # epoch seconds
+    assert float(rows["layers+aug"][2]) > 0
+    assert "augmentation (default) at batch 128:" in out
     if HAS_TORCH:
         assert "torch" in rows and float(rows["torch"][-1]) == pytest.approx(1.0)
     else:

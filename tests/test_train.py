@@ -338,3 +338,37 @@ def test_patience_without_validation_is_one_line(tmp_path, capsys):
         pytest.skip(f"MNIST not found in {DATA}")
     assert train_cli.main(args) == 1
     _one_line_error(capsys, "--patience needs a validation split")
+
+
+@needs_mnist
+def test_augmented_training_resumes_exactly(tmp_path):
+    """``--augment`` draws from the run's seed, the epoch and each image: a run resumed from
+    its epoch-1 checkpoint distorts epoch 2 exactly as the uninterrupted run did."""
+    base = SMALL + ["--epochs", "2", "--limit-test", "500", "--augment", "default", "--shift", "0"]
+    base += ["--keep-every-epoch", "--workers", "1"]
+    assert (
+        train_cli.main(
+            base + ["--out", str(tmp_path / "s"), "--metrics", str(tmp_path / "s.jsonl")]
+        )
+        == 0
+    )
+    (tmp_path / "r.jsonl").write_text((tmp_path / "s.jsonl").read_text().splitlines()[0] + "\n")
+    resume = ["--resume", str(tmp_path / "s" / "epoch_001.npz"), "--device", "cpu", "--quiet"]
+    resume += ["--data-dir", str(DATA), "--out", str(tmp_path / "r"), "--workers", "1"]
+    assert train_cli.main(resume + ["--metrics", str(tmp_path / "r.jsonl")]) == 0
+    straight = without_timings(read_metrics(tmp_path / "s.jsonl"))
+    assert without_timings(read_metrics(tmp_path / "r.jsonl")) == straight
+    plain = SMALL + ["--epochs", "1", "--limit-test", "500", "--shift", "0", "--workers", "1"]
+    assert train_cli.main(plain + ["--out", str(tmp_path / "p")]) == 0
+    assert (
+        read_metrics(tmp_path / "p" / "metrics.jsonl")[0]["train_loss"] != straight[0]["train_loss"]
+    )
+
+
+@pytest.mark.parametrize("spec", ["rotate=abc", "wobble=3", "rotate=-5", "extreme"])
+def test_nonsense_augment_specs_exit_2_with_one_line(spec, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(["--augment", spec])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m lenet_xp.train: error: augment spec") and spec in last
