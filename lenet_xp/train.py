@@ -38,6 +38,12 @@ from lenet_xp.parallel import DataParallel, WorkerError
 from lenet_xp.schedules import make_schedule
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
+#: ``--recipe NAME``: flag values that go together; flags given explicitly still win.
+#: ``best`` reaches >= 99.5 % test accuracy with the default LeNet-5 (README: how it was chosen).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "best": {"augment": "default", "shift": 0, "epochs": 30},
+}
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 
 
@@ -110,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         metavar="{0..4}",
         help="augment: translate each training image by up to this many pixels at random",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="default",
+        help="a set of flags that go together; best: "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["best"].items())
+        + " (99.5 %% and more); explicit flags override it",
     )
     p.add_argument(
         "--augment",
@@ -506,6 +520,10 @@ def fit(model: Any = None, **options: Any) -> dict:
     flags with underscores (``epochs=3, out="runs/mine", resume="runs/mine/last.npz"``).
     Returns the last epoch's metrics. Bad options raise, as in the CLI, with one line."""
     parser = build_parser()
+    recipe = options.get("recipe", "default")
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    parser.set_defaults(**RECIPES[recipe])
     args = parser.parse_args([])
     for key, value in options.items():
         if not hasattr(args, key):
@@ -517,6 +535,8 @@ def fit(model: Any = None, **options: Any) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    parser.set_defaults(**RECIPES[args.recipe])
+    args = parser.parse_args(argv)  # the recipe's values, then the flags given
     try:
         parse_augment(args.augment)
     except ValueError as exc:

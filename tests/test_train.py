@@ -372,3 +372,15 @@ def test_nonsense_augment_specs_exit_2_with_one_line(spec, capsys):
     assert info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("python -m lenet_xp.train: error: augment spec") and spec in last
+
+
+@needs_mnist
+def test_recipe_best_sets_its_flags_and_explicit_flags_win(tmp_path):
+    from lenet_xp.checkpoint import load_checkpoint
+
+    args = SMALL + ["--recipe", "best", "--epochs", "1", "--limit-test", "200", "--workers", "1"]
+    assert train_cli.main(args + ["--out", str(tmp_path)]) == 0
+    config = load_checkpoint(tmp_path / "last.npz")[2]["config"]
+    assert config["augment"] == "default" and config["shift"] == 0 and config["epochs"] == 1
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
+    assert train_cli.build_parser().parse_args([]).epochs == 10  # the plain default stays fast
