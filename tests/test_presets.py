@@ -185,10 +185,12 @@ def test_training_prints_the_summary_and_refuses_another_arch(tmp_path, capsys):
 @needs_mnist
 def test_a_network_built_in_python_trains_checkpoints_and_resumes(tmp_path, capsys):
     def net():
+        rng = np.random.default_rng(0)  # layers draw fresh weights unless given a generator
         return Sequential(
-            [Conv2d(1, 4, 5, padding=2), MaxPool2d(2), ReLU(), Flatten(), Linear(4 * 14 * 14, 10)],
+            [Conv2d(1, 4, 5, padding=2, rng=rng), MaxPool2d(2), ReLU(), Flatten(),
+             Linear(4 * 14 * 14, 10, rng=rng)],
             input_shape=(1, 28, 28),
-        )
+        )  # fmt: skip
 
     common = {"device": "cpu", "data_dir": str(DATA), "limit_train": 1000, "limit_test": 500}
     common |= {"quiet": True, "workers": 1, "epochs": 2}
@@ -200,7 +202,7 @@ def test_a_network_built_in_python_trains_checkpoints_and_resumes(tmp_path, caps
     assert {k: v for k, v in resumed.items() if k not in drop} == {
         k: v for k, v in straight.items() if k not in drop
     }
-    assert straight["test_acc"] > 0.5
+    assert straight["test_acc"] > 0.4  # chance is 0.1; 0.57 here
     config = json.loads(json.dumps(straight))  # plain numbers
     assert config["epoch"] == 2
     last = str(tmp_path / "s" / "last.npz")
