@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [  # (row name, flags)
     ("shift", "--epochs 10"),
+    ("default50", "--augment default --shift 0 --epochs 50"),
     ("best", "--recipe best"),
 ]
 

@@ -381,6 +381,7 @@ def test_recipe_best_sets_its_flags_and_explicit_flags_win(tmp_path):
     args = SMALL + ["--recipe", "best", "--epochs", "1", "--limit-test", "200", "--workers", "1"]
     assert train_cli.main(args + ["--out", str(tmp_path)]) == 0
     config = load_checkpoint(tmp_path / "last.npz")[2]["config"]
-    assert config["augment"] == "default" and config["shift"] == 0 and config["epochs"] == 1
+    best = train_cli.RECIPES["best"]
+    assert config["augment"] == best["augment"] and config["shift"] == 0 and config["epochs"] == 1
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
     assert train_cli.build_parser().parse_args([]).epochs == 10  # the plain default stays fast
