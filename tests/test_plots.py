@@ -45,3 +45,19 @@ def test_missing_run_is_one_line(tmp_path, capsys):
     assert plots.main(["--run", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("lenet_xp.plots: error:") and "\n" not in err
+
+
+@needs_mnist
+def test_plots_of_a_classic_run_on_32x32_inputs(tmp_path, capsys):
+    """A checkpoint of another arch (here LeNet-5 as in 1998, 32x32 inputs) is rebuilt and
+    drawn: its 32x32 test images and its conv1 filters."""
+    args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--epochs", "1"]
+    args += ["--limit-train", "2000", "--arch", "lenet5-classic", "--out", str(tmp_path)]
+    assert train_cli.main(args) == 0
+    capsys.readouterr()
+    assert plots.main(["--run", str(tmp_path), "--data-dir", str(DATA)]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 3
+    for path in written:
+        with Image.open(path) as picture:
+            assert np.asarray(picture.convert("L")).std() > 5
