@@ -86,6 +86,14 @@ def probe_steps(steps: Iterable[ProbeStep]) -> str | None:
     return None
 
 
+def _driver_version(cupy: ModuleType) -> int | None:
+    """The CUDA driver's version (0: no driver installed), or ``None`` if unknown."""
+    try:
+        return int(cupy.cuda.runtime.driverGetVersion())
+    except Exception:  # a broken installation: say nothing more than CUDA does
+        return None
+
+
 def _cuda_probe_steps(cupy: ModuleType, index: int) -> list[ProbeStep]:
     """What training needs of CUDA device ``index``, smallest first: the driver and the
     device, an allocation, cuBLAS (a 2x2 float32 matmul) and NVRTC (compiling an
@@ -93,7 +101,12 @@ def _cuda_probe_steps(cupy: ModuleType, index: int) -> list[ProbeStep]:
     libraries = f"; the CUDA libraries come with {CUDA_EXTRA_HINT}"
 
     def device_count() -> str | None:
-        count = cupy.cuda.runtime.getDeviceCount()
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            if _driver_version(cupy) == 0:  # CUDA then says "driver version is insufficient"
+                return f"no NVIDIA driver is installed (CUDA: {type(exc).__name__}: {exc})"
+            raise
         return None if index < count else f"only {count} CUDA device(s) are visible"
 
     def allocate() -> None:

@@ -184,3 +184,21 @@ def test_only_the_backend_imports_numpy():
     }
     assert offenders == {}
     assert _numpy_imports(PACKAGE / "backend.py")  # the check itself can see an import
+
+
+@pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")
+def test_a_machine_without_a_driver_is_named_as_such():
+    """CUDA's own words for "no driver" are "driver version is insufficient"; the one line
+    says what is really missing (when the driver reports version 0, i.e. there is none)."""
+    import cupy
+
+    try:
+        version = cupy.cuda.runtime.driverGetVersion()
+    except Exception as exc:
+        pytest.skip(f"driver version unknown here: {exc}")
+    if version != 0:
+        pytest.skip(f"an NVIDIA driver (version {version}) is installed here")
+    from lenet_xp.backend import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason(0)
+    assert reason is not None and "no NVIDIA driver is installed" in reason and "\n" not in reason
