@@ -157,16 +157,8 @@ def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -
         fused.capture()
     rng = host_rng(0)
     fused_step.train_epoch_fused(fused, rng, None)  # warm-up
-    space = fused._space(batch_size)
-
-    def one_step() -> None:
-        if fused.graph is not None:
-            fused.graph.launch()
-        else:
-            fused.step(space, fused._zero, fused.order)
-
     epoch = lambda: fused_step.train_epoch_fused(fused, rng, None)  # noqa: E731
-    return Engine(name, epoch, one_step, issued=issued)
+    return Engine(name, epoch, fused.step_once, issued=issued)
 
 
 def _layers_engine(

@@ -24,7 +24,6 @@ import math
 from typing import Any
 
 from lenet_xp.data import DeviceSplit
-from lenet_xp.kernels import SOURCES
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.mnist import MEAN, STD
 from lenet_xp.model import LeNet5
@@ -124,7 +123,7 @@ class FusedStep:
         self._zero = xp.zeros(1, xp.int64)
         self._spaces: dict[int, _Workspace] = {}
         self.graph: Any = None
-        self._load_kernels()  # a kernel that does not compile fails here, before any step
+        self.kernels.load(self.dtype)  # a kernel that does not compile fails here
 
     def _views(self, flat: Any) -> list[Any]:
         views, offset = [], 0
@@ -154,12 +153,7 @@ class FusedStep:
         """Every batch of the epoch: the full ones by graph replay (if captured) or eagerly,
         a short last batch eagerly. ``on_batch(n_images)`` after each (host only)."""
         n, b = len(self.split), self.batch_size
-        if self.steps_done + -(-n // b) > self.lr_of_step.shape[0]:
-            raise ValueError(
-                f"lr_of_step has {self.lr_of_step.shape[0]} steps; this epoch would reach step "
-                f"{self.steps_done + -(-n // b)}"
-            )
-        self.steps_done += -(-n // b)
+        self._reserve_steps(-(-n // b))
         for start in range(0, n, b):
             rows = min(b, n - start)
             if rows == b and self.graph is not None:
@@ -170,6 +164,24 @@ class FusedStep:
                 self.step(self._space(rows), self._zero, self.order[start:])
             if on_batch is not None:
                 on_batch(rows)
+
+    def _reserve_steps(self, count: int) -> None:
+        """Count ``count`` more steps on the host; refuse them if ``lr_of_step`` has no
+        learning rate for them (the device would read past its end)."""
+        if self.steps_done + count > self.lr_of_step.shape[0]:
+            raise ValueError(
+                f"lr_of_step has {self.lr_of_step.shape[0]} steps; this would reach step "
+                f"{self.steps_done + count}"
+            )
+        self.steps_done += count
+
+    def step_once(self) -> None:
+        """One more full batch of the current epoch (a graph replay if captured)."""
+        self._reserve_steps(1)
+        if self.graph is not None:
+            self.graph.launch()
+        else:
+            self.step(self._space(self.batch_size), self.counters[1:], self.order)
 
     def end_epoch(self) -> tuple[float, int]:
         """``(loss sum, correct count)`` of the epoch (one host sync); the optimizer's step
@@ -289,12 +301,11 @@ class FusedStep:
     def launches_per_step(self) -> int:
         """Launches one full-batch step issues (kernels of ours + cuBLAS/reduction calls),
         counted by running one step. Changes the model like any step."""
+        if self.graph is not None:
+            raise ValueError("count the launches before capture: a replay issues one")
         self.begin_epoch(self.xp.arange(len(self.split)), self.shifts)
-        if self.steps_done >= self.lr_of_step.shape[0]:
-            raise ValueError("lr_of_step has no step left to count launches with")
-        self.steps_done += 1
         before = self.kernels.launches + self.array_launches
-        self.step(self._space(self.batch_size), self.counters[1:], self.order)
+        self.step_once()
         return self.kernels.launches + self.array_launches - before
 
     def capture(self) -> None:
@@ -313,13 +324,6 @@ class FusedStep:
             finally:
                 graph = stream.end_capture()
         self.graph, self._capture_stream = graph, stream
-
-    def _load_kernels(self) -> None:
-        """Compile and load every kernel now: a broken one fails before any step, and no
-        module is loaded during a capture."""
-        for file, names in SOURCES.items():
-            for name in names:
-                self.kernels._fn(file, name, self.dtype)
 
 
 def build(

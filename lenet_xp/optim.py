@@ -18,7 +18,7 @@ from typing import Any
 
 from lenet_xp import kernels
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
-from lenet_xp.kernels import fallbacks, record_fallback
+from lenet_xp.kernels import record_fallback
 from lenet_xp.layers.module import Parameter
 
 
@@ -304,7 +304,7 @@ def _fused_adam_on_gpu(*args: Any) -> bool:
     """Run :func:`_adam_kernel`; ``False`` if it cannot be compiled or launched here, so the
     caller falls back to the array code. The failure is recorded (one line on stderr, and in
     :func:`lenet_xp.kernels.fallbacks`, which the tests check) and not retried."""
-    if any(name == "adam" for name, _ in fallbacks()):
+    if kernels.fell_back("adam"):
         return False
     try:
         _adam_kernel()(*args)

@@ -12,8 +12,7 @@ is")``. LeNet-family presets honour ``--activation``, ``--pool``, ``--batchnorm`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 from lenet_xp.backend import host_rng
 from lenet_xp.layers import (
@@ -69,17 +68,16 @@ class Preset:
     description: str
     build: Callable[[Options], Module]
     lenet_family: bool
-    input_size: int
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def preset(name: str, description: str, lenet_family: bool = True, input_size: int = 28):
-    """Register ``fn(options) -> model`` as ``--arch name``."""
+def preset(name: str, description: str, lenet_family: bool = True):
+    """Register ``fn(options) -> model`` as ``--arch name`` (the model says its input size)."""
 
     def register(fn: Callable[[Options], Module]) -> Callable[[Options], Module]:
-        PRESETS[name] = Preset(name, description, fn, lenet_family, input_size)
+        PRESETS[name] = Preset(name, description, fn, lenet_family)
         return fn
 
     return register
@@ -178,7 +176,6 @@ def lenet5_sigmoid_avg(o: Options) -> Module:
 @preset(
     "lenet5-classic",
     "LeCun 1998: 32x32 in, scaled tanh, trainable subsampling, C3 table, C5, F6, fc or RBF out",
-    input_size=32,
 )
 def lenet5_classic(o: Options) -> Module:
     from lenet_xp.functional.loss import rbf_loss
@@ -270,10 +267,6 @@ def build_from_config(config: dict) -> Module:
             "model.load_state_dict, or resume with lenet_xp.train.fit(model, resume=...)"
         )
     return build(name, options_from_config(config))
-
-
-def options_dict(o: Options) -> dict[str, Any]:
-    return asdict(o)
 
 
 def listing() -> str:

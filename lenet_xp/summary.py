@@ -9,9 +9,9 @@ for a batch (every layer's output, ``batch`` images, the model's dtype).
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
-from lenet_xp.backend import host_zeros, to_device
+from lenet_xp.backend import device_of, host_zeros, to_device
 from lenet_xp.layers.module import Module
 
 
@@ -22,7 +22,7 @@ def summarize(model: Module, batch: int = 128, input_shape: tuple[int, ...] | No
     params = model.parameters()
     dtype = str(params[0].data.dtype) if params else "float32"
     device_array = params[0].data if params else host_zeros(1)
-    x = to_device(host_zeros((1, *shape), dtype), _device(device_array))
+    x = to_device(host_zeros((1, *shape), dtype), device_of(device_array))
     was_training = model.training
     model.eval()
     rows = []
@@ -36,7 +36,7 @@ def summarize(model: Module, batch: int = 128, input_shape: tuple[int, ...] | No
     finally:
         model.train(was_training)
     itemsize = host_zeros((), dtype).itemsize
-    activation_bytes = sum(_size(out) for _, _, out, _, _ in rows) * batch * itemsize
+    activation_bytes = sum(math.prod(out) for _, _, out, _, _ in rows) * batch * itemsize
     width = max([len(r[0]) for r in rows] + [5])
     lines = [
         f"{type(model).__name__}" + (f" (--arch {model.arch})" if hasattr(model, "arch") else ""),
@@ -52,16 +52,3 @@ def summarize(model: Module, batch: int = 128, input_shape: tuple[int, ...] | No
         f"{activation_bytes / 2**20:.1f} MiB per batch of {batch} ({dtype})"
     )
     return "\n".join(lines)
-
-
-def _size(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
-
-
-def _device(array: Any) -> Any:
-    from lenet_xp.backend import device_of
-
-    return device_of(array)

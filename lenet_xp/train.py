@@ -288,7 +288,7 @@ def train_epoch(
     order = permutation(len(split), rng, split.device)
     shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
     distort = None
-    if augment is not None and augment != Augment():
+    if augment is not None and not augment.is_identity:
         seed = int(rng.integers(2**62))  # from the run's generator: resumable, device-free
 
         def distort(x: Any, ids: Any) -> Any:
@@ -391,7 +391,10 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
     max_batch = max(config["batch_size"], args.eval_batch_size)
     runner = DataParallel(model, workers, max_batch=max_batch)
     total_steps = config["epochs"] * steps_per_epoch
-    fused, engine = _engine(args, device, model, optimizer, train, config, schedule, total_steps)
+    augment = parse_augment(config.get("augment", "none"))
+    fused, engine = _engine(
+        args, device, model, optimizer, train, config, schedule, total_steps, augment
+    )
     record: dict = {}
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
@@ -412,7 +415,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
                     step,
                     bar,
                     config.get("shift", 0),
-                    parse_augment(config.get("augment", "none")),
+                    augment,
                     epoch,
                 )
             synchronize(device)
@@ -477,7 +480,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
 
 def _engine(
     args: argparse.Namespace, device: Device, model: Any, optimizer: Any, train: DeviceSplit,
-    config: dict, schedule: Any, total_steps: int,
+    config: dict, schedule: Any, total_steps: int, augment: Augment,
 ) -> tuple[Any, str]:  # fmt: skip
     """``(fused step or None, engine name)``: ``"layers"`` (array ops), ``"kernels"`` (our
     fused step) or ``"graph"`` (that step as a CUDA graph), as the flags ask and allow."""
@@ -489,7 +492,7 @@ def _engine(
                 f"note: --cuda-graph applies to CUDA devices; training on {device}", file=sys.stderr
             )
         return None, "layers"
-    if parse_augment(config.get("augment", "none")) != Augment():
+    if not augment.is_identity:
         if not args.quiet:
             print("note: training with the array-op layers: --augment runs there", file=sys.stderr)
         return None, "layers"

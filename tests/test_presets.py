@@ -227,3 +227,11 @@ def test_lenet5_classic_with_rbf_output_trains_over_two_workers(tmp_path, capsys
     from lenet_xp.layers import DIGIT_BITMAPS
 
     np.testing.assert_array_equal(state["rbf.centres"], DIGIT_BITMAPS)  # not trained
+
+
+def test_sequential_refuses_what_is_not_a_layer():
+    """A non-layer would otherwise be dropped without a word (children are found by type)."""
+    with pytest.raises(TypeError, match="Sequential: 1 is a str, not a layer"):
+        Sequential([ReLU(), "relu"])
+    with pytest.raises(TypeError, match="Sequential: head is a function"):
+        Sequential(ReLU(), head=lambda x: x)

@@ -20,7 +20,7 @@ _FALLBACKS: list[tuple[str, str]] = []
 
 def record_fallback(name: str, reason: str) -> None:
     """Note that kernel ``name`` could not be used (one line on stderr, once per name)."""
-    if all(seen != name for seen, _ in _FALLBACKS):
+    if not fell_back(name):
         print(
             f"lenet_xp: CUDA kernel {name} unavailable ({reason}); using array ops", file=sys.stderr
         )
@@ -32,8 +32,9 @@ def fallbacks() -> list[tuple[str, str]]:
     return list(_FALLBACKS)
 
 
-def clear_fallbacks() -> None:
-    _FALLBACKS.clear()
+def fell_back(name: str) -> bool:
+    """Whether kernel ``name`` has fallen back in this process (then it is not retried)."""
+    return any(seen == name for seen, _ in _FALLBACKS)
 
 
 # -- sources --------------------------------------------------------------------------------

@@ -15,7 +15,15 @@ from types import ModuleType
 from typing import Any
 
 from lenet_xp.backend import is_gpu
-from lenet_xp.kernels import DTYPES, GEMM_TILE, LOSS_THREADS, THREADS, cupy_function, enabled
+from lenet_xp.kernels import (
+    DTYPES,
+    GEMM_TILE,
+    LOSS_THREADS,
+    SOURCES,
+    THREADS,
+    cupy_function,
+    enabled,
+)
 
 #: ``(file, "kernel<ctype>") -> fn(grid, block, args)``, e.g. :func:`cupy_function`.
 KernelProvider = Callable[[str, str], Any]
@@ -43,6 +51,13 @@ class Kernels:
         if isinstance(found, Exception):
             raise found
         return found
+
+    def load(self, dtype: Any) -> None:
+        """Compile and load every kernel of :data:`SOURCES` for ``dtype`` now: a broken one
+        fails here rather than at its first launch (and none loads during a graph capture)."""
+        for file, names in SOURCES.items():
+            for name in names:
+                self._fn(file, name, dtype)
 
     def _launch(self, fn: Any, total: int, args: tuple, threads: int = THREADS) -> None:
         blocks = max(1, min(_MAX_BLOCKS, -(-total // threads)))

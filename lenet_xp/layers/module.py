@@ -154,13 +154,11 @@ class Sequential(Module):
     ) -> None:  # fmt: skip
         if len(layers) == 1 and isinstance(layers[0], list | tuple):
             layers = tuple(layers[0])
-        for index, layer in enumerate(layers):
-            setattr(self, str(index), layer)
+        named = {str(index): layer for index, layer in enumerate(layers)} | named
         for name, layer in named.items():
-            setattr(self, name, layer)
-        for name, layer in self.named_children():
-            if not isinstance(layer, Module):
+            if not isinstance(layer, Module):  # it would not be a child: silently skipped
                 raise TypeError(f"Sequential: {name} is a {type(layer).__name__}, not a layer")
+            setattr(self, name, layer)
         if input_shape is not None:
             self.input_shape = tuple(input_shape)
 
