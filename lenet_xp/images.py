@@ -2,35 +2,87 @@
 
 MNIST digits are white on black, size-normalised to fit 20x20 and centred by centre of mass in
 a 28x28 frame. A photo or scan is usually dark on light, larger, and off-centre; fed as it is,
-a network trained on MNIST sees nonsense. :func:`load_digit` redoes MNIST's preparation.
+a network trained on MNIST sees nonsense. :func:`prepare_digit` redoes MNIST's preparation;
+:func:`load_digit` (a file, for ``lenet_xp.predict``) and :func:`digit_from_bytes` (an upload,
+for ``lenet_xp.serve``) both go through it, so every front end shows the network the same input.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lenet_xp.mnist import MEAN, STD
+
+#: Pictures are decoded at most this many pixels on their long side (a phone photo of 4000
+#: pixels is reduced first); the digit ends up 20 pixels tall whatever the picture's size.
+MAX_SIDE = 1024
 
 
 class ImageError(Exception):
     """An image cannot be read or holds no digit; the message is one line naming the file."""
 
 
-def _open_grey(path: Path) -> np.ndarray:
+def _pillow() -> Any:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
     except ImportError:
         raise ImageError('reading images needs Pillow: pip install "lenet_xp[images]"') from None
+    return Image
+
+
+def _grey(image: Any) -> np.ndarray:
+    """An open Pillow image as grey levels ``(H, W)`` in [0, 1]: upright as the camera's EXIF
+    orientation says, transparent parts as white paper, at most :data:`MAX_SIDE` pixels long."""
+    from PIL import Image, ImageOps
+
+    image.draft("L", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale (fast), else no-op
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        paper.alpha_composite(image)
+        image = paper
+    image = image.convert("L")
+    if max(image.size) > MAX_SIDE:
+        image.thumbnail((MAX_SIDE, MAX_SIDE))
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def read_grey(source: str | os.PathLike[str] | bytes, name: str | None = None) -> np.ndarray:
+    """A picture file (a path) or its bytes as grey levels ``(H, W)`` float32 in [0, 1].
+
+    :class:`ImageError` (one line, starting with ``name``: the path, or "the upload") when it
+    cannot be read."""
+    Image = _pillow()
+    from PIL import UnidentifiedImageError
+
+    if isinstance(source, bytes | bytearray):
+        name = name or "the upload"
+        if not source:
+            raise ImageError(f"{name}: is empty, not an image")
+        opened: Any = io.BytesIO(source)
+    else:
+        name = name or str(source)
+        opened = Path(source)
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        with Image.open(opened) as image:
+            return _grey(image)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageError(f"{path}: cannot read as an image ({exc})") from None
+        raise ImageError(f"{name}: no such file") from None
+    except UnidentifiedImageError as exc:
+        if isinstance(opened, io.BytesIO):  # Pillow's message names the BytesIO object
+            raise ImageError(f"{name}: not an image (no format Pillow reads)") from None
+        raise ImageError(f"{name}: cannot read as an image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: too many pixels to be a digit ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        reason = " ".join(str(exc).split())  # one line
+        raise ImageError(f"{name}: cannot read as an image ({reason})") from None
 
 
 def mnist_style(grey: np.ndarray) -> np.ndarray:
@@ -61,11 +113,35 @@ def mnist_style(grey: np.ndarray) -> np.ndarray:
     return np.roll(frame, (dy, dx), axis=(0, 1))
 
 
+def normalise(digit: np.ndarray) -> np.ndarray:
+    """An MNIST-style ``(28, 28)`` picture in [0, 1] as the network's input ``(1, 28, 28)``
+    float32 (MNIST's mean subtracted, divided by its standard deviation, as in training)."""
+    return ((np.asarray(digit, dtype=np.float32) - MEAN) / STD)[None].astype(np.float32)
+
+
+def prepare_digit(grey: np.ndarray) -> np.ndarray:
+    """Any picture ``grey (H, W)`` in [0, 1] (dark on light or light on dark) as a normalised
+    network input ``(1, 28, 28)`` float32: :func:`mnist_style`, then :func:`normalise`.
+
+    ``ValueError`` (one line) when the picture holds no digit."""
+    grey = np.asarray(grey, dtype=np.float32)
+    if grey.ndim != 2 or min(grey.shape) < 1:
+        raise ValueError(f"a picture is a 2-D array of grey levels, got shape {grey.shape}")
+    return normalise(mnist_style(grey))
+
+
 def load_digit(path: str | os.PathLike[str]) -> np.ndarray:
-    """One picture as a normalised network input ``(1, 28, 28)`` float32."""
-    path = Path(path)
+    """One picture file as a normalised network input ``(1, 28, 28)`` float32."""
     try:
-        digit = mnist_style(_open_grey(path))
+        return prepare_digit(read_grey(path))
     except ValueError as exc:
         raise ImageError(f"{path}: {exc}") from None
-    return ((digit - MEAN) / STD)[None].astype(np.float32)
+
+
+def digit_from_bytes(data: bytes, name: str = "the upload") -> np.ndarray:
+    """A picture's bytes (PNG, JPEG, ... as a file holds them) as a normalised network input
+    ``(1, 28, 28)`` float32, prepared exactly as :func:`load_digit` prepares a file."""
+    try:
+        return prepare_digit(read_grey(data, name))
+    except ValueError as exc:
+        raise ImageError(f"{name}: {exc}") from None

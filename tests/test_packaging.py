@@ -1,4 +1,5 @@
-"""What ``pip install`` puts on a machine: the package with its CUDA sources."""
+"""What ``pip install`` puts on a machine: the package with its CUDA sources and the drawing
+page's files."""
 
 import shutil
 import subprocess
@@ -27,3 +28,5 @@ def test_the_wheel_carries_every_kernel_source(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for file in [*SOURCES, "common.cuh"]:
         assert f"lenet_xp/kernels/{file}" in names, file
+    for file in ("index.html", "app.js", "style.css"):  # the page lenet_xp.serve serves
+        assert f"lenet_xp/static/{file}" in names, file
