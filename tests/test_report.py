@@ -1,0 +1,133 @@
+"""The HTML report of a real (tiny) run: written by `train --report`, every picture decodable
+and not blank, and the page rendered by a real headless Chromium with no missing image and
+no console error. Also `inspect.layer_outputs`, which draws the feature maps."""
+
+import io
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from conftest import DATA, needs_mnist
+
+from lenet_xp import report
+from lenet_xp import train as train_cli
+from lenet_xp.backend import asnumpy, host_rng
+from lenet_xp.inspect import feature_maps, layer_outputs
+from lenet_xp.presets import build
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+PICTURES = ["curves", "confusion", "mistakes", "filters", "feature_maps", "layer_stats"]
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "lenet5-classic"])
+def test_layer_outputs_end_in_the_models_output(arch):
+    model = build(arch).eval()
+    size = model.input_size
+    x = host_rng(0).standard_normal((3, 1, size, size)).astype("float32")
+    outputs = layer_outputs(model, x)
+    assert [name for name, _ in outputs] == [name for name, _ in model.named_children()]
+    assert np.array_equal(outputs[-1][1], asnumpy(model.forward(x)))
+    assert all(out.shape[0] == 3 for _, out in outputs)
+    maps = feature_maps(model, x)
+    assert [n for n, _ in maps] == [n for n, out in outputs if out.ndim == 4]
+    assert maps[0][1].shape == (3, 6, 28, 28)  # conv1: 6 maps, padded or 32x32 input
+    relu = dict(outputs)["relu1" if arch == "lenet5" else "act1"]
+    assert relu.min() >= (0 if arch == "lenet5" else -1.7159)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch run on 1,300 images with statistics every 2 steps and --report."""
+    if not (DATA / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found in {DATA}")
+    out = tmp_path_factory.mktemp("report_run")
+    args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--epochs", "2"]
+    args += ["--limit-train", "1300", "--limit-test", "600", "--stats-every", "2"]
+    assert train_cli.main([*args, "--out", str(out), "--report"]) == 0
+    return out
+
+
+def test_report_pictures(run):
+    page = run / "report" / "index.html"
+    text = page.read_text()
+    for name in PICTURES:
+        assert f'src="{name}.png"' in text
+        with Image.open(run / "report" / f"{name}.png") as picture:
+            assert picture.format == "PNG" and min(picture.size) > 200
+            assert np.asarray(picture.convert("L")).std() > 20  # not a blank canvas
+    assert "final test accuracy" in text and "limit_train" in text
+
+
+def test_report_cli_redraws_and_refuses_bad_input(run, tmp_path, capsys):
+    assert report.main([str(run), "--data-dir", str(DATA), "--digit", "5"]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report" / "index.html")
+    for argv in (
+        [str(tmp_path / "nothing")],
+        [str(run), "--data-dir", str(DATA), "--digit", "600"],  # --limit-test 600: 0..599
+        [str(run), "--checkpoint", str(tmp_path / "none.npz")],
+    ):
+        assert report.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lenet_xp.report: error:") and "\n" not in err, err
+
+
+def _browser():
+    """A headless Chromium driven by selenium, or a skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        pytest.skip("Chromium and chromedriver are needed (apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(driver_path))
+
+
+def _load(browser, page):
+    """``(images as (src, loaded), console errors)`` of ``page`` opened in ``browser``."""
+    browser.get(page.resolve().as_uri())
+    images = browser.execute_script(
+        "return [...document.images].map(i => [i.getAttribute('src'),"
+        " i.complete && i.naturalWidth > 0])"
+    )
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    return images, errors
+
+
+def test_report_in_a_headless_browser(run, tmp_path):
+    browser = _browser()
+    try:
+        broken = tmp_path / "broken.html"  # the checks can see a missing picture
+        broken.write_text('<!DOCTYPE html><link rel="icon" href="data:,"><img src="none.png">')
+        images, errors = _load(browser, broken)
+        assert images == [["none.png", False]] and len(errors) == 1
+
+        images, errors = _load(browser, run / "report" / "index.html")
+        assert images == [[f"{name}.png", True] for name in PICTURES]
+        assert errors == []
+        assert browser.title == f"lenet_xp report: {run.name}"
+        shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("L")
+        assert shot.width >= 1000
+        pixels = np.asarray(shot)
+        assert pixels.std() > 20 and (pixels < 100).mean() > 0.01  # text, not a blank page
+    finally:
+        browser.quit()
+
+
+@needs_mnist
+def test_train_report_needs_matplotlib_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--out", str(tmp_path)]
+    assert train_cli.main([*args, "--report"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == 'lenet_xp.train: error: the report needs matplotlib: pip install "lenet_xp[report]"'
+    )
+    assert not (tmp_path / "last.npz").exists()  # refused before any training
