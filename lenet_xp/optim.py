@@ -44,6 +44,12 @@ class Optimizer:
         self.steps = 0
         # One dict per parameter: name -> array (or int); empty until its first update.
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
+        self._post_hooks: list[Any] = []
+
+    def register_step_post_hook(self, hook: Any) -> None:
+        """Call ``hook(optimizer)`` after every :meth:`step` (as ``torch.optim``'s hook of
+        the same name), e.g. to update a :class:`~lenet_xp.averaging.ParameterEMA`."""
+        self._post_hooks.append(hook)
 
     @property
     def lr(self) -> float:
@@ -78,6 +84,8 @@ class Optimizer:
                 )
             self._update(param.data, param.grad, state)
         self.steps += 1
+        for hook in self._post_hooks:
+            hook(self)
 
     def _update(self, data: Any, grad: Any, state: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -29,7 +29,11 @@ from lenet_xp.backend import (
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lenet_xp"
 # Host-side file formats: bytes on disk in, host arrays out; never on the training path.
-HOST_IO_MODULES = {"backend.py", "mnist.py", "checkpoint.py", "images.py"}
+# Host-side I/O: files, pictures, ONNX graphs and HTTP bodies are NumPy arrays by nature.
+HOST_IO_MODULES = {
+    "backend.py", "mnist.py", "checkpoint.py", "images.py", "predict.py", "export.py",
+    "export_onnx.py", "serve_api.py",
+}  # fmt: skip
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
 
 

@@ -1,0 +1,71 @@
+"""Weight averaging: an exponential moving average of the parameters (Polyak averaging).
+
+The averaged weights change slowly, so the network they make is steadier from epoch to epoch
+than the trained one (whose last steps jitter with the batches); evaluating and keeping the
+average is what ``torch.optim.swa_utils.AveragedModel`` with an EMA rule and Keras's
+``use_ema`` do. The average lives next to the parameters (same device, dtype and shapes) and
+is updated in place after every optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lenet_xp.backend import device_of, get_array_module, to_device
+from lenet_xp.layers.module import Parameter
+
+
+class ParameterEMA:
+    """``average = d * average + (1 - d) * param`` after each step, with
+    ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (a short memory at first, so the
+    random initial weights are soon forgotten)."""
+
+    def __init__(self, params: Iterable[Parameter], decay: float = 0.999) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"invalid EMA decay {decay}: must be between 0 and 1")
+        self.params = list(params)
+        self.decay = float(decay)
+        self.updates = 0
+        self.averages = [p.data.copy() for p in self.params]
+
+    def update(self) -> None:
+        """Move each average towards its parameter (in place, on the parameter's device)."""
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, param in zip(self.averages, self.params, strict=True):
+            average += (1.0 - d) * (param.data - average)  # a Python float keeps float32
+        self.updates += 1
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Inside, the parameters hold the averages (in place, so views such as the worker
+        processes' shared buffers see them); the trained values come back on exit."""
+        trained = [p.data.copy() for p in self.params]
+        try:
+            for average, param in zip(self.averages, self.params, strict=True):
+                param.data[...] = average
+            yield
+        finally:
+            for kept, param in zip(trained, self.params, strict=True):
+                param.data[...] = kept
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"decay", "updates", "<i>": average of params[i]}`` (copies)."""
+        state: dict[str, Any] = {"decay": self.decay, "updates": self.updates}
+        state.update({str(i): a.copy() for i, a in enumerate(self.averages)})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; ``ValueError`` if it does not fit."""
+        if float(state.get("decay", -1)) != self.decay:
+            raise ValueError(f"EMA state has decay {state.get('decay')}, not {self.decay}")
+        averages = []
+        for i, param in enumerate(self.params):
+            value = state.get(str(i))
+            if value is None or tuple(value.shape) != tuple(param.data.shape):
+                raise ValueError(f"EMA state for parameter {i} is missing or mis-shaped")
+            copy = get_array_module(param.data).empty_like(param.data)
+            copy[...] = to_device(value, device_of(param.data))
+            averages.append(copy)
+        self.averages, self.updates = averages, int(state["updates"])
