@@ -25,6 +25,7 @@ from typing import Any
 from lenet_xp import bench_torch
 from lenet_xp import fused as fused_step
 from lenet_xp.augment import parse_augment
+from lenet_xp.averaging import ParameterEMA
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -63,14 +64,18 @@ def load_train_split(
 
 def our_epoch(
     split: DeviceSplit, batch_size: int, workers: int, tune_allocator: bool = True,
-    augment: Any = None,
+    augment: Any = None, ema_decay: float | None = None,
 ) -> tuple[Any, Any]:  # fmt: skip
     """``(run_one_epoch, close)`` for lenet_xp's training loop (images distorted as
-    ``augment``, an :class:`~lenet_xp.augment.Augment`, if given), after a 20-step warm-up."""
+    ``augment``, an :class:`~lenet_xp.augment.Augment`, and the weights averaged with
+    ``ema_decay``, if given), after a 20-step warm-up."""
     model = LeNet5(seed=0).to(split.device)
     workers = workers if split.device.kind == "cpu" else 1
     runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
     optimizer = Adam(model.parameters(), lr=1e-3)
+    if ema_decay:
+        ema = ParameterEMA(model.parameters(), ema_decay)
+        optimizer.register_step_post_hook(lambda _: ema.update())
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     n_warm = 20 * batch_size
     warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)
@@ -162,9 +167,14 @@ def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -
 
 
 def _layers_engine(
-    split: DeviceSplit, batch_size: int, args: argparse.Namespace, augment: Any = None
+    split: DeviceSplit, batch_size: int, args: argparse.Namespace, extras: bool = False
 ) -> Engine:
-    epoch, close = our_epoch(split, batch_size, args.workers, not args.plain_malloc, augment)
+    """The layers; with ``extras``, training as ``--augment`` and ``--ema`` say."""
+    augment = parse_augment(args.augment or "none") if extras else None
+    ema_decay = args.ema if extras else None
+    epoch, close = our_epoch(
+        split, batch_size, args.workers, not args.plain_malloc, augment, ema_decay
+    )
     model = LeNet5(seed=0).to(split.device)
     optimizer = Adam(model.parameters(), lr=1e-3)
     x, y = split.images[:batch_size], split.labels[:batch_size]
@@ -173,7 +183,7 @@ def _layers_engine(
         forward_backward(model, x, y)
         optimizer.step()
 
-    return Engine("layers+aug" if augment else "layers", epoch, one_step, close)
+    return Engine("layers+aug" if extras else "layers", epoch, one_step, close)
 
 
 def _torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Engine:
@@ -186,7 +196,7 @@ def engines(
     args: argparse.Namespace, split: DeviceSplit, batch_size: int
 ) -> tuple[list[Engine], list[str]]:
     """The engines to time on this device, and one line per engine that could not run."""
-    names = ["layers"] + (["layers+aug"] if args.augment else [])
+    names = ["layers"] + (["layers+aug"] if args.augment or args.ema else [])
     names += ["kernels", "graph"] if split.device.kind == "cuda" else []
     if args.torch:
         names += ["torch"] + (["torch-graph"] if split.device.kind == "cuda" else [])
@@ -196,8 +206,7 @@ def engines(
             if name == "layers":
                 built.append(_layers_engine(split, batch_size, args))
             elif name == "layers+aug":
-                augment = parse_augment(args.augment)
-                built.append(_layers_engine(split, batch_size, args, augment))
+                built.append(_layers_engine(split, batch_size, args, extras=True))
             elif name in ("kernels", "graph"):
                 built.append(_fused_engine(name, split, batch_size, args.epochs))
             elif not bench_torch.available():
@@ -295,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the layers with this --augment spec (the cost of augmentation)",
     )
     p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="also time the layers averaging the weights (train --ema; with --augment: both)",
+    )
+    p.add_argument(
         "--plain-malloc",
         action="store_true",
         help="CPU: leave glibc's allocator as it is (to measure what tune_host_allocator buys)",
@@ -354,8 +370,10 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
     for batch_size in args.batch_sizes:
         if (batch_size, "layers+aug") in by_name:
             cost = by_name[(batch_size, "layers+aug")] / by_name[(batch_size, "layers")] - 1
+            extras = [f"augmentation ({args.augment})"] if args.augment else []
+            extras += [f"EMA {args.ema:g}"] if args.ema else []
             print(
-                f"augmentation ({args.augment}) at batch {batch_size}: "
+                f"{' + '.join(extras)} at batch {batch_size}: "
                 f"{100 * cost:+.1f} % epoch time (layers)"
             )
     print(

@@ -15,14 +15,14 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 def test_bench_prints_every_engine_and_the_race(capsys):
     args = ["--device", "cpu", "--epochs", "1", "--limit-train", "2560", "--no-profile"]
     args += ["--torch", "--time-to", "0.5", "--race-epochs", "1", "--data-dir", str(DATA)]
-    args += ["--augment", "default"]
+    args += ["--augment", "default", "--ema", "0.999"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("   128")}
     assert "layers" in rows
     assert float(rows["layers"][2]) > 0  # epoch seconds
     assert float(rows["layers+aug"][2]) > 0
-    assert "augmentation (default) at batch 128:" in out
+    assert "augmentation (default) + EMA 0.999 at batch 128:" in out
     if HAS_TORCH:
         assert "torch" in rows and float(rows["torch"][-1]) == pytest.approx(1.0)
     else:
@@ -30,6 +30,14 @@ def test_bench_prints_every_engine_and_the_race(capsys):
     race = out.split("time to 50.0 % test accuracy")[1].splitlines()
     layers = next(line.split() for line in race if line.startswith("layers"))
     assert layers[3] == "1" and float(layers[4].rstrip("%")) >= 50  # reached in one epoch
+
+
+@needs_mnist
+def test_bench_times_weight_averaging_alone(capsys):
+    args = ["--device", "cpu", "--epochs", "1", "--limit-train", "2560", "--no-profile"]
+    assert bench.main([*args, "--ema", "0.99", "--data-dir", str(DATA)]) == 0
+    out = capsys.readouterr().out
+    assert "\nEMA 0.99 at batch 128:" in out and "layers+aug" in out
 
 
 def test_bench_rejects_a_bad_device_and_a_tiny_slice(capsys):
