@@ -1,14 +1,22 @@
 """Checkpoints: model, optimizer state and run metadata in one ``.npz`` (no pickle).
 
-Keys: ``model/<name>`` (``model.state_dict()``), ``optim/<key>`` (``optimizer.state_dict()``)
-and ``meta`` (a JSON string: epoch, step, RNG state, config, metrics). Writes are atomic:
-a temp file in the same folder, flushed and fsynced, then renamed over the target, so a crash
-or a full disk never leaves a half-written checkpoint under the real name.
+Keys: ``model/<name>`` (``model.state_dict()``), ``optim/<key>`` (``optimizer.state_dict()``),
+``meta`` (a JSON string: epoch, step, RNG state, config, metrics), ``format_version`` (0-d
+int64, :data:`FORMAT_VERSION`) and ``sha256`` (0-d str: :func:`digest` of all the others).
+
+Writes are atomic: a temp file in the same folder, flushed and fsynced, then renamed over
+the target, so a crash or a full disk never leaves a half-written checkpoint under the real
+name. Reads are checked: each ``.npy`` member is parsed here (an object array, i.e. a pickle,
+is refused, never loaded), then the format version and the SHA-256. A file without
+``format_version`` is format 1 (written before checksums existed) and loads as before.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -20,9 +28,28 @@ import numpy as np
 from lenet_xp.backend import asnumpy
 from lenet_xp.fsync import fsync_dir
 
+#: The layout :func:`save_checkpoint` writes (1: no ``format_version``/``sha256`` keys).
+FORMAT_VERSION = 2
+#: Temp files of an interrupted write are named ``.<target name>.<random>`` + this suffix.
+TEMP_SUFFIX = ".tmp"
+_MAX_BYTES = 1 << 31  # a checkpoint claiming more (unpacked) is corrupt or not ours
+_UNREADABLE = "use another checkpoint (best.npz, epoch_NNN.npz) or train again"
+
 
 class CheckpointError(Exception):
     """A checkpoint could not be written or read; the message is one line."""
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 (hex) over every array of ``arrays`` but ``"sha256"``: name, dtype, shape
+    and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        if name != "sha256":
+            a = np.ascontiguousarray(arrays[name])
+            h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -31,11 +58,15 @@ def save_checkpoint(
     """Atomically write ``path`` (``.npz``); arrays are copied to the host first."""
     path = Path(path)
     arrays: dict[str, Any] = {f"model/{k}": asnumpy(v) for k, v in model_state.items()}
-    arrays.update({f"optim/{k}": _to_host(v) for k, v in optim_state.items()})
+    arrays.update({f"optim/{k}": np.asarray(_to_host(v)) for k, v in optim_state.items()})
     arrays["meta"] = np.array(json.dumps(meta))
+    arrays["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
+    arrays["sha256"] = np.array(digest(arrays))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent
+        )
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
     try:
@@ -57,20 +88,115 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict, dict, dict]:
-    """Read ``(model_state, optim_state, meta)`` from ``path``; host NumPy arrays."""
+    """Read ``(model_state, optim_state, meta)`` from ``path``; host NumPy arrays.
+
+    Raises :class:`CheckpointError` (one line naming ``path``) for a missing, non-npz,
+    truncated or damaged file, a checksum mismatch, a newer format, or an ``.npz`` that is
+    not a lenet_xp checkpoint."""
     path = Path(path)
+    arrays = _read_npz(path)
+    _check_version_and_digest(path, arrays)
+    if "meta" not in arrays or not any(k.startswith("model/") for k in arrays):
+        names = ", ".join(sorted(arrays)[:4]) or "nothing"
+        raise CheckpointError(
+            f"{path} is not a lenet_xp checkpoint (it holds {names}; no meta or model/ "
+            "arrays); pass a last.npz, best.npz or epoch_NNN.npz written by lenet_xp.train"
+        )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            model_state = {k[6:]: data[k] for k in data.files if k.startswith("model/")}
-            optim_state = {k[6:]: _from_host(data[k]) for k in data.files if k.startswith("optim/")}
-            meta = json.loads(str(data["meta"]))
+        meta = json.loads(str(arrays["meta"].item()))
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta is a {type(meta).__name__}, not an object")
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata ({exc})") from None
+    model_state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+    optim_state = {k[6:]: _from_host(v) for k, v in arrays.items() if k.startswith("optim/")}
+    return model_state, optim_state, meta
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every member of the ``.npz`` at ``path``, parsed by :func:`_parse_npy` (no pickle)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            claimed = sum(info.file_size for info in infos)
+            if claimed > _MAX_BYTES:
+                raise ValueError(f"its members claim {claimed} bytes")
+            return {_member(info.filename): _parse_npy(archive.read(info)) for info in infos}
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({exc})") from None
-    if not model_state:
-        raise CheckpointError(f"checkpoint {path} holds no model weights")
-    return model_state, optim_state, meta
+    except (IsADirectoryError, PermissionError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    except _PickledError as exc:
+        raise CheckpointError(
+            f"{path} holds {exc} (pickled Python objects), which lenet_xp never loads; "
+            "it is not a lenet_xp checkpoint"
+        ) from None
+    except Exception as exc:  # noqa: BLE001  any parse failure means a damaged file
+        if not _starts_like_zip(path):
+            raise CheckpointError(
+                f"{path} is not a checkpoint: not an .npz (zip) file; pass a last.npz, best.npz "
+                "or epoch_NNN.npz written by lenet_xp.train"
+            ) from None
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({why}); {_UNREADABLE}"
+        ) from None
+
+
+class _PickledError(Exception):
+    """A member is an object array: loading it would unpickle."""
+
+
+def _member(filename: str) -> str:
+    if not filename.endswith(".npy"):
+        raise ValueError(f"member {filename!r} is not an .npy array")
+    return filename[:-4]
+
+
+def _parse_npy(raw: bytes) -> np.ndarray:
+    """One ``.npy`` file's bytes as an array: the header read with NumPy's (literal-only)
+    parser, the data size checked against it, object dtypes refused."""
+    stream = io.BytesIO(raw)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise _PickledError(f"an object array of shape {shape}")
+    count, offset = math.prod(shape), stream.tell()
+    if count * dtype.itemsize != len(raw) - offset:
+        raise ValueError(f"{len(raw) - offset} data bytes for shape {shape} of {dtype}")
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _starts_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _check_version_and_digest(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    version = arrays.get("format_version")
+    if version is None:
+        return  # format 1: written before versions and checksums
+    if version.shape != () or version.dtype.kind not in "iu" or int(version) < 2:
+        raise CheckpointError(f"checkpoint {path} has an invalid format_version; {_UNREADABLE}")
+    if int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format {int(version)}, newer than this lenet_xp reads "
+            f"(up to {FORMAT_VERSION}); upgrade lenet_xp to load it"
+        )
+    stored = arrays.get("sha256")
+    if stored is None or stored.shape != () or str(stored.item()) != digest(arrays):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its SHA-256 does not match its contents; {_UNREADABLE}"
+        )
 
 
 def _to_host(value: Any) -> Any:

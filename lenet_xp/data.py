@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lenet_xp.backend import Device, get_array_module, to_device
-from lenet_xp.mnist import MEAN, STD
+import numpy as np
+
+from lenet_xp.backend import Device, asnumpy, get_array_module, to_device
+from lenet_xp.mnist import MEAN, STD, DataError
+
+#: Labels are class indices ``0..NUM_CLASSES-1`` (MNIST's digits).
+NUM_CLASSES = 10
 
 
 @dataclass
@@ -26,16 +31,17 @@ class DeviceSplit:
 
     def batches(
         self, batch_size: int, order: Any = None, shifts: Any = None, max_shift: int = 0,
-        distort: Any = None,
+        distort: Any = None, skip: int = 0,
     ):  # fmt: skip
-        """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order.
+        """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order,
+        from batch ``skip`` on (the ones before are not computed: a resumed epoch).
 
         ``shifts (2, N)`` int (on the device, entries within ``+-max_shift``), if given,
         translates image ``i`` by ``shifts[:, i]`` pixels (down, right): see
         :func:`shift_images`. ``distort(x, ids)``, if given, then distorts each batch (``ids``:
         the images' indices in this split, e.g. :func:`lenet_xp.augment.augment_batch`).
         """
-        for start in range(0, len(self), batch_size):
+        for start in range(skip * batch_size, len(self), batch_size):
             idx = (
                 slice(start, start + batch_size)
                 if order is None
@@ -74,7 +80,12 @@ def to_device_split(
 ) -> DeviceSplit:
     """Move ``images_u8 (N, 28, 28)`` uint8 and ``labels_u8 (N,)`` to ``device`` (as uint8, the
     smallest copy), then normalise there: ``(x / 255 - MEAN) / STD``, optionally zero-padded
-    (in normalised units, i.e. background) to ``32 x 32``."""
+    (in normalised units, i.e. background) to ``32 x 32``.
+
+    Raises :class:`~lenet_xp.mnist.DataError` (one line) unless there is one integer label
+    in ``0..NUM_CLASSES-1`` per image: a label out of range must never reach a GPU, where an
+    index out of range wraps silently instead of raising."""
+    check_labels(images_u8, labels_u8)
     xp = device.xp
     images = to_device(images_u8, device)[:, None, :, :].astype(dtype)
     images *= 1.0 / (255.0 * STD)
@@ -85,6 +96,23 @@ def to_device_split(
         images = padded
     labels = to_device(labels_u8, device).astype(xp.int64)
     return DeviceSplit(xp.ascontiguousarray(images), labels, device)
+
+
+def check_labels(images: Any, labels: Any) -> None:
+    """Raise :class:`DataError` unless ``labels`` is ``(N,)`` integers in ``0..NUM_CLASSES-1``
+    with ``N = len(images)`` (host arrays, or device ones at the cost of one copy)."""
+    labels = asnumpy(labels)
+    n = int(images.shape[0]) if getattr(images, "ndim", 0) else 0
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise DataError(f"labels of shape {labels.shape} for {n} images; need one label per image")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"labels are {labels.dtype}, not integers; pass class indices 0..9")
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise DataError(
+            f"label {labels[bad[0]]} at index {bad[0]} is outside 0..{NUM_CLASSES - 1} "
+            f"({bad.size} such labels); fix the labels before training"
+        )
 
 
 def random_shifts(n: int, max_shift: int, rng: Any, device: Device) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import sys
 import tempfile
@@ -97,16 +98,16 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache).expanduser() / "lenet_xp" / "mnist"
 
 
-def _read_exact(f, buf: np.ndarray) -> int:
-    """Fill ``buf`` from ``f``; return how many bytes were actually read."""
-    view = memoryview(buf).cast("B")
-    n = 0
-    while n < len(view):
-        got = f.readinto(view[n:])
-        if not got:
+def _read_at_most(f, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of ``f`` (fewer at its end), read in chunks: memory grows with
+    what the file holds, never with what a (possibly corrupt) header claims."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = f.read(min(_CHUNK << 4, limit - len(data)))
+        if not chunk:
             break
-        n += got
-    return n
+        data += chunk
+    return data
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -136,10 +137,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             if len(dims_raw) < 4 * ndim:
                 raise DataError(f"{path}: truncated inside the header; {fix}")
             shape = tuple(int.from_bytes(dims_raw[4 * i : 4 * i + 4], "big") for i in range(ndim))
-            header = 4 + 4 * ndim
-            arr = np.empty(shape, dtype=np.uint8)
-            got = _read_exact(f, arr)
-            extra = len(f.read())  # also makes gzip check its CRC and length trailer
+            header, size = 4 + 4 * ndim, math.prod(shape)
+            data = _read_at_most(f, size + 1)  # one byte more: trailing bytes show up
+            got, extra = min(len(data), size), max(len(data) - size, 0)
+            while chunk := f.read(_CHUNK):  # counted, not kept; gzip checks its CRC at the end
+                extra += len(chunk)
     except DataError:
         raise
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
@@ -148,15 +150,15 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"{path}: no such file; check the path or --data-dir") from e
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check its permissions") from e
-    if got != arr.size or extra:
-        kind = "truncated" if got != arr.size else "trailing bytes"
+    if got != size or extra:
+        kind = "truncated" if got != size else "trailing bytes"
         what = f"{shape[0]} images of {shape[1]}x{shape[2]}" if ndim == 3 else f"{shape[0]} labels"
         gz = " unpacked" if path.suffix == ".gz" else ""
         raise DataError(
-            f"{path}: {kind}: header says {what} ({header + arr.size} bytes) but the{gz} file "
+            f"{path}: {kind}: header says {what} ({header + size} bytes) but the{gz} file "
             f"holds {header + got + extra} bytes; {fix}"
         )
-    return arr
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)  # writable: a bytearray's
 
 
 def _find(data_dir: Path, name: str) -> Path | None:

@@ -69,6 +69,9 @@ class WorkerError(RuntimeError):
 
 
 _DIED = "a worker process died (killed for memory?); try --workers 1"
+#: Signals only the main process acts on (lenet_xp.interrupt); workers start with them
+#: blocked, so one that arrives while a worker starts up cannot kill it, then ignore them.
+_MAIN_DECIDES = {signal.SIGINT, signal.SIGTERM}
 
 
 def _worker(
@@ -76,7 +79,9 @@ def _worker(
 ) -> None:
     from threadpoolctl import threadpool_limits
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    for signum in _MAIN_DECIDES:  # Ctrl-C, docker stop: the main process's to handle
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _MAIN_DECIDES)  # blocked while we started
     threadpool_limits(limits=1, user_api="blas")
     if tune_allocator:
         tune_host_allocator()
@@ -172,7 +177,11 @@ class DataParallel:
                 args=(index, model, specs, self._shared.names(), theirs, tune_allocator),
                 daemon=True,
             )
-            proc.start()
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_DECIDES)
+            try:
+                proc.start()  # inherits the blocked mask; the worker ignores, then unblocks
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._procs.append(proc)
             self._conns.append(ours)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp import fused as fused_step
-from lenet_xp import kernels, presets
+from lenet_xp import kernels, presets, report, stats, tblog
 from lenet_xp.augment import Augment, augment_batch, parse_augment
 from lenet_xp.backend import (
     Device,
@@ -32,9 +32,22 @@ from lenet_xp.backend import (
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.evaluate import evaluate
+from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
 from lenet_xp.mnist import MEAN, STD, DataError, load_mnist
 from lenet_xp.optim import Optimizer, make_optimizer
 from lenet_xp.parallel import DataParallel, WorkerError
+from lenet_xp.resume import (
+    DivergedError,
+    EpochPosition,
+    Keeper,
+    inexact_resume_note,
+    initial_meta,
+    remove_stale_temps,
+    resolve_out,
+    resume_base,
+    resume_hint,
+)
+from lenet_xp.runlock import RunLock, RunLockError
 from lenet_xp.schedules import make_schedule
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
@@ -137,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
     )
-    p.add_argument("--out", default="runs/lenet5", help="folder for last.npz and best.npz")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for last.npz, best.npz and metrics.jsonl; one run at a time (default: "
+        "runs/lenet5; with --resume: the checkpoint's folder)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=None,
+        help="also save OUT/last.npz every N steps, mid-epoch (resumable exactly); SIGTERM and "
+        "SIGINT save there too, whatever N",
+    )
     p.add_argument(
         "--metrics",
         default=None,
@@ -230,6 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA: capture the fused training step once as a CUDA graph and replay it per "
         "batch (implies --cuda-kernels)",
     )
+    p.add_argument(
+        "--stats-every",
+        type=_number(int, 0, False),
+        default=stats.DEFAULT_EVERY,
+        help="sample per-layer statistics (activations, gradients, update ratio) every N "
+        "steps into OUT/stats.jsonl; 0: off",
+    )
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard logs (scalars, histograms, filters) to DIR "
+        '(pip install "lenet_xp[tensorboard]")',
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="at the end, write OUT/report/index.html (python -m lenet_xp.report OUT)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
 
@@ -276,15 +320,26 @@ def train_epoch(
     max_shift: int = 0,
     augment: Any = None,
     epoch: int = 0,
+    on_step: Any = None,
+    position: EpochPosition | None = None,
+    keeper: Keeper | None = None,
 ) -> tuple[float, float, int]:
     """One pass in a fresh random order, images randomly translated by up to ``max_shift``
     pixels and distorted as ``augment`` (an :class:`~lenet_xp.augment.Augment`; its draws
-    depend on the run's seed, the ``epoch`` and each image, not on the device). Returns
-    ``(mean loss, accuracy, global step)``."""
+    depend on the run's seed, the ``epoch`` and each image, not on the device); ``on_step()``
+    after each optimizer step, if given. ``position``: resume this epoch there (``rng`` as
+    at the epoch's start); ``keeper.on_step`` after each step (mid-epoch checkpoints, stop
+    requests, divergence). Returns ``(mean loss, accuracy, global step)``."""
     xp = split.device.xp
     runner.train()
     loss_sum = xp.zeros((), dtype=xp.float64)
     correct = xp.zeros((), dtype=xp.int64)
+    done = position.batch if position is not None else 0
+    if position is not None:  # the sums of the batches done before the run stopped
+        loss_sum += position.loss_sum
+        correct += position.correct
+        if bar is not None:
+            bar.update(min(done * batch_size, len(split)))
     order = permutation(len(split), rng, split.device)
     shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
     distort = None
@@ -294,10 +349,13 @@ def train_epoch(
         def distort(x: Any, ids: Any) -> Any:
             return augment_batch(x, augment, ids, seed, epoch, -MEAN / STD)
 
-    for x, y in split.batches(batch_size, order, shifts, max_shift, distort):
+    batches = split.batches(batch_size, order, shifts, max_shift, distort, skip=done)
+    for batch, (x, y) in enumerate(batches, done + 1):
         optimizer.lr = schedule(step)
         loss, n_correct = runner.forward_backward(x, y)
         optimizer.step()
+        if on_step is not None:
+            on_step()
         step += 1
         loss_sum += loss * y.shape[0]
         correct += n_correct
@@ -305,6 +363,8 @@ def train_epoch(
             bar.update(int(y.shape[0]))
             if split.device.kind == "cpu" and step % 20 == 0:  # free on the CPU; a sync on a GPU
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        if keeper is not None:
+            keeper.on_step(step, batch, loss_sum, correct)
     n = len(split)
     return float(loss_sum) / n, int(correct) / n, step
 
@@ -331,14 +391,18 @@ def run(args: argparse.Namespace, model: Any = None) -> dict:
         tune_host_allocator()
     enabled = kernels.enabled()
     try:
-        with use_device(device):
-            return _run(args, device, model)
+        with use_device(device), StopSignals() as signals, RunLock(resolve_out(args)):
+            return _run(args, device, model, signals)
     finally:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
 
-def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
-    """:func:`run` on the resolved ``device``, inside :func:`use_device`."""
+def _run(
+    args: argparse.Namespace, device: Device, model: Any = None, signals: StopSignals | None = None
+) -> dict:
+    """:func:`run` on the resolved ``device``, inside :func:`use_device`, holding ``--out``'s
+    lock; ``signals``: the SIGINT/SIGTERM handlers (none if not given)."""
+    signals = StopSignals() if signals is None else signals
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
     if model is not None:
         config["arch"] = "custom"  # built in Python: the CLIs cannot rebuild it
@@ -379,27 +443,47 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
             optimizer.load_state_dict(optim_state)
             rng.bit_generator.state = meta["rng_state"]
             start_epoch, step, best_score = meta["epoch"] + 1, meta["step"], meta["best_score"]
+            best_score = -math.inf if best_score is None else best_score  # None: in epoch 1
             best_epoch = meta.get("best_epoch", 0)
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {args.resume} does not fit: {exc}") from None
+    position = EpochPosition.from_meta(meta, steps_per_epoch, args.resume) if resume_state else None
+    if resume_state and not args.quiet and (note := inexact_resume_note(config)):
+        print(f"note: {note}", file=sys.stderr)
 
     out = Path(args.out)
     metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report.require_matplotlib()  # now, not after the training
+    log = tblog.RunLog(
+        model, metrics_path, out, args.stats_every, args.tensorboard, start_epoch, step
+    )  # metrics.csv, stats.jsonl, TensorBoard
+    remove_stale_temps(out, metrics_path)  # a killed run's; this run holds the lock
+    if resume_state:  # metrics.jsonl as the checkpoint has it, whenever the last run stopped
+        base = resume_base(resume_state[2], metrics_path)
+    else:
+        base = initial_meta(config, rng.bit_generator.state)
     metrics_file = open(metrics_path, "a" if resume_state else "w")  # noqa: SIM115
+    keeper = Keeper(
+        out, model, optimizer, signals, base, device.kind, args.save_every, steps_per_epoch,
+        hint=lambda checkpoint: resume_hint(args, checkpoint),
+        latest=Path(args.resume) if args.resume else None,
+    )  # fmt: skip
     workers = config.get("workers", 1) if device.kind == "cpu" else 1
     max_batch = max(config["batch_size"], args.eval_batch_size)
     runner = DataParallel(model, workers, max_batch=max_batch)
     total_steps = config["epochs"] * steps_per_epoch
     augment = parse_augment(config.get("augment", "none"))
     fused, engine = _engine(
-        args, device, model, optimizer, train, config, schedule, total_steps, augment
+        args, device, model, optimizer, train, config, schedule, total_steps, augment, position
     )
     record: dict = {}
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
+            keeper.begin_epoch(epoch, position)
             bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
-            lr = schedule(step)
+            lr = schedule(step - (position.batch if position else 0))  # the epoch's first step's
             synchronize(device)
             t0 = time.perf_counter()
             if fused is not None:
@@ -417,9 +501,13 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
                     config.get("shift", 0),
                     augment,
                     epoch,
+                    on_step=log.after_step,
+                    position=position,
+                    keeper=keeper,
                 )
             synchronize(device)
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 + (position.seconds if position else 0.0)
+            position = None
             if bar is not None:
                 bar.close()
             if not math.isfinite(train_loss):
@@ -450,18 +538,20 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
             meta = {
                 "epoch": epoch, "step": step, "rng_state": rng.bit_generator.state,
                 "config": config, "metrics": record, "best_score": max(best_score, score),
-                "best_epoch": best_epoch,
+                "best_epoch": best_epoch, "history": [*keeper.base["history"], record],
             }  # fmt: skip
             names = ["last.npz"]
             if args.keep_every_epoch:
                 names.append(f"epoch_{epoch:03d}.npz")
             if score > best_score:
                 names.append("best.npz")
-            for name in names:
+            for name in reversed(names):  # last.npz last: a resumed run starts from it
                 save_checkpoint(out / name, model.state_dict(), optimizer.state_dict(), meta)
+            keeper.saved_epoch(meta)
             best_score = max(best_score, score)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            log.end_epoch(record)  # metrics.csv, stats.jsonl, TensorBoard
             if not args.quiet:
                 print(_summary(record, config["epochs"]), flush=True)
             if stop:
@@ -472,18 +562,27 @@ def _run(args: argparse.Namespace, device: Device, model: Any = None) -> dict:
                         flush=True,
                     )
                 break
+    except Interrupted as exc:  # a second signal stopped the run at once: say where
+        raise (exc if str(exc) else keeper.interrupted(exc.signum)) from None
     finally:
         runner.close()
         metrics_file.close()
+        log.close()
+    if args.report:
+        page = report.write_report(out, metrics=metrics_path, data_dir=args.data_dir, device=device)
+        if not args.quiet:
+            print(f"report: {page}", flush=True)
     return record
 
 
 def _engine(
     args: argparse.Namespace, device: Device, model: Any, optimizer: Any, train: DeviceSplit,
-    config: dict, schedule: Any, total_steps: int, augment: Augment,
+    config: dict, schedule: Any, total_steps: int, augment: Augment, position: Any = None,
 ) -> tuple[Any, str]:  # fmt: skip
     """``(fused step or None, engine name)``: ``"layers"`` (array ops), ``"kernels"`` (our
-    fused step) or ``"graph"`` (that step as a CUDA graph), as the flags ask and allow."""
+    fused step) or ``"graph"`` (that step as a CUDA graph), as the flags ask and allow.
+    The fused step starts and saves at epoch boundaries only: resuming mid-epoch
+    (``position``) takes the layers, and ``--save-every`` is noted as not applying."""
     wanted = args.cuda_graph or args.cuda_kernels
     kernels.set_enabled(wanted and device.kind == "cuda")
     if not wanted or device.kind != "cuda":
@@ -492,9 +591,10 @@ def _engine(
                 f"note: --cuda-graph applies to CUDA devices; training on {device}", file=sys.stderr
             )
         return None, "layers"
-    if not augment.is_identity:
+    if not augment.is_identity or position is not None:
         if not args.quiet:
-            print("note: training with the array-op layers: --augment runs there", file=sys.stderr)
+            why = "--augment runs there" if position is None else "resuming inside an epoch"
+            print(f"note: training with the array-op layers: {why}", file=sys.stderr)
         return None, "layers"
     lr_of_step = [schedule(s) for s in range(total_steps)]
     fused, why = fused_step.build(
@@ -505,6 +605,12 @@ def _engine(
         if not args.quiet:
             print(f"note: training with the array-op layers: {why}", file=sys.stderr)
         return None, "layers"
+    if args.save_every and not args.quiet:
+        print(
+            "note: --save-every applies to the array-op layers; the fused CUDA step saves at "
+            "epoch ends (a signal lets the epoch finish, about a second, then saves)",
+            file=sys.stderr,
+        )
     return fused, why
 
 
@@ -555,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, DeviceError, CheckpointError, TrainingError, WorkerError) as exc:
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
+    except (RunLockError, DivergedError) as exc:
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        return 1
+    except (report.ReportError, tblog.LogError) as exc:
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        return 1
     except presets.PresetError as exc:
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 2
@@ -568,12 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. --out or --metrics not writable
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            f"lenet_xp.train: interrupted; resume with --resume {Path(args.out) / 'last.npz'}",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (lenet_xp.interrupt)
+        message, status = exit_message(exc, resume_hint(args, args.resume))
+        print(f"lenet_xp.train: {message}", file=sys.stderr)
+        return status
     return 0
 
 
