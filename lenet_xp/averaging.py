@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lenet_xp.backend import device_of, get_array_module, to_device
-from lenet_xp.layers.module import Parameter
+from lenet_xp.layers.module import Module, Parameter
 
 
 class ParameterEMA:
@@ -69,3 +69,18 @@ class ParameterEMA:
             copy[...] = to_device(value, device_of(param.data))
             averages.append(copy)
         self.averages, self.updates = averages, int(state["updates"])
+
+
+def averaged_state(model: Module, model_state: dict, optim_state: dict) -> dict:
+    """``model_state`` with ``model``'s parameters replaced by the weight average a checkpoint's
+    optimizer state holds (``"ema.<i>"`` for the i-th of ``model.parameters()``), if it holds
+    one: a run trained with ``--ema`` tested, and chose ``best.npz`` by, the averaged network,
+    so that is the network to evaluate, predict with and export."""
+    if "ema.0" not in optim_state:
+        return model_state
+    names = [name for name, _ in model.named_parameters()]
+    averages = {name: optim_state.get(f"ema.{i}") for i, name in enumerate(names)}
+    missing = [name for name, value in averages.items() if value is None]
+    if missing:
+        raise ValueError(f"its weight average lacks {', '.join(missing)}")
+    return model_state | averages

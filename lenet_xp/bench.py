@@ -74,8 +74,7 @@ def our_epoch(
     runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
     optimizer = Adam(model.parameters(), lr=1e-3)
     if ema_decay:
-        ema = ParameterEMA(model.parameters(), ema_decay)
-        optimizer.register_step_post_hook(lambda _: ema.update())
+        optimizer.average = ParameterEMA(optimizer.params, ema_decay)
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     n_warm = 20 * batch_size
     warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)

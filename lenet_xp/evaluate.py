@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from lenet_xp.averaging import averaged_state
 from lenet_xp.backend import DeviceError, asnumpy, get_device, use_device
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit, to_device_split
@@ -49,9 +50,10 @@ def evaluate(
 
 def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module, dict]:
     """``(model on device, meta)`` from a checkpoint written by ``lenet_xp.train``: the
-    network its config names (``--arch``, options), rebuilt and loaded. ``arch``, if given,
+    network its config names (``--arch``, options), rebuilt and loaded (with the averaged
+    weights of a run trained with ``--ema``). ``arch``, if given,
     must be the checkpoint's (else :class:`CheckpointError`, one line)."""
-    model_state, _, meta = load_checkpoint(path)
+    model_state, optim_state, meta = load_checkpoint(path)
     config = meta.get("config", {})
     saved = config.get("arch", "lenet5")
     if arch is not None and arch != saved:
@@ -61,7 +63,7 @@ def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module,
     except PresetError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
     try:
-        model.load_state_dict(model_state)
+        model.load_state_dict(averaged_state(model, model_state, optim_state))  # --ema's
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not hold a {saved}: {exc}") from None
     return model.to(device), meta

@@ -38,6 +38,8 @@ def supports(model: Any, optimizer: Any) -> str | None:
         return f"the fused step is written for LeNet5, not {type(model).__name__}"
     if not isinstance(optimizer, Adam):
         return f"the fused step updates with Adam/AdamW, not {type(optimizer).__name__}"
+    if optimizer.average is not None:
+        return "the fused step does not average weights (--ema)"
     return None
 
 

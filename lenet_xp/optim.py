@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lenet_xp import kernels
+from lenet_xp.averaging import ParameterEMA
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
 from lenet_xp.kernels import record_fallback
 from lenet_xp.layers.module import Parameter
@@ -44,12 +45,9 @@ class Optimizer:
         self.steps = 0
         # One dict per parameter: name -> array (or int); empty until its first update.
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
-        self._post_hooks: list[Any] = []
-
-    def register_step_post_hook(self, hook: Any) -> None:
-        """Call ``hook(optimizer)`` after every :meth:`step` (as ``torch.optim``'s hook of
-        the same name), e.g. to update a :class:`~lenet_xp.averaging.ParameterEMA`."""
-        self._post_hooks.append(hook)
+        #: Weight averaging (``train --ema``; Keras's ``use_ema``): updated after every step,
+        #: saved and restored with the rest of the state.
+        self.average: ParameterEMA | None = None
 
     @property
     def lr(self) -> float:
@@ -84,8 +82,8 @@ class Optimizer:
                 )
             self._update(param.data, param.grad, state)
         self.steps += 1
-        for hook in self._post_hooks:
-            hook(self)
+        if self.average is not None:
+            self.average.update()
 
     def _update(self, data: Any, grad: Any, state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -94,12 +92,15 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         """Flat, NumPy-savable state: ``type``, ``steps``, ``lr``, the hyperparameters and
         ``"<name>.<i>"`` for state ``name`` of ``params[i]`` (copies of the arrays, on the
-        parameter's device and dtype; absent before that parameter's first update)."""
+        parameter's device and dtype; absent before that parameter's first update), and
+        ``"ema.<key>"`` for the weight average's state if there is one."""
         flat: dict[str, Any] = {"type": type(self).__name__, "steps": self.steps, "lr": self.lr}
         flat.update(self.hyperparameters())
         for index, state in enumerate(self.state):
             for name, value in state.items():
                 flat[f"{name}.{index}"] = value.copy() if name in self._array_state else value
+        if self.average is not None:
+            flat.update({f"ema.{k}": v for k, v in self.average.state_dict().items()})
         return flat
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -109,6 +110,13 @@ class Optimizer:
         (and changes nothing) when the optimizer type, a hyperparameter, a key or a
         shape does not match this optimizer.
         """
+        averaged = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+        state = {k: v for k, v in state.items() if not k.startswith("ema.")}
+        if bool(averaged) != (self.average is not None):
+            saved, this = ("holds", "keeps none") if averaged else ("holds none", "keeps one")
+            raise ValueError(
+                f"optimizer state_dict {saved} of a weight average (--ema); this optimizer {this}"
+            )
         saved_type = str(state.get("type"))
         if saved_type != type(self).__name__:
             raise ValueError(f"optimizer state_dict is for {saved_type}, not {type(self).__name__}")
@@ -156,6 +164,8 @@ class Optimizer:
                     f"state_dict has {sorted(found)} for parameter {index}, "
                     f"expected all of {sorted(expected)} or none"
                 )
+        if self.average is not None:
+            self.average.load_state_dict(averaged)  # checks before it changes anything
         self.state = per_param
         self.steps = int(state["steps"])
         self.lr = float(state["lr"])
@@ -348,17 +358,24 @@ def make_optimizer(
     lr: float,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
+    ema: float | None = None,
 ) -> Optimizer:
     """Build an optimizer by name: ``sgd`` (SGD with ``momentum``; 0 gives plain SGD),
     ``nesterov`` (SGD with Nesterov ``momentum``), ``adam`` (L2 ``weight_decay``) or
-    ``adamw`` (decoupled ``weight_decay``, used as given here, 0 included)."""
+    ``adamw`` (decoupled ``weight_decay``, used as given here, 0 included); with ``ema`` (a
+    decay in (0, 1)) it also keeps a :class:`~lenet_xp.averaging.ParameterEMA` of the
+    weights as ``optimizer.average``."""
     key = name.strip().lower()
     if key == "sgd":
-        return SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
-    if key == "nesterov":
-        return SGD(params, lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    if key == "adam":
-        return Adam(params, lr, weight_decay=weight_decay)
-    if key == "adamw":
-        return AdamW(params, lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        optimizer = SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
+    elif key == "nesterov":
+        optimizer = SGD(params, lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    elif key == "adam":
+        optimizer = Adam(params, lr, weight_decay=weight_decay)
+    elif key == "adamw":
+        optimizer = AdamW(params, lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if ema:
+        optimizer.average = ParameterEMA(optimizer.params, ema)
+    return optimizer

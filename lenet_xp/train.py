@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 #: (README, "Augmentation": what was tried and what it reaches).
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    "best": {"augment": "default,elastic=8:3", "shift": 0, "epochs": 50},
+    "best": {"augment": "default,elastic=8:3", "shift": 0, "epochs": 50, "ema": 0.999},
 }
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 
@@ -83,6 +84,13 @@ def _number(kind: type, minimum: float, strict: bool) -> Any:
 
 _positive_int, _positive_float = _number(int, 0, True), _number(float, 0, True)
 _non_negative_float = _number(float, 0, False)
+
+
+def _ema_decay(text: str) -> float:
+    decay = _number(float, 0, True)(text)
+    if decay >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (e.g. 0.999), got {text}")
+    return decay
 
 
 def default_workers() -> int:
@@ -145,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="distort training images on the training device: none, light, default, strong, "
         "or key=value,... (rotate, scale, shear, translate, elastic=ALPHA:SIGMA, noise); "
         "see lenet_xp/augment.py",
+    )
+    p.add_argument(
+        "--ema",
+        type=_ema_decay,
+        default=None,
+        metavar="DECAY",
+        help="average the weights (exponential moving average with this decay, e.g. 0.999): "
+        "the average is what is tested, chosen as best.npz and used by evaluate/predict",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
     p.add_argument(
@@ -281,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = (
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
     "dtype", "pad32", "shift", "val_size", "limit_train", "limit_test", "workers", "arch",
-    "activation", "pool", "batchnorm", "dropout", "output", "patience", "augment",
+    "activation", "pool", "batchnorm", "dropout", "output", "patience", "augment", "ema",
 )  # fmt: skip
 
 
@@ -429,6 +445,7 @@ def _run(
         config["lr"],
         config["weight_decay"],
         config["momentum"],
+        config.get("ema"),
     )
     steps_per_epoch = math.ceil(len(train) / config["batch_size"])
     schedule = make_schedule(
@@ -516,7 +533,12 @@ def _run(
                     f"(now {config['lr']:g}); last good checkpoint: "
                     f"{out / 'last.npz'}"
                 )
-            test_loss, test_acc, _ = evaluate(runner, test, args.eval_batch_size)
+            tested = optimizer.average.applied() if optimizer.average else nullcontext()
+            with tested:  # --ema: the averaged weights are the network tested (and kept)
+                test_loss, test_acc, _ = evaluate(runner, test, args.eval_batch_size)
+                val_loss, val_acc, _ = (
+                    evaluate(runner, val, args.eval_batch_size) if val is not None else (None,) * 3
+                )
             record = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
@@ -524,9 +546,7 @@ def _run(
                 "device": str(device), "engine": engine,
             }  # fmt: skip
             if val is not None:
-                record["val_loss"], record["val_acc"], _ = evaluate(
-                    runner, val, args.eval_batch_size
-                )
+                record["val_loss"], record["val_acc"] = val_loss, val_acc
             score = record["val_acc"] if val is not None else -train_loss
             if score > best_score:
                 best_epoch = epoch

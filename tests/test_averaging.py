@@ -2,10 +2,19 @@
 
 import numpy as np
 import pytest
+from conftest import DATA, needs_mnist
+from reliability_helpers import metrics
 
+from lenet_xp import LeNet5, fused
+from lenet_xp import evaluate as evaluate_cli
+from lenet_xp import train as train_cli
 from lenet_xp.averaging import ParameterEMA
+from lenet_xp.backend import CPU
+from lenet_xp.checkpoint import load_checkpoint
+from lenet_xp.evaluate import evaluate, load_model
 from lenet_xp.layers.module import Parameter
-from lenet_xp.optim import SGD
+from lenet_xp.optim import make_optimizer
+from lenet_xp.parallel import DataParallel
 
 
 def _params() -> list[Parameter]:
@@ -69,13 +78,63 @@ def test_state_dict_round_trip_and_mismatches():
             ParameterEMA(params, decay=bad)
 
 
-def test_the_optimizer_calls_its_post_hooks_after_each_step():
+def test_the_optimizer_keeps_saves_and_restores_its_average():
+    """``make_optimizer(..., ema=d)``: the average follows every step, rides in the optimizer's
+    state_dict, and a restored optimizer continues exactly; a state with or without an average
+    does not load into an optimizer of the other kind."""
+
+    def run(optimizer, params, steps, rng):
+        for _ in range(steps):
+            for p in params:
+                p.grad = rng.standard_normal(p.data.shape).astype(p.data.dtype)
+            optimizer.step()
+
     params = _params()
-    optimizer = SGD(params, lr=0.1)
-    seen = []
-    optimizer.register_step_post_hook(lambda opt: seen.append((opt.steps, params[1].data[0])))
-    for p in params:
-        p.grad = np.ones_like(p.data)
-    optimizer.step()
-    optimizer.step()
-    assert seen == [(1, pytest.approx(0.9)), (2, pytest.approx(0.8))]  # after the update
+    optimizer = make_optimizer("adam", params, 1e-2, ema=0.9)
+    run(optimizer, params, 5, np.random.default_rng(0))
+    assert optimizer.average.updates == 5
+    state = optimizer.state_dict()
+    assert state["ema.decay"] == 0.9 and state["ema.updates"] == 5 and "ema.1" in state
+    copies = [Parameter(p.data.copy()) for p in params]
+    again = make_optimizer("adam", copies, 1e-2, ema=0.9)
+    again.load_state_dict(state)
+    run(optimizer, params, 3, np.random.default_rng(1))
+    run(again, copies, 3, np.random.default_rng(1))
+    for a, b in zip(optimizer.average.averages, again.average.averages, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="holds one|weight average"):
+        make_optimizer("adam", _params(), 1e-2).load_state_dict(state)
+    plain = make_optimizer("adam", _params(), 1e-2).state_dict()
+    with pytest.raises(ValueError, match="holds none"):
+        make_optimizer("adam", _params(), 1e-2, ema=0.9).load_state_dict(plain)
+    model = LeNet5()
+    assert "average" in fused.supports(
+        model, make_optimizer("adam", model.parameters(), 1, ema=0.9)
+    )
+
+
+@needs_mnist
+def test_training_with_ema_tests_keeps_and_resumes_the_average(tmp_path):
+    """``train --ema``: the metrics are the averaged network's, which is what ``load_model``
+    (evaluate, predict, export) gives from a checkpoint; the trained weights are kept beside it
+    for resuming, and a resumed run equals an uninterrupted one."""
+    small = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--limit-train", "2000"]
+    base = small + ["--epochs", "2", "--keep-every-epoch", "--ema", "0.9"]
+    straight = tmp_path / "straight"
+    assert train_cli.main([*base, "--out", str(straight)]) == 0
+    records = metrics(straight / "metrics.jsonl")
+    assert len(records) == 2
+    model, meta = load_model(str(straight / "last.npz"), CPU)
+    split = evaluate_cli.test_split(meta, CPU, str(DATA))
+    loss, acc, _ = evaluate(DataParallel(model.eval(), 1), split, 2000)
+    assert acc == records[-1]["test_acc"]  # the loss: summed over other worker slices
+    assert loss == pytest.approx(records[-1]["test_loss"], rel=1e-6)
+    model_state, optim_state, _ = load_checkpoint(straight / "last.npz")
+    assert not np.array_equal(model_state["fc3.weight"], optim_state["ema.9"])  # both kept
+    model.load_state_dict(model_state)  # the trained weights test differently
+    assert evaluate(DataParallel(model.eval(), 1), split, 2000)[0] != pytest.approx(loss, rel=1e-4)
+
+    resumed = tmp_path / "resumed"
+    resume = ["--resume", str(straight / "epoch_001.npz"), "--out", str(resumed)]
+    assert train_cli.main([*small, *resume]) == 0
+    assert metrics(resumed / "metrics.jsonl") == records
