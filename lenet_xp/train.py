@@ -86,11 +86,12 @@ _positive_int, _positive_float = _number(int, 0, True), _number(float, 0, True)
 _non_negative_float = _number(float, 0, False)
 
 
-def _ema_decay(text: str) -> float:
-    decay = _number(float, 0, True)(text)
+def _ema_decay(text: str) -> float | None:
+    """``--ema``: a decay in [0, 1); 0 turns averaging off (``None``)."""
+    decay = _non_negative_float(text)
     if decay >= 1:
         raise argparse.ArgumentTypeError(f"must be below 1 (e.g. 0.999), got {text}")
-    return decay
+    return decay or None
 
 
 def default_workers() -> int:
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DECAY",
         help="average the weights (exponential moving average with this decay, e.g. 0.999): "
-        "the average is what is tested, chosen as best.npz and used by evaluate/predict",
+        "the average is what is tested, chosen as best.npz and used by evaluate/predict; "
+        "0: off",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
     p.add_argument(

@@ -138,3 +138,15 @@ def test_training_with_ema_tests_keeps_and_resumes_the_average(tmp_path):
     resume = ["--resume", str(straight / "epoch_001.npz"), "--out", str(resumed)]
     assert train_cli.main([*small, *resume]) == 0
     assert metrics(resumed / "metrics.jsonl") == records
+
+
+def test_ema_flag_values(capsys):
+    parser = train_cli.build_parser()
+    assert parser.parse_args(["--ema", "0.999"]).ema == 0.999
+    assert parser.parse_args(["--ema", "0"]).ema is None  # off: how to drop it from a recipe
+    parser.set_defaults(**train_cli.RECIPES["best"])
+    assert parser.parse_args([]).ema == 0.999 and parser.parse_args(["--ema", "0"]).ema is None
+    for bad in ("1", "1.5", "-0.1", "nan", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--ema", bad])
+        assert "argument --ema" in capsys.readouterr().err
