@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from lenet_xp.backend import Device, asnumpy, get_array_module, to_device
 from lenet_xp.mnist import MEAN, STD, DataError
 
@@ -107,7 +105,7 @@ def check_labels(images: Any, labels: Any) -> None:
         raise DataError(f"labels of shape {labels.shape} for {n} images; need one label per image")
     if labels.dtype.kind not in "iu":
         raise DataError(f"labels are {labels.dtype}, not integers; pass class indices 0..9")
-    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    bad = get_array_module(labels).flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
     if bad.size:
         raise DataError(
             f"label {labels[bad[0]]} at index {bad[0]} is outside 0..{NUM_CLASSES - 1} "

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = [  # (row name, flags)
     ("shift", "--epochs 10"),
     ("default50", "--augment default --shift 0 --epochs 50"),
+    ("best-noema", "--recipe best --ema 0"),
     ("best", "--recipe best"),
 ]
 

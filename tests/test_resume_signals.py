@@ -96,7 +96,8 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, reference, signum,
     if point == 12 and position is None:  # it evaluated epoch 1, saved its end, stopped
         assert meta["step"] == 12 and "after epoch 1 (step 12)" in err, meta
     else:  # the signal's own save, inside the epoch (at 12: the test saw epoch 1's end first)
-        assert meta["step"] % EVERY[point] and position is not None, meta
+        # (on a busy machine the run may stop exactly on a later periodic save's step)
+        assert position is not None, meta
         epoch, batch = position["epoch"], position["batch"]
         assert f"(epoch {epoch}, batch {batch} of {STEPS_PER_EPOCH})" in err
         assert meta["step"] == (epoch - 1) * STEPS_PER_EPOCH + batch
