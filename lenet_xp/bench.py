@@ -44,7 +44,8 @@ from lenet_xp.model import LeNet5
 from lenet_xp.optim import Adam
 from lenet_xp.parallel import DataParallel, forward_backward
 from lenet_xp.schedules import ConstantLR, make_schedule
-from lenet_xp.train import default_workers, train_epoch
+from lenet_xp.train import train_epoch
+from lenet_xp.train_args import default_workers
 
 
 def load_train_split(

@@ -22,6 +22,7 @@ ROWS = [  # (row name, flags)
     ("default50", "--augment default --shift 0 --epochs 50"),
     ("best-noema", "--recipe best --ema 0"),
     ("best", "--recipe best"),
+    ("best80", "--recipe best --epochs 80"),
 ]
 
 

@@ -28,7 +28,8 @@ from lenet_xp.optim import Adam
 from lenet_xp.parallel import DataParallel
 from lenet_xp.schedules import ConstantLR
 from lenet_xp.stats import DEFAULT_EVERY, LayerStats
-from lenet_xp.train import default_workers, train_epoch
+from lenet_xp.train import train_epoch
+from lenet_xp.train_args import default_workers
 
 BATCH = 128
 
