@@ -19,7 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 #: (README, "Augmentation": what was tried and what it reaches).
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    "best": {"augment": "default,elastic=8:3", "shift": 0, "epochs": 50, "ema": 0.999},
+    "best": {"augment": "default,elastic=8:3", "shift": 0, "epochs": 80, "ema": 0.999},
 }
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = [  # (row name, flags)
     ("shift", "--epochs 10"),
     ("default50", "--augment default --shift 0 --epochs 50"),
-    ("best-noema", "--recipe best --ema 0"),
-    ("best", "--recipe best"),
-    ("best80", "--recipe best --epochs 80"),
+    ("best-noema", "--recipe best --ema 0 --epochs 50"),
+    ("best50", "--recipe best --epochs 50"),
+    ("best80", "--recipe best"),
 ]
 
 

@@ -383,5 +383,6 @@ def test_recipe_best_sets_its_flags_and_explicit_flags_win(tmp_path):
     config = load_checkpoint(tmp_path / "last.npz")[2]["config"]
     best = train_cli.RECIPES["best"]
     assert config["augment"] == best["augment"] and config["shift"] == 0 and config["epochs"] == 1
+    assert config["ema"] == best["ema"] == 0.999
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
     assert train_cli.build_parser().parse_args([]).epochs == 10  # the plain default stays fast
