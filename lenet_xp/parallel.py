@@ -22,11 +22,12 @@ import math
 import multiprocessing as mp
 import signal
 import traceback
+from collections.abc import Iterator
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from lenet_xp.backend import host_view, host_zeros, tune_host_allocator
-from lenet_xp.layers import Module
+from lenet_xp.layers import Dropout, Module
 from lenet_xp.model import model_loss
 
 
@@ -87,6 +88,9 @@ def _worker(
         tune_host_allocator()
     shared = _Shared(specs, attach=names)
     a = shared.arrays
+    for layer in _modules(model):
+        if isinstance(layer, Dropout):
+            layer.fork(index)  # this slice's own masks (slice 0 keeps the seed's first stream)
     params = model.parameters()
     for param, view in zip(params, _param_views(model, a["params"]), strict=True):
         param.data = view
@@ -112,6 +116,13 @@ def _worker(
         conn.send(traceback.format_exc(limit=3).strip().splitlines()[-1])
     finally:
         shared.close(unlink=False)
+
+
+def _modules(module: Module) -> Iterator[Module]:
+    """``module`` and every layer inside it, depth first."""
+    yield module
+    for _, child in module.named_children():
+        yield from _modules(child)
 
 
 def _param_views(model: Module, flat: Any) -> list[Any]:

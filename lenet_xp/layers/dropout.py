@@ -13,12 +13,18 @@ class Dropout(Module):
     """Dropout with probability ``p``; masks come from a generator on the input's device,
     seeded by ``seed`` (``None``: fresh entropy)."""
 
-    def __init__(self, p: float = 0.5, seed: int | None = None) -> None:
+    def __init__(self, p: float = 0.5, seed: int | list[int] | None = None) -> None:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p, self.seed = p, seed
         self._rng: Any = None
         self._mask: Any = None
+
+    def fork(self, stream: int) -> None:
+        """Draw masks from stream ``stream`` of ``seed`` from now on: a worker process's own,
+        so the slices of a batch do not all get the same masks (no-op without a seed)."""
+        if self.seed is not None:
+            self.seed, self._rng = [self.seed, stream], None
 
     def forward(self, x: Any) -> Any:
         if not self.training or self.p == 0.0:
