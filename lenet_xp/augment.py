@@ -615,17 +615,25 @@ def augment_batch(
     xp = get_array_module(x)
     if get_array_module(ids) is not xp:
         raise ValueError("augment_batch: ids must be on the same device as x")
-    n, c, h, w = x.shape
     keys = image_keys(ids, seed, epoch)
-    if aug.geometric:
-        theta = affine_theta(aug, keys, h, w)
-        if aug.elastic_alpha:
-            grid = elastic_field(aug, keys, h, w, theta)
-        else:
-            grid = sample_grid(theta, h, w)
-        out = warp(x, grid, fill)
-    else:
-        out = x.astype(x.dtype, order="C", copy=True)
+    return finish(x, aug, keys, distortion_grid(aug, keys, *x.shape[2:]), fill)
+
+
+def distortion_grid(aug: Augment, keys: Any, h: int, w: int) -> Any:
+    """The sampling grid ``(2, N, h, w)`` of images ``keys`` (:func:`image_keys`): the affine
+    map plus the elastic field; ``None`` when ``aug`` moves no pixel. Its GEMMs depend on the
+    batch size in the last bits, so a batch's grid is computed whole."""
+    if not aug.geometric:
+        return None
+    theta = affine_theta(aug, keys, h, w)
+    return elastic_field(aug, keys, h, w, theta) if aug.elastic_alpha else sample_grid(theta, h, w)
+
+
+def finish(x: Any, aug: Augment, keys: Any, grid: Any, fill: float = BACKGROUND) -> Any:
+    """The per-image rest of :func:`augment_batch`: the gather at ``grid`` (``None``: a copy),
+    then the noise. Exact image by image, so slices of a batch can be finished apart."""
+    n, c, h, w = x.shape
+    out = x.astype(x.dtype, order="C", copy=True) if grid is None else warp(x, grid, fill)
     if aug.noise:  # out += aug.noise * normals(keys, STREAM_NOISE, c * h * w)
         size = c * h * w
         hashes = -(-size // 4)
@@ -636,3 +644,26 @@ def augment_batch(
             if stop > start:
                 flat[:, start:stop] += noise[:, : stop - start]
     return out
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """One epoch's :func:`augment_batch` (``distortion(x, ids)``), also in two halves for the
+    CPU's worker processes: :meth:`grid` of the whole batch, then :meth:`finish` of each
+    process's slice (the same bits as the whole). Plain and picklable."""
+
+    augment: Augment
+    seed: int
+    epoch: int
+    fill: float = BACKGROUND
+
+    def __call__(self, x: Any, ids: Any) -> Any:
+        return augment_batch(x, self.augment, ids, self.seed, self.epoch, self.fill)
+
+    def grid(self, ids: Any, h: int, w: int) -> Any:
+        """The batch's sampling grid ``(2, N, h, w)``, or ``None``."""
+        return distortion_grid(self.augment, image_keys(ids, self.seed, self.epoch), h, w)
+
+    def finish(self, x: Any, ids: Any, grid: Any) -> Any:
+        """Images ``ids`` of the batch, ``x (n, C, H, W)``, distorted at ``grid (2, n, H, W)``."""
+        return finish(x, self.augment, image_keys(ids, self.seed, self.epoch), grid, self.fill)

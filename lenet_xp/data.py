@@ -29,15 +29,14 @@ class DeviceSplit:
 
     def batches(
         self, batch_size: int, order: Any = None, shifts: Any = None, max_shift: int = 0,
-        distort: Any = None, skip: int = 0,
+        skip: int = 0,
     ):  # fmt: skip
         """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order,
         from batch ``skip`` on (the ones before are not computed: a resumed epoch).
 
         ``shifts (2, N)`` int (on the device, entries within ``+-max_shift``), if given,
         translates image ``i`` by ``shifts[:, i]`` pixels (down, right): see
-        :func:`shift_images`. ``distort(x, ids)``, if given, then distorts each batch (``ids``:
-        the images' indices in this split, e.g. :func:`lenet_xp.augment.augment_batch`).
+        :func:`shift_images` (random distortions come later: ``DataParallel.forward_backward``).
         """
         for start in range(skip * batch_size, len(self), batch_size):
             idx = (
@@ -48,9 +47,6 @@ class DeviceSplit:
             x = self.images[idx]
             if shifts is not None:
                 x = shift_images(x, shifts[0, idx], shifts[1, idx], max_shift, -MEAN / STD)
-            if distort is not None:
-                ids = idx if order is not None else self.device.xp.arange(start, start + len(x))
-                x = distort(x, ids)
             yield x, self.labels[idx]
 
 

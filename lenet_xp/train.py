@@ -19,7 +19,7 @@ from typing import Any
 
 from lenet_xp import fused as fused_step
 from lenet_xp import kernels, presets, report, tblog
-from lenet_xp.augment import Augment, augment_batch, parse_augment
+from lenet_xp.augment import Augment, Distortion, parse_augment
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -113,17 +113,16 @@ def train_epoch(
             bar.update(min(done * batch_size, len(split)))
     order = permutation(len(split), rng, split.device)
     shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
-    distort = None
+    distortion, ids = None, None
     if augment is not None and not augment.is_identity:
         seed = int(rng.integers(2**62))  # from the run's generator: resumable, device-free
-
-        def distort(x: Any, ids: Any) -> Any:
-            return augment_batch(x, augment, ids, seed, epoch, -MEAN / STD)
-
-    batches = split.batches(batch_size, order, shifts, max_shift, distort, skip=done)
+        distortion = Distortion(augment, seed, epoch, -MEAN / STD)
+    batches = split.batches(batch_size, order, shifts, max_shift, skip=done)
     for batch, (x, y) in enumerate(batches, done + 1):
         optimizer.lr = schedule(step)
-        loss, n_correct = runner.forward_backward(x, y)
+        if distortion is not None:  # the images' indices: what their random draws depend on
+            ids = order[(batch - 1) * batch_size : batch * batch_size]
+        loss, n_correct = runner.forward_backward(x, y, distortion, ids)
         optimizer.step()
         if on_step is not None:
             on_step()

@@ -17,6 +17,7 @@ from lenet_xp.augment import (
     STREAM_AFFINE,
     STREAM_NOISE,
     Augment,
+    Distortion,
     affine_theta,
     augment_batch,
     elastic_field,
@@ -441,3 +442,18 @@ def test_cpu_and_gpu_give_the_same_images():
             with allow(False):
                 for aug in specs:
                     augment_batch(x_d, aug, ids_d, seed=3, epoch=2)
+
+
+@pytest.mark.parametrize("spec", ["default,elastic=8:3", "strong", "noise=0.2", "light"])
+def test_a_batch_finished_in_slices_equals_the_whole_batch(spec):
+    """The CPU workers each finish (gather, noise) their slice at the whole batch's grid:
+    the same bits as distorting the whole batch at once."""
+    distortion = Distortion(parse_augment(spec), seed=5, epoch=3, fill=-0.42)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 1, 28, 28)).astype(np.float32)
+    ids = rng.permutation(1000)[:37]
+    whole = distortion(x, ids)
+    grid = distortion.grid(ids, 28, 28)
+    parts = [slice(0, 19), slice(19, 30), slice(30, 37)]
+    sliced = [distortion.finish(x[s], ids[s], None if grid is None else grid[:, s]) for s in parts]
+    np.testing.assert_array_equal(np.concatenate(sliced), whole)

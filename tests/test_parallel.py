@@ -89,3 +89,27 @@ def test_each_worker_draws_its_own_dropout_masks():
     assert float(both) != pytest.approx(float(single), rel=1e-6)
     again, _ = forward_backward(net(), x, y)
     assert float(again) == float(single)  # seeded: the check itself is deterministic
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_distort_their_own_slices_as_one_process_would(workers):
+    """With a Distortion, each process gathers its own slice at the whole batch's grid: the
+    loss and gradients are one process's on the whole distorted batch."""
+    from lenet_xp.augment import Distortion, parse_augment
+
+    x, y = batch()
+    ids = np.random.default_rng(1).permutation(1000)[: len(y)]
+    distortion = Distortion(parse_augment("default,elastic=8:3,noise=0.1"), seed=2, epoch=1)
+    reference = LeNet5(seed=0)
+    ref_loss, ref_correct = forward_backward(reference, distortion(x, ids), y)
+    model = LeNet5(seed=0)
+    with DataParallel(model, workers, max_batch=64) as runner:
+        loss, correct = runner.forward_backward(x, y, distortion, ids)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert int(correct) == int(ref_correct)
+    grads = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        np.testing.assert_allclose(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6)
+    plain = LeNet5(seed=0)
+    forward_backward(plain, x, y)  # undistorted: other gradients, so the check can fail
+    assert not np.allclose(plain.conv1.weight.grad, model.conv1.weight.grad, rtol=1e-2)
