@@ -152,8 +152,8 @@ class Keeper:
     steps (1 on the CPU, :data:`GPU_CHECK_EVERY` on a GPU) check that the loss is finite;
     every ``save_every`` steps (``None``: never) and on a stop request write a mid-epoch
     ``out/last.npz``; on a stop request then raise :class:`Interrupted`, its message ending
-    in ``hint(checkpoint)`` (how to resume). Epoch ends are saved by the trainer and reported
-    with :meth:`saved_epoch`; a stop requested during the epoch's evaluation (or a fused
+    in ``hint(checkpoint)`` (how to resume). The trainer saves epoch ends through
+    :meth:`save_epoch`; a stop requested during the epoch's evaluation (or a fused
     epoch, which has no steps to stop at) stops at :meth:`begin_epoch` of the next one.
     ``latest``: the checkpoint this run started from (``None``: a fresh run)."""
 
@@ -204,9 +204,13 @@ class Keeper:
             where = f"at step {step} (epoch {self.epoch}, batch {batch} of {self.steps_per_epoch})"
             raise Interrupted(stop, f"stopped by {signal_name(stop)} {where}; {self._saved()}")
 
-    def saved_epoch(self, meta: dict) -> None:
-        """The trainer saved this epoch's end with ``meta``: the base of the next epoch's
-        checkpoints."""
+    def save_epoch(self, meta: dict, also: list[Path]) -> None:
+        """Save this epoch's end with ``meta`` to each of ``also`` (e.g. ``best.npz``), then
+        to ``last.npz`` (last: a resumed run starts from it); ``meta`` becomes the base of
+        the next epoch's checkpoints."""
+        model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        for path in [*also, self.path]:
+            save_checkpoint(path, model_state, optim_state, meta)
         self.base, self.saved_step, self.latest = meta, meta["step"], self.path
 
     def interrupted(self, signum: int) -> Interrupted:

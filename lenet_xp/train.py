@@ -29,7 +29,7 @@ from lenet_xp.backend import (
     tune_host_allocator,
     use_device,
 )
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.evaluate import evaluate
 from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
@@ -167,12 +167,9 @@ def run(args: argparse.Namespace, model: Any = None) -> dict:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
 
-def _run(
-    args: argparse.Namespace, device: Device, model: Any = None, signals: StopSignals | None = None
-) -> dict:
+def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSignals) -> dict:
     """:func:`run` on the resolved ``device``, inside :func:`use_device`, holding ``--out``'s
-    lock; ``signals``: the SIGINT/SIGTERM handlers (none if not given)."""
-    signals = StopSignals() if signals is None else signals
+    lock; ``signals``: the SIGINT/SIGTERM handlers."""
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
     if model is not None:
         config["arch"] = "custom"  # built in Python: the CLIs cannot rebuild it
@@ -302,8 +299,9 @@ def _run(
             if val is not None:
                 record["val_loss"], record["val_acc"] = val_loss, val_acc
             score = record["val_acc"] if val is not None else -train_loss
-            if score > best_score:
-                best_epoch = epoch
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch = score, epoch
             record["best_epoch"] = best_epoch
             patience = config.get("patience")
             stop = bool(patience) and epoch - best_epoch >= patience and epoch < config["epochs"]
@@ -311,18 +309,13 @@ def _run(
                 record["stopped_early"] = True
             meta = {
                 "epoch": epoch, "step": step, "rng_state": rng.bit_generator.state,
-                "config": config, "metrics": record, "best_score": max(best_score, score),
+                "config": config, "metrics": record, "best_score": best_score,
                 "best_epoch": best_epoch, "history": [*keeper.base["history"], record],
             }  # fmt: skip
-            names = ["last.npz"]
+            also = [out / "best.npz"] if improved else []
             if args.keep_every_epoch:
-                names.append(f"epoch_{epoch:03d}.npz")
-            if score > best_score:
-                names.append("best.npz")
-            for name in reversed(names):  # last.npz last: a resumed run starts from it
-                save_checkpoint(out / name, model.state_dict(), optimizer.state_dict(), meta)
-            keeper.saved_epoch(meta)
-            best_score = max(best_score, score)
+                also.append(out / f"epoch_{epoch:03d}.npz")
+            keeper.save_epoch(meta, also)  # then last.npz
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             log.end_epoch(record)  # metrics.csv, stats.jsonl, TensorBoard
@@ -432,13 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
     try:
         run(args)
-    except (DataError, DeviceError, CheckpointError, TrainingError, WorkerError) as exc:
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
-        return 1
-    except (RunLockError, DivergedError) as exc:
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
-        return 1
-    except (report.ReportError, tblog.LogError) as exc:
+    except (
+        DataError, DeviceError, CheckpointError, TrainingError, WorkerError, RunLockError,
+        DivergedError, report.ReportError, tblog.LogError,
+    ) as exc:  # fmt: skip
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
     except presets.PresetError as exc:
