@@ -9,7 +9,6 @@ these and the confusion matrix, feature maps and per-layer statistics with the s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from lenet_xp.data import DeviceSplit
 from lenet_xp.evaluate import load_model, test_split
 from lenet_xp.layers import Conv2d, Module, PartialConv2d
 from lenet_xp.mnist import DataError, load_mnist
+from lenet_xp.stats import read_jsonl
 
 np = CPU.xp  # host arrays only: every picture is drawn from NumPy copies
 MAX_TILES = 16  # filters drawn per row and per column of a layer's mosaic
@@ -48,11 +48,6 @@ def misclassified(model: Module, split: DeviceSplit, batch_size: int = 2000) -> 
     return wrong, predicted[wrong]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file, one dict per epoch."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _epoch_axis(ax: Any, epochs: list[int]) -> None:
     """Whole epochs on the x axis: each one when there are few, else integer ticks."""
     from matplotlib.ticker import MaxNLocator
@@ -68,7 +63,7 @@ def _epoch_axis(ax: Any, epochs: list[int]) -> None:
 def plot_curves(metrics_path: Path, out: Path, name: str = "curves.png") -> Path:
     """Loss (log scale) and accuracy per epoch: train, validation (if held out) and test."""
     plt = _pyplot()
-    records = read_metrics(metrics_path)
+    records = read_jsonl(metrics_path)
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val", "test"):

@@ -23,7 +23,6 @@ from lenet_xp.backend import (
     Device,
     DeviceError,
     asnumpy,
-    get_array_module,
     get_device,
     use_device,
 )
@@ -31,9 +30,9 @@ from lenet_xp.checkpoint import CheckpointError
 from lenet_xp.data import DeviceSplit
 from lenet_xp.evaluate import load_model, test_split
 from lenet_xp.inspect import feature_maps
-from lenet_xp.layers import Module
 from lenet_xp.mnist import DataError
-from lenet_xp.stats import STATS_FILE, read_stats
+from lenet_xp.predict import classify
+from lenet_xp.stats import STATS_FILE, read_jsonl, read_stats
 
 np = CPU.xp  # host arrays: the report reads everything back once
 
@@ -48,19 +47,6 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ReportError('the report needs matplotlib: pip install "lenet_xp[report]"') from None
-
-
-def probabilities(model: Module, split: DeviceSplit, batch_size: int = 2000) -> Any:
-    """Softmax of ``model``'s outputs for every image of ``split``: host ``(N, 10)``
-    float64 (computed on the split's device, read back once per batch)."""
-    model.eval()
-    out = []
-    for x, _ in split.batches(batch_size):
-        logits = model.forward(x)
-        xp = get_array_module(logits)
-        e = xp.exp(logits - logits.max(axis=1, keepdims=True))
-        out.append(asnumpy(e / e.sum(axis=1, keepdims=True)).astype("float64"))
-    return np.concatenate(out)
 
 
 def confusion_matrix(labels: Any, predicted: Any, classes: int = 10) -> Any:
@@ -87,7 +73,7 @@ def write_report(
     metrics_path = Path(metrics) if metrics else run / "metrics.jsonl"
     if not metrics_path.is_file():
         raise ReportError(f"{metrics_path} not found: is {run} a folder written by train --out?")
-    records = plots.read_metrics(metrics_path)
+    records = read_jsonl(metrics_path)
     if not records:
         raise ReportError(f"{metrics_path} holds no epoch yet")
     device = get_device(device)
@@ -99,9 +85,11 @@ def write_report(
             test = DeviceSplit(test.images[:limit], test.labels[:limit], device)
         if not 0 <= digit < len(test):
             raise ReportError(f"--digit {digit} is not a test image index (0..{len(test) - 1})")
-        probs = probabilities(model, test)
+        host = asnumpy(test.images)  # (N, 1, H, W), as the model sees them
+        probs = classify(model, host, 2000)  # host (N, 10), the model's dtype
+        model.eval()  # classify restores the training mode load_model left
         maps = [(name, m[0]) for name, m in feature_maps(model, test.images[digit : digit + 1])]
-    images, labels = asnumpy(test.images)[:, 0], asnumpy(test.labels)
+    images, labels = host[:, 0], asnumpy(test.labels)
     predicted = probs.argmax(axis=1)
     wrong = (predicted != labels).nonzero()[0]
     wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]

@@ -37,12 +37,14 @@ STATS_FILE = "stats.jsonl"
 DEFAULT_EVERY = 50
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (``metrics.jsonl``, ``stats.jsonl``), one dict a line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def read_stats(path: str | Path) -> list[dict]:
     """The records of a ``stats.jsonl`` file, one dict per epoch (``[]`` if it is missing)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if Path(path).exists() else []
 
 
 class LayerStats:

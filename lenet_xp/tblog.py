@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from lenet_xp.backend import CPU, asnumpy
 from lenet_xp.layers import Module
-from lenet_xp.stats import STATS_FILE, LayerStats
+from lenet_xp.stats import STATS_FILE, LayerStats, read_jsonl
 
 np = CPU.xp  # TensorBoard takes host arrays
 
@@ -36,7 +35,7 @@ def write_csv(jsonl: str | Path, csv_path: str | Path | None = None) -> Path:
     with ``.csv``); a key a row lacks is an empty cell. Returns the CSV's path."""
     jsonl = Path(jsonl)
     target = Path(csv_path) if csv_path else jsonl.with_suffix(".csv")
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(jsonl)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

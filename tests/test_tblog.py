@@ -44,7 +44,8 @@ def test_csv_is_the_jsonl_twin(tmp_path):
     assert [float(r["train_loss"]) for r in read] == [r["train_loss"] for r in rows]  # exact
     assert [r["device"] for r in read] == ["cpu", "cuda:0"]
     assert [r["stopped_early"] for r in read] == ["", "True"]
-    assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed, none left
 
 
 @needs_mnist
