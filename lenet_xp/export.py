@@ -109,10 +109,13 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise ExportError(f"{path}: not a weights .npz ({exc})") from None
 
 
-def import_weights(path: str | os.PathLike[str], config: dict) -> Module:
+def import_weights(
+    path: str | os.PathLike[str], config: dict, state: dict[str, np.ndarray] | None = None
+) -> Module:
     """The network ``config`` describes (``arch`` and preset options, as a checkpoint's
-    config), with the PyTorch-named weights in ``path`` loaded (on the CPU)."""
-    state = read_weights(path)
+    config), with the PyTorch-named weights in ``path`` loaded (on the CPU); ``state``: those
+    weights when already read (:func:`read_weights`), so the file is not read twice."""
+    state = read_weights(path) if state is None else state
     try:
         model = presets.build_from_config(config)
     except presets.PresetError as exc:
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             state = read_weights(args.weights)
             meta = {"config": _config(args, state), "imported_from": args.weights}
-            model = import_weights(args.weights, meta["config"])
+            model = import_weights(args.weights, meta["config"], state)
         if target.suffix == ".onnx":
             save_onnx(model, target, meta)
         elif args.checkpoint:

@@ -119,6 +119,14 @@ def normalise(digit: np.ndarray) -> np.ndarray:
     return ((np.asarray(digit, dtype=np.float32) - MEAN) / STD)[None].astype(np.float32)
 
 
+def pad_input(x: np.ndarray, size: int) -> np.ndarray:
+    """Normalised inputs ``x (N, 1, 28, 28)`` for a network taking ``size`` x ``size``: as they
+    are for 28, padded to 32x32 with the background value (as ``--pad32`` training did) for 32."""
+    if size == 32 and x.shape[-1] == 28:
+        return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-MEAN / STD)
+    return x
+
+
 def prepare_digit(grey: np.ndarray) -> np.ndarray:
     """Any picture ``grey (H, W)`` in [0, 1] (dark on light or light on dark) as a normalised
     network input ``(1, 28, 28)`` float32: :func:`mnist_style`, then :func:`normalise`.

@@ -23,7 +23,7 @@ from lenet_xp.backend import Device, DeviceError, asnumpy, device_of, get_device
 from lenet_xp.checkpoint import CheckpointError
 from lenet_xp.evaluate import load_model
 from lenet_xp.functional.loss import log_softmax
-from lenet_xp.images import ImageError, load_digit
+from lenet_xp.images import ImageError, load_digit, pad_input
 from lenet_xp.layers import Module
 from lenet_xp.mnist import MEAN, STD
 
@@ -36,8 +36,7 @@ def classify(model: Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray
     mode (the model's mode is restored after); padded to 32x32 for a 32x32 model."""
     weight = model.parameters()[0].data
     device, dtype = device_of(weight), weight.dtype
-    if getattr(model, "input_size", 28) == 32 and x.shape[-1] == 28:  # as --pad32 training did
-        x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-MEAN / STD)
+    x = pad_input(x, getattr(model, "input_size", 28))
     was_training = model.training
     model.eval()
     out = []

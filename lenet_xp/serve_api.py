@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import Device, asnumpy, to_device, use_device
-from lenet_xp.images import ImageError, digit_from_bytes, normalise, prepare_digit
+from lenet_xp.images import ImageError, digit_from_bytes, normalise, pad_input, prepare_digit
 from lenet_xp.inspect import layer_outputs
 from lenet_xp.layers import Module
 from lenet_xp.mnist import MEAN, STD
@@ -162,9 +162,7 @@ class Classifier:
         in [0, 1], 28x28 or 32x32 as the model takes) and, with ``maps``, ``feature_maps``:
         ``[{"layer", "type", "shape": [C, H, W], "maps": C x H x W values}]`` for every layer
         whose output is a stack of maps (convolutions, pools and their activations)."""
-        batch = x[None].astype(self.dtype)
-        if self.model.input_size == 32:  # pad with the background value, as --pad32 training did
-            batch = np.pad(batch, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-MEAN / STD)
+        batch = pad_input(x[None].astype(self.dtype), self.model.input_size)
         with self._lock, use_device(self.device):
             outputs = layer_outputs(self.model, to_device(batch, self.device))
         logits = asnumpy(outputs[-1][1])[0].astype(np.float64)

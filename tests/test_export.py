@@ -9,7 +9,6 @@ import pytest
 from conftest import DATA, DEVICES, needs_mnist
 
 from lenet_xp import export
-from lenet_xp import train as train_cli
 from lenet_xp.backend import asnumpy, get_device
 from lenet_xp.evaluate import load_model
 from lenet_xp.export_onnx import IR_VERSION, OPSET, to_onnx
@@ -55,12 +54,9 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--epochs", "1"]
-    args += ["--limit-train", "6000", "--limit-test", "100", "--val-size", "0", "--out", str(out)]
-    assert train_cli.main(args) == 0
-    return out / "last.npz"
+def checkpoint(trained_checkpoint):
+    """The session's trained LeNet-5 (conftest's: trained once, shared with the serve tests)."""
+    return trained_checkpoint
 
 
 def random_model(arch, options):

@@ -8,7 +8,6 @@ import pytest
 from conftest import DATA, DEVICES, needs_mnist
 
 from lenet_xp import predict
-from lenet_xp import train as train_cli
 from lenet_xp.backend import get_device
 from lenet_xp.evaluate import load_model
 from lenet_xp.images import ImageError, load_digit, mnist_style
@@ -19,14 +18,9 @@ Image = pytest.importorskip("PIL.Image")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    args = ["--device", "cpu", "--data-dir", str(DATA), "--quiet", "--epochs", "2"]
-    assert (
-        train_cli.main(args + ["--limit-train", "8000", "--limit-test", "100", "--out", str(out)])
-        == 0
-    )
-    return out / "last.npz"
+def checkpoint(trained_checkpoint):
+    """The session's trained LeNet-5 (conftest's: trained once, shared with the serve tests)."""
+    return trained_checkpoint
 
 
 @pytest.fixture(scope="module")

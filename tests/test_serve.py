@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DATA
+from serve_helpers import running_server
 
 from lenet_xp import predict, serve
 from lenet_xp.images import load_digit
@@ -34,13 +35,8 @@ MAX_BODY_MB = 1.0
 @pytest.fixture(scope="module")
 def server(trained_checkpoint):
     """A real server for the trained checkpoint on 127.0.0.1, a free port, in a thread."""
-    srv = serve.make_server(str(trained_checkpoint), port=0, max_body_mb=MAX_BODY_MB, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    with running_server(trained_checkpoint, max_body_mb=MAX_BODY_MB) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -451,4 +447,6 @@ def test_cli_errors_are_one_line(trained_checkpoint, tmp_path, capsys):
 def test_static_files_are_in_the_package():
     folder = Path(serve.__file__).parent / "static"
     assert {p.name for p in folder.iterdir()} >= {"index.html", "app.js", "style.css"}
-    assert set(serve.static_files()) == set(serve.STATIC)
+    files = serve.static_files()
+    assert set(files) == set(serve.STATIC)  # every URL is served, from a file that exists
+    assert all(body and kind for body, kind in files.values())

@@ -11,14 +11,13 @@ import base64
 import io
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DATA
+from serve_helpers import running_server
 
-from lenet_xp import serve
 from lenet_xp.images import digit_from_bytes
 from lenet_xp.mnist import load_mnist
 
@@ -97,13 +96,8 @@ def rendered(digit: np.ndarray) -> bytes:
 # -- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(trained_checkpoint):
-    srv = serve.make_server(str(trained_checkpoint), port=0, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(10)
+    with running_server(trained_checkpoint) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
