@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from lenet_xp.backend import host_rng
+from lenet_xp.functional.loss import rbf_loss
 from lenet_xp.layers import (
+    LENET5_C3_TABLE,
     AvgPool2d,
     BatchNorm1d,
     BatchNorm2d,
@@ -27,11 +29,15 @@ from lenet_xp.layers import (
     Linear,
     MaxPool2d,
     Module,
+    PartialConv2d,
+    RBFOutput,
     ReLU,
     Sequential,
     Sigmoid,
     Tanh,
+    TrainableSubsampling,
 )
+from lenet_xp.model import LeNet5
 
 ACTIVATIONS: dict[str, Callable[[], Module]] = {
     "relu": lambda: ReLU(inplace=True),
@@ -106,8 +112,7 @@ class _Builder:
         as in the paper."""
         self.add(f"conv{i}", conv)
         if self.o.batchnorm:
-            channels = getattr(conv, "out_channels", conv.weight.shape[0])
-            self.add(f"bn{i}", BatchNorm2d(channels, dtype=self.o.dtype))
+            self.add(f"bn{i}", BatchNorm2d(conv.out_channels, dtype=self.o.dtype))
         act = ACTIVATIONS[self.activation]()
         if pool is None:
             pool = MaxPool2d(k) if self.pool == "max" else AvgPool2d(k)
@@ -155,9 +160,7 @@ def lenet5(o: Options) -> Module:
     size = 32 if o.pad32 else 28
     plain = o.activation in (None, "relu") and o.pool in (None, "max")
     if plain and not (o.batchnorm or o.dropout):
-        from lenet_xp.model import LeNet5  # the same network, with the fused GPU step
-
-        return LeNet5(seed=o.seed, dtype=o.dtype, input_size=size)
+        return LeNet5(seed=o.seed, dtype=o.dtype, input_size=size)  # the fused GPU step fits
     return _lenet(o, 2 if size == 28 else 0, 400, "relu", "max", size)
 
 
@@ -178,9 +181,6 @@ def lenet5_sigmoid_avg(o: Options) -> Module:
     "LeCun 1998: 32x32 in, scaled tanh, trainable subsampling, C3 table, C5, F6, fc or RBF out",
 )
 def lenet5_classic(o: Options) -> Module:
-    from lenet_xp.functional.loss import rbf_loss
-    from lenet_xp.layers import LENET5_C3_TABLE, PartialConv2d, RBFOutput, TrainableSubsampling
-
     b = _Builder(o, "lecun_tanh", "max")
     # S2 and S4 are trainable subsampling unless --pool asks for max or average pooling.
     s2 = None if o.pool else TrainableSubsampling(6, 2, **b.kw)

@@ -106,6 +106,7 @@ def test_one_training_step_on_device(name, options, device):
     loss, grads = loss_and_grads(model, x, y)
     assert np.isfinite(float(loss))
     assert set(grads) == {n for n, _ in model.named_parameters()}
+    assert {n for n, g in grads.items() if g is None} <= {"rbf.centres"}  # the rest: trained
     for name_, param in model.named_parameters():
         if param.grad is not None:  # the RBF centres are fixed: no gradient
             assert param.grad.shape == param.data.shape, name_

@@ -15,6 +15,22 @@ def log_softmax(logits: Any) -> Any:
     return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _rows(logits: Any, labels: Any) -> Any:
+    """``arange(N)`` on the logits' device, after checking ``labels`` is ``(N,)``."""
+    n = logits.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
+    return get_array_module(logits).arange(n)
+
+
+def _minus_onehot_over_n(probs: Any, rows: Any, labels: Any) -> Any:
+    """``(probs - onehot(labels)) / N`` in place in ``probs (N, K)``: the gradient of the mean
+    cross-entropy with respect to the logits."""
+    probs[rows, labels] -= 1.0
+    probs *= 1.0 / probs.shape[0]
+    return probs
+
+
 def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     """Mean cross-entropy of ``logits (N, K)`` against integer ``labels (N,)`` and its gradient.
 
@@ -22,16 +38,10 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     sync), ``grad_logits (N, K) = (softmax(logits) - onehot(labels)) / N``.
     """
     xp = get_array_module(logits)
-    n = logits.shape[0]
-    if labels.shape != (n,):
-        raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
+    rows = _rows(logits, labels)
     log_probs = log_softmax(logits)
-    rows = xp.arange(n)
     loss = -log_probs[rows, labels].mean()
-    grad_logits = xp.exp(log_probs)
-    grad_logits[rows, labels] -= 1.0
-    grad_logits *= 1.0 / n
-    return loss, grad_logits
+    return loss, _minus_onehot_over_n(xp.exp(log_probs), rows, labels)
 
 
 #: Default ``j`` of :func:`rbf_loss`. The paper asks only for a positive constant (it gives
@@ -61,16 +71,10 @@ def rbf_loss(logits: Any, labels: Any, j: float = RBF_LOSS_J) -> tuple[Any, Any]
     all K + 1 logits restricted to the K real ones.
     """
     xp = get_array_module(logits)
-    n = logits.shape[0]
-    if labels.shape != (n,):
-        raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
+    rows = _rows(logits, labels)
     rubbish = -float(j)
     top = xp.maximum(logits.max(axis=1, keepdims=True), rubbish)  # (N, 1), finite
     exp = xp.exp(logits - top)
     total = exp.sum(axis=1, keepdims=True) + xp.exp(rubbish - top)
-    rows = xp.arange(n)
     loss = (top[:, 0] + xp.log(total[:, 0]) - logits[rows, labels]).mean()
-    grad_logits = exp / total
-    grad_logits[rows, labels] -= 1.0
-    grad_logits *= 1.0 / n
-    return loss, grad_logits
+    return loss, _minus_onehot_over_n(exp / total, rows, labels)

@@ -34,6 +34,7 @@ class Conv2d(Module):
         shape = (out_channels, in_channels, kernel_size, kernel_size)
         self.weight = Parameter(init_weight(shape, init, rng, dtype))
         self.bias = Parameter(init_bias(shape, init, rng, dtype)) if bias else None
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.padding = stride, padding
         self.needs_input_grad = True
         self._cache: Any = None

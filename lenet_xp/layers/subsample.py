@@ -46,6 +46,11 @@ class TrainableSubsampling(Module):
         self._x: Any = None
         self._mean: Any = None
 
+    def _scale(self) -> Any:
+        """``weight * k*k`` as ``(C, 1, 1)``: window mean * it = weight * window sum (exact for
+        k = 2, a power of two)."""
+        return (self.weight.data * (self.kernel * self.kernel))[:, None, None]
+
     def forward(self, x: Any) -> Any:
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(
@@ -53,10 +58,8 @@ class TrainableSubsampling(Module):
             )
         xp = get_array_module(x)
         k = self.kernel
-        # window mean * (weight * k*k) = weight * window sum; exact for k = 2 (powers of two)
         mean = pool.avg_pool2d_forward(x, k, k)  # (N, C, OH, OW) in x's layout
-        scale = (self.weight.data * (k * k))[:, None, None]
-        y = xp.multiply(mean, scale, out=xp.empty_like(mean))
+        y = xp.multiply(mean, self._scale(), out=xp.empty_like(mean))
         y += self.bias.data[:, None, None]
         self._x, self._mean = (x, mean) if self.training else (None, None)
         return y
@@ -67,8 +70,7 @@ class TrainableSubsampling(Module):
         k = self.kernel
         self.weight.grad = (grad_y * self._mean).sum(axis=(0, 2, 3)) * (k * k)
         self.bias.grad = grad_y.sum(axis=(0, 2, 3))
-        scale = (self.weight.data * (k * k))[:, None, None]
-        grad_mean = xp.multiply(grad_y, scale, out=xp.empty_like(grad_y))
+        grad_mean = xp.multiply(grad_y, self._scale(), out=xp.empty_like(grad_y))
         grad_x = pool.avg_pool2d_backward(grad_mean, self._x, k, k)
         self._x = self._mean = None
         return grad_x
