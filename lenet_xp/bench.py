@@ -339,6 +339,7 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
     split, source = load_train_split(device, args.data_dir, args.limit_train)
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
     rows, notes = [], []
+    extra_costs: dict[int, list[float]] = {}  # per batch size: each epoch pair's extra time
     for batch_size in args.batch_sizes:
         built, skipped = engines(args, split, batch_size)
         notes += [f"batch {batch_size}: {line}" for line in skipped]
@@ -346,6 +347,9 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
         for _ in range(args.epochs):  # alternate the engines: all see the same conditions
             for engine in built:
                 times[engine.name].append(timed(engine.epoch, device))
+        if "layers+aug" in times:  # epochs run back to back compared: drift cancels
+            pairs = zip(times["layers+aug"], times["layers"], strict=True)
+            extra_costs[batch_size] = [extra / plain - 1 for extra, plain in pairs]
         reference = statistics.median(times["torch"]) if "torch" in times else math.nan
         for engine in built:
             seconds = statistics.median(times[engine.name])
@@ -366,16 +370,15 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
         )
     for line in notes:
         print(f"not timed: {line}")
-    by_name = {(r[0], r[1]): r[2] for r in rows}
-    for batch_size in args.batch_sizes:
-        if (batch_size, "layers+aug") in by_name:
-            cost = by_name[(batch_size, "layers+aug")] / by_name[(batch_size, "layers")] - 1
-            extras = [f"augmentation ({args.augment})"] if args.augment else []
-            extras += [f"EMA {args.ema:g}"] if args.ema else []
-            print(
-                f"{' + '.join(extras)} at batch {batch_size}: "
-                f"{100 * cost:+.1f} % epoch time (layers)"
-            )
+    for batch_size, costs in extra_costs.items():
+        extras = [f"augmentation ({args.augment})"] if args.augment else []
+        extras += [f"EMA {args.ema:g}"] if args.ema else []
+        print(
+            f"{' + '.join(extras)} at batch {batch_size}: "
+            f"{100 * statistics.median(costs):+.1f} % epoch time (layers; median of "
+            f"{len(costs)} pairs of epochs run back to back, range "
+            f"{100 * min(costs):+.1f} to {100 * max(costs):+.1f} %)"
+        )
     print(
         "launches: kernels and cuBLAS/reduction calls our fused step issues per step; CUPTI: "
         "CUDA kernels and copies the GPU ran for one step (needs PyTorch's profiler)"

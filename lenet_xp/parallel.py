@@ -13,6 +13,11 @@ process with one BLAS thread. The processes share (``multiprocessing.shared_memo
 Per step the main process sends each worker a ``(start, stop)`` slice over a pipe, runs the
 first slice itself, and waits; then it combines the slice gradients (weighted by slice size,
 in a fixed order, so the same seed gives the same numbers for a given worker count).
+
+With augmentation, each process distorts its own slice at the batch's sampling grid. The grid
+of the whole next batch (it depends only on the images' indices) is computed by worker 1
+while the main process combines the gradients and steps the optimizer, when that worker
+would otherwise wait: it leaves the critical path.
 """
 
 from __future__ import annotations
@@ -98,6 +103,10 @@ def _worker(
     try:
         while (message := conn.recv()) is not None:
             kind, start, stop, distortion = message
+            if kind == "grid":  # the next batch's sampling grid (its ids are in a["ids"])
+                a["grid"][:, start:stop] = distortion.grid(a["ids"][start:stop], *a["x"].shape[2:])
+                conn.send("ok")
+                continue
             x, y = a["x"][start:stop], a["y"][start:stop]
             if distortion is not None:  # this slice's share of the batch's augmentation
                 grid = a["grid"][:, start:stop] if distortion.augment.geometric else None
@@ -119,6 +128,18 @@ def _worker(
         conn.send(traceback.format_exc(limit=3).strip().splitlines()[-1])
     finally:
         shared.close(unlink=False)
+
+
+def _reply(conn: Any) -> None:
+    """A worker's answer to one message: returns on ``"ok"``, else raises saying why."""
+    try:
+        reply = conn.recv()
+    except EOFError:
+        raise WorkerError(_DIED) from None
+    if reply == "memory":
+        raise MemoryError("a worker process ran out of memory")
+    if reply != "ok":
+        raise WorkerError(f"a worker process failed: {reply}")
 
 
 def _modules(module: Module) -> Iterator[Module]:
@@ -179,6 +200,7 @@ class DataParallel:
         }
         self._shared = _Shared(specs)
         self._max_batch = max_batch
+        self._prefetched: tuple[Any, Any] | None = None  # (distortion, ids) of a["grid"]
         self._grad_views = [_param_views(model, g) for g in self._shared.arrays["grads"]]
         shared_params = _param_views(model, self._shared.arrays["params"])
         for param, view in zip(params, shared_params, strict=True):
@@ -211,6 +233,7 @@ class DataParallel:
         """Stop the workers and free the shared memory (parameters are copied back first)."""
         if not self._procs:
             return
+        self._prefetched = None
         for conn in self._conns:
             with contextlib.suppress(OSError):  # a worker that reported an error has stopped
                 conn.send(None)
@@ -256,19 +279,37 @@ class DataParallel:
 
     def _wait(self, parts: list[slice]) -> None:
         for conn, _ in zip(self._conns, parts[1:], strict=False):
-            try:
-                reply = conn.recv()
-            except EOFError:
-                raise WorkerError(_DIED) from None
-            if reply == "memory":
-                raise MemoryError("a worker process ran out of memory")
-            if reply != "ok":
-                raise WorkerError(f"a worker process failed: {reply}")
+            _reply(conn)
+
+    def _take_prefetched(self, distortion: Any, ids: Any) -> bool:
+        """Wait for the grid worker 1 is computing, if any; whether it is ``ids``'s."""
+        if self._prefetched is None:
+            return False
+        _reply(self._conns[0])
+        (prefetched_for, prefetched_ids), self._prefetched = self._prefetched, None
+        return (
+            prefetched_for == distortion
+            and prefetched_ids.shape == ids.shape
+            and bool((prefetched_ids == ids).all())
+        )
+
+    def _prefetch_grid(self, distortion: Any, ids: Any) -> None:
+        """Have worker 1 compute the grid of the batch ``ids`` into shared memory, now."""
+        n = ids.shape[0]
+        if n > self._max_batch:
+            return
+        self._shared.arrays["ids"][:n] = ids
+        try:
+            self._conns[0].send(("grid", 0, n, distortion))
+        except OSError:
+            raise WorkerError(_DIED) from None
+        self._prefetched = (distortion, ids.copy())
 
     def forward(self, x: Any) -> Any:
         """Logits of ``x (N, ...)``, slices computed in parallel."""
         if not self._procs:
             return self.model.forward(x)
+        self._take_prefetched(None, None)
         parts = self._slices(x.shape[0])
         self._start("eval", x, None, parts)
         logits = self._shared.arrays["logits"][: x.shape[0]]
@@ -277,27 +318,37 @@ class DataParallel:
         return logits.copy()
 
     def forward_backward(
-        self, x: Any, labels: Any, distortion: Any = None, ids: Any = None
+        self, x: Any, labels: Any, distortion: Any = None, ids: Any = None, next_ids: Any = None
     ) -> tuple[Any, Any]:
         """As :func:`forward_backward` for the whole batch; the combined gradient (the
         slice-size-weighted mean) ends up in ``param.grad`` of ``self.model``.
 
         ``distortion``, if given (a :class:`lenet_xp.augment.Distortion`; ``ids (N,)``: the
-        images' indices), augments the batch first: its sampling grid is computed here for
-        the whole batch, and each process gathers its own slice (the same bits as one
-        process distorting the whole batch, in about half the time)."""
+        images' indices), augments the batch first: each process gathers its own slice at
+        the whole batch's sampling grid (the same bits as one process distorting the whole
+        batch). ``next_ids``, the next batch's indices if known, has worker 1 compute that
+        batch's grid while this process steps the optimizer."""
         if not self._procs:
             x = x if distortion is None else distortion(x, ids)
             return forward_backward(self.model, x, labels)
         n = x.shape[0]
         parts = self._slices(n)
-        grid = None if distortion is None else distortion.grid(ids, *x.shape[2:])
-        self._start("train", x, labels, parts, distortion, ids, grid)
+        grid = to_share = None  # the batch's sampling grid; to_share: not in shared memory yet
+        if distortion is not None and distortion.augment.geometric:
+            if self._take_prefetched(distortion, ids):
+                grid = self._shared.arrays["grid"][:, :n]
+            else:
+                grid = to_share = distortion.grid(ids, *x.shape[2:])
+        else:
+            self._take_prefetched(None, None)
+        self._start("train", x, labels, parts, distortion, ids, to_share)
         x0 = x[parts[0]]
         if distortion is not None:
             x0 = distortion.finish(x0, ids[parts[0]], None if grid is None else grid[:, parts[0]])
         loss, correct = forward_backward(self.model, x0, labels[parts[0]])
         self._wait(parts)
+        if grid is not None and next_ids is not None and next_ids.shape[0] > 0:
+            self._prefetch_grid(distortion, next_ids)
         weights = [(part.stop - part.start) / n for part in parts]
         stats = self._shared.arrays["stats"]
         loss = loss * weights[0] + sum(w * stats[i, 0] for i, w in enumerate(weights) if i)

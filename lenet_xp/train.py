@@ -113,7 +113,7 @@ def train_epoch(
             bar.update(min(done * batch_size, len(split)))
     order = permutation(len(split), rng, split.device)
     shifts = random_shifts(len(split), max_shift, rng, split.device) if max_shift else None
-    distortion, ids = None, None
+    distortion, ids, next_ids = None, None, None
     if augment is not None and not augment.is_identity:
         seed = int(rng.integers(2**62))  # from the run's generator: resumable, device-free
         distortion = Distortion(augment, seed, epoch, -MEAN / STD)
@@ -122,7 +122,8 @@ def train_epoch(
         optimizer.lr = schedule(step)
         if distortion is not None:  # the images' indices: what their random draws depend on
             ids = order[(batch - 1) * batch_size : batch * batch_size]
-        loss, n_correct = runner.forward_backward(x, y, distortion, ids)
+            next_ids = order[batch * batch_size : (batch + 1) * batch_size]
+        loss, n_correct = runner.forward_backward(x, y, distortion, ids, next_ids)
         optimizer.step()
         if on_step is not None:
             on_step()

@@ -113,3 +113,35 @@ def test_workers_distort_their_own_slices_as_one_process_would(workers):
     plain = LeNet5(seed=0)
     forward_backward(plain, x, y)  # undistorted: other gradients, so the check can fail
     assert not np.allclose(plain.conv1.weight.grad, model.conv1.weight.grad, rtol=1e-2)
+
+
+def test_prefetched_grids_give_the_same_steps_whatever_comes_next():
+    """With ``next_ids``, worker 1 computes the next batch's grid while the main process
+    steps: the steps are still one process's on each whole distorted batch, when the next
+    call brings those ids, when it brings others (the prefetch is dropped), and when an
+    evaluation comes in between."""
+    from lenet_xp.augment import Distortion, parse_augment
+
+    x, y = batch(32)
+    order = np.random.default_rng(3).permutation(1000)
+    distortion = Distortion(parse_augment("default,elastic=8:3,noise=0.1"), seed=4, epoch=2)
+    reference, model = LeNet5(seed=0), LeNet5(seed=0)
+    calls = [  # (ids, the next ids announced)
+        (order[:32], order[32:64]),
+        (order[32:64], order[64:96]),  # as announced
+        (order[100:132], order[132:164]),  # not as announced: computed here instead
+        (order[132:164], order[164:196]),  # as announced, then an evaluation in between
+        (order[164:196], None),
+    ]
+    with DataParallel(model, 2, max_batch=64) as runner:
+        for step, (ids, next_ids) in enumerate(calls):
+            ref_loss, _ = forward_backward(reference, distortion(x, ids), y)
+            loss, _ = runner.forward_backward(x, y, distortion, ids, next_ids)
+            assert (runner._prefetched is not None) == (next_ids is not None)  # one in flight
+            assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5), step
+            for (name, param), ref in zip(
+                model.named_parameters(), reference.parameters(), strict=True
+            ):
+                np.testing.assert_allclose(param.grad, ref.grad, rtol=1e-4, atol=1e-6, err_msg=name)
+            if step == 3:
+                np.testing.assert_allclose(runner.forward(x), reference.forward(x), atol=1e-6)
