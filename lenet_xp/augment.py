@@ -602,7 +602,7 @@ def augment_batch(
     Cost of a ``(128, 1, 28, 28)`` float32 batch on the CPU (2 vCPUs of an AMD EPYC, NumPy
     2.4, one BLAS thread as in training; best / median of 500): ``none`` 3 us, ``light``
     and ``default`` 0.75 / 0.80 ms, ``strong`` 1.35 / 1.46 ms, against ~8.5 ms for a
-    training step of LeNet-5 at batch 128 (+9 % and +17 % per epoch). About 0.6 ms of it is
+    training step of LeNet-5 at batch 128. About 0.6 ms of it is
     the gather itself (pad, clip, floor, four gathers, the bilinear blend).
     """
     if x.ndim != 4 or tuple(ids.shape) != (x.shape[0],):
@@ -631,7 +631,8 @@ def distortion_grid(aug: Augment, keys: Any, h: int, w: int) -> Any:
 
 def finish(x: Any, aug: Augment, keys: Any, grid: Any, fill: float = BACKGROUND) -> Any:
     """The per-image rest of :func:`augment_batch`: the gather at ``grid`` (``None``: a copy),
-    then the noise. Exact image by image, so slices of a batch can be finished apart."""
+    then the noise (``keys``: :func:`image_keys`, needed only for noise). Exact image by
+    image, so slices of a batch can be finished apart."""
     n, c, h, w = x.shape
     out = x.astype(x.dtype, order="C", copy=True) if grid is None else warp(x, grid, fill)
     if aug.noise:  # out += aug.noise * normals(keys, STREAM_NOISE, c * h * w)
@@ -661,9 +662,12 @@ class Distortion:
         return augment_batch(x, self.augment, ids, self.seed, self.epoch, self.fill)
 
     def grid(self, ids: Any, h: int, w: int) -> Any:
-        """The batch's sampling grid ``(2, N, h, w)``, or ``None``."""
+        """The batch's sampling grid ``(2, N, h, w)``, or ``None`` (no geometric distortion)."""
+        if not self.augment.geometric:
+            return None
         return distortion_grid(self.augment, image_keys(ids, self.seed, self.epoch), h, w)
 
     def finish(self, x: Any, ids: Any, grid: Any) -> Any:
         """Images ``ids`` of the batch, ``x (n, C, H, W)``, distorted at ``grid (2, n, H, W)``."""
-        return finish(x, self.augment, image_keys(ids, self.seed, self.epoch), grid, self.fill)
+        keys = image_keys(ids, self.seed, self.epoch) if self.augment.noise else None
+        return finish(x, self.augment, keys, grid, self.fill)

@@ -16,6 +16,10 @@ from typing import Any
 from lenet_xp.backend import device_of, get_array_module, to_device
 from lenet_xp.layers.module import Module, Parameter
 
+#: Where an optimizer's state dict keeps its weight average: ``"ema.<key>"`` for each key of
+#: :meth:`ParameterEMA.state_dict` (``"ema.<i>"``: the average of the i-th parameter).
+STATE_PREFIX = "ema."
+
 
 class ParameterEMA:
     """``average = d * average + (1 - d) * param`` after each step, with
@@ -76,10 +80,10 @@ def averaged_state(model: Module, model_state: dict, optim_state: dict) -> dict:
     optimizer state holds (``"ema.<i>"`` for the i-th of ``model.parameters()``), if it holds
     one: a run trained with ``--ema`` tested, and chose ``best.npz`` by, the averaged network,
     so that is the network to evaluate, predict with and export."""
-    if "ema.0" not in optim_state:
+    if f"{STATE_PREFIX}0" not in optim_state:
         return model_state
     names = [name for name, _ in model.named_parameters()]
-    averages = {name: optim_state.get(f"ema.{i}") for i, name in enumerate(names)}
+    averages = {name: optim_state.get(f"{STATE_PREFIX}{i}") for i, name in enumerate(names)}
     missing = [name for name, value in averages.items() if value is None]
     if missing:
         raise ValueError(f"its weight average lacks {', '.join(missing)}")

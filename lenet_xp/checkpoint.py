@@ -20,8 +20,9 @@ import math
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -63,28 +64,34 @@ def save_checkpoint(
     arrays["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
     arrays["sha256"] = np.array(digest(arrays))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent
-        )
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:  # a full disk, or Ctrl-C mid-write: never leave the temp file
-        Path(tmp_name).unlink(missing_ok=True)
-        if not isinstance(exc, OSError):
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except OSError as exc:  # a full disk: the previous file, if any, is untouched
         kept = " (the previous checkpoint is kept)" if path.exists() else ""
         raise CheckpointError(
             f"cannot write checkpoint {path}: {exc.strerror or exc}{kept}; free space or use --out"
         ) from None
-    fsync_dir(path.parent)
     return path
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> None:
+    """Write a file atomically and durably: ``write(f)`` fills a temp file beside ``path``,
+    which is fsynced, renamed over ``path``, then the folder fsynced. On any error (a full
+    disk, Ctrl-C mid-write) the temp file is removed, ``path`` is untouched and the error
+    propagates. ``mode``: the file's permissions (default: mkstemp's 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict, dict, dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 
 from lenet_xp import presets
 from lenet_xp.backend import asnumpy
-from lenet_xp.checkpoint import CheckpointError, save_checkpoint
+from lenet_xp.checkpoint import CheckpointError, atomic_write, save_checkpoint
 from lenet_xp.evaluate import load_model
 from lenet_xp.export_onnx import ExportError, save_onnx
 from lenet_xp.layers import Module, PartialConv2d
@@ -82,18 +81,11 @@ def load_torch_state_dict(model: Module, state: dict[str, Any], source: str = "w
 
 def save_torch_weights(model: Module, path: str | os.PathLike[str]) -> Path:
     """Write :func:`torch_state_dict` of ``model`` to ``path`` (``.npz``, no pickle), atomically."""
-    path, state = Path(path), torch_state_dict(model)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **state)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; weights are for sharing
-        os.replace(tmp, path)
+    path = Path(path)
+    try:  # mode 0644: mkstemp's 0600 is for secrets; weights are for sharing
+        state = torch_state_dict(model)
+        atomic_write(path, lambda f: np.savez(f, **state), mode=0o644)
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import asnumpy
+from lenet_xp.checkpoint import atomic_write
 from lenet_xp.layers import (
     AvgPool2d,
     BatchNorm1d,
@@ -194,12 +195,10 @@ def to_onnx(model: Module, meta: dict | None = None) -> Any:
 
 
 def save_onnx(model: Module, path: str | os.PathLike[str], meta: dict | None = None) -> Path:
-    """Write :func:`to_onnx` of ``model`` to ``path`` (``.onnx``); returns the path."""
-    onnx = _onnx()
+    """Write :func:`to_onnx` of ``model`` to ``path`` (``.onnx``, atomically); returns the path."""
     proto, path = to_onnx(model, meta), Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(proto, path)
+        atomic_write(path, lambda f: f.write(proto.SerializeToString()), mode=0o644)
     except OSError as exc:
         raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lenet_xp import kernels
-from lenet_xp.averaging import ParameterEMA
+from lenet_xp.averaging import STATE_PREFIX, ParameterEMA
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
 from lenet_xp.kernels import record_fallback
 from lenet_xp.layers.module import Parameter
@@ -100,7 +100,8 @@ class Optimizer:
             for name, value in state.items():
                 flat[f"{name}.{index}"] = value.copy() if name in self._array_state else value
         if self.average is not None:
-            flat.update({f"ema.{k}": v for k, v in self.average.state_dict().items()})
+            average = self.average.state_dict()
+            flat.update({f"{STATE_PREFIX}{k}": v for k, v in average.items()})
         return flat
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -110,8 +111,9 @@ class Optimizer:
         (and changes nothing) when the optimizer type, a hyperparameter, a key or a
         shape does not match this optimizer.
         """
-        averaged = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
-        state = {k: v for k, v in state.items() if not k.startswith("ema.")}
+        prefix = len(STATE_PREFIX)
+        averaged = {k[prefix:]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
         if bool(averaged) != (self.average is not None):
             saved, this = ("holds", "keeps none") if averaged else ("holds none", "keeps one")
             raise ValueError(

@@ -1,12 +1,16 @@
-"""Architecture x augmentation: train each row over several seeds and print the README table
-(test accuracy mean and spread, best epoch chosen on validation, minutes on this machine).
+"""Accuracy with and without augmentation: train each row over several seeds and print a
+README table (test accuracy mean and spread, epochs, minutes of training on this machine).
 
     LENET_XP_DATA=../shared/datasets/mnist python scripts/augment_table.py [--seeds 0 1 2]
+    LENET_XP_DATA=../shared/datasets/mnist python scripts/augment_table.py --table archs
 
-Each run is ``python -m lenet_xp.train --device cpu --quiet --seed S --out
-runs/augment/<row>_s<S> <flags>``; the test accuracy reported is ``best.npz``'s (the epoch
-with the best validation accuracy: the test set chooses nothing), and minutes are training
-time (testing not counted).
+``--table recipes`` (the default): the default LeNet-5 with each recipe tried; ``--table
+archs``: every ``--arch`` preset with the default shifts and with the best recipe's
+augmentation, for the same number of epochs. Each run is ``python -m lenet_xp.train --device
+DEVICE --quiet --seed S --out runs/augment[-DEVICE]/<row>_s<S> <flags>``; the test accuracy
+reported is ``best.npz``'s (the epoch with the best validation accuracy: the test set
+chooses nothing), and minutes are training time (testing not counted). ``--device cuda``
+fills the GPU column.
 """
 
 import argparse
@@ -17,19 +21,33 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = [  # (row name, flags)
+RECIPES = [  # (row name, flags)
     ("shift", "--epochs 10"),
     ("default50", "--augment default --shift 0 --epochs 50"),
     ("best-noema", "--recipe best --ema 0 --epochs 50"),
     ("best50", "--recipe best --epochs 50"),
     ("best80", "--recipe best"),
 ]
+ARCH_EPOCHS = 15
+ARCHS = [  # (row name, flags): each trained with shifts and with the recipe's augmentation
+    ("lenet5", "--arch lenet5"),
+    ("nopad", "--arch lenet5-nopad"),
+    ("sigmoid-avg", "--arch lenet5-sigmoid-avg --lr 5e-3"),
+    ("classic", "--arch lenet5-classic"),
+    ("classic-rbf", "--arch lenet5-classic --output rbf"),
+    ("compact", "--arch compact-cnn"),
+]
+AUGMENTATIONS = [  # (row suffix, flags, what the table says)
+    ("shift", "", "shifts of up to 2 px (the default)"),
+    ("recipe", "--recipe best", "`--recipe best`'s: `default,elastic=8:3`, EMA 0.999"),
+]
 
 
-def run(name: str, flags: str, seed: int) -> tuple[float, int, float]:
+def run(name: str, flags: str, seed: int, device: str) -> tuple[float, int, float]:
     """``(test accuracy of the best-validation epoch, epochs, training minutes)``."""
-    out = ROOT / "runs" / "augment" / f"{name}_s{seed}"
-    cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "cpu", "--quiet"]
+    folder = "augment" if device == "cpu" else f"augment-{device}"
+    out = ROOT / "runs" / folder / f"{name}_s{seed}"
+    cmd = [sys.executable, "-m", "lenet_xp.train", "--device", device, "--quiet"]
     cmd += ["--seed", str(seed), "--out", str(out), *flags.split()]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -40,27 +58,45 @@ def run(name: str, flags: str, seed: int) -> tuple[float, int, float]:
     return records[best - 1]["test_acc"], len(records), minutes
 
 
+def summary(results: list[tuple[float, int, float]]) -> tuple[str, int, float]:
+    """``(accuracy cell "mean % ± sd (each)", epochs, mean minutes)`` of one row's seeds."""
+    accs = [100 * acc for acc, _, _ in results]
+    spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    each = ", ".join(f"{a:.2f}" for a in accs)
+    cell = f"{statistics.mean(accs):.2f} % ± {spread:.2f} ({each})"
+    return cell, results[0][1], statistics.mean(m for _, _, m in results)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--table", choices=("recipes", "archs"), default="recipes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where to train")
     p.add_argument("--only", nargs="*", default=None, help="row names to run")
     args = p.parse_args()
-    lines = [
-        "| flags (default LeNet-5) | test accuracy, mean ± sd (seeds) | epochs | minutes (CPU) |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, flags in ROWS:
+    where = "CPU" if args.device == "cpu" else "GPU"
+    if args.table == "recipes":  # (row name, flags, the row's first cells)
+        rows = [(name, flags, f"`{flags}`") for name, flags in RECIPES]
+        head = "| flags (default LeNet-5) |"
+    else:
+        rows = [
+            (
+                f"{arch}-{aug}",
+                " ".join(filter(None, (flags, aug_flags, epochs))),
+                f"`{flags}` | {what}",
+            )
+            for arch, flags in ARCHS
+            for aug, aug_flags, what in AUGMENTATIONS
+            for epochs in [f"--epochs {ARCH_EPOCHS}"]
+        ]
+        head = "| network | augmentation |"
+    head += f" test accuracy, mean ± sd (seeds) | epochs | minutes ({where}) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, flags, first in rows:
         if args.only and name not in args.only:
             continue
-        results = [run(name, flags, seed) for seed in args.seeds]
-        accs = [100 * acc for acc, _, _ in results]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        each = ", ".join(f"{a:.2f}" for a in accs)
-        minutes = statistics.mean(m for _, _, m in results)
-        lines.append(
-            f"| `{flags}` | {statistics.mean(accs):.2f} % ± {spread:.2f} ({each}) | "
-            f"{results[0][1]} | {minutes:.1f} |"
-        )
+        cell, epochs, minutes = summary([run(name, flags, s, args.device) for s in args.seeds])
+        lines.append(f"| {first} | {cell} | {epochs} | {minutes:.1f} |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
     return 0

@@ -282,3 +282,25 @@ def test_a_checkpoint_of_another_arch_is_one_line(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_model(str(mislabelled), "cpu")
     assert str(mislabelled) in str(info.value) and "does not hold a compact-cnn" in str(info.value)
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_writing_fails(tmp_path):
+    """The write path of checkpoints, exported weights and ONNX files: a failure half-way
+    (here a full disk, raised after some bytes went out) keeps the previous file whole."""
+    import errno
+
+    from lenet_xp.checkpoint import atomic_write
+
+    path = tmp_path / "model.onnx"
+    atomic_write(path, lambda f: f.write(b"first version"), mode=0o644)
+    assert path.read_bytes() == b"first version"
+    assert path.stat().st_mode & 0o777 == 0o644
+
+    def fill_the_disk(f):
+        f.write(b"half of the second")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, fill_the_disk)
+    assert path.read_bytes() == b"first version"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
