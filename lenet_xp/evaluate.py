@@ -69,11 +69,14 @@ def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module,
     return model.to(device), meta
 
 
-def test_split(meta: dict, device: Any, data_dir: str | None, size: int = 28) -> DeviceSplit:
+def test_split(
+    meta: dict, device: Any, data_dir: str | None, size: int = 28, mnist: Any = None
+) -> DeviceSplit:
     """MNIST's test set on ``device``, prepared as the run in ``meta`` was trained: its
-    dtype, and padded to 32x32 for a model of input ``size`` 32."""
+    dtype, and padded to 32x32 for a model of input ``size`` 32. ``mnist``: the data set
+    if already loaded (else it is read from ``data_dir``)."""
     config = meta.get("config", {})
-    mnist = load_mnist(data_dir)
+    mnist = load_mnist(data_dir) if mnist is None else mnist
     dtype = config.get("dtype", "float32")
     return to_device_split(mnist.test_images, mnist.test_labels, device, dtype, size == 32)
 

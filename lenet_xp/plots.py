@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             written.append(plot_curves(run / "metrics.jsonl", run))
         model, meta = load_model(args.checkpoint or str(run / "best.npz"), CPU)
         written.append(plot_filters(model, run))
-        test = test_split(meta, CPU, args.data_dir, model.input_size)
+        mnist = load_mnist(args.data_dir)  # also the raw pictures, to show them as they are
+        test = test_split(meta, CPU, args.data_dir, model.input_size, mnist)
         wrong, predicted = misclassified(model, test)
-        mnist = load_mnist(args.data_dir)  # the raw pictures, to show them as they are
         written.append(
             plot_misclassified(mnist.test_images, mnist.test_labels, wrong, predicted, run)
         )

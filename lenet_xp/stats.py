@@ -150,12 +150,20 @@ class LayerStats:
         return record
 
     def _summary(self) -> dict:
-        """``{"samples": S, "layers": ..., "params": ...}`` of the queued samples."""
-        keys = self._samples[0][0]
-        rows = [values for k, values in self._samples if k == keys]
-        table = asnumpy(get_array_module(rows[0]).stack(rows))  # (samples, keys) float64
-        record: dict[str, Any] = {"samples": len(rows)}
-        for key, column in zip(keys, table.T, strict=True):
+        """``{"samples": S, "layers": ..., "params": ...}`` of the queued samples; a statistic
+        absent from some samples (an update ratio before the first step) is averaged over
+        the samples that have it."""
+        xp = get_array_module(self._samples[0][1])
+        flat = asnumpy(xp.concatenate([row for _, row in self._samples]))  # one read-back
+        positions: dict[str, list[int]] = {}
+        offset = 0
+        for keys, _ in self._samples:
+            for i, key in enumerate(keys):
+                positions.setdefault(key, []).append(offset + i)
+            offset += len(keys)
+        record: dict[str, Any] = {"samples": len(self._samples)}
+        for key, where in positions.items():
+            column = flat[where]
             group, name, stat = key.split("/")
             entry = record.setdefault(group, {}).setdefault(name, {})
             if stat == "update_ratio":

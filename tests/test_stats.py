@@ -105,6 +105,29 @@ def test_an_epoch_without_a_sample_records_its_last_gradients(tmp_path):
     assert not any("forward" in vars(layer) for layer in model.layers())
 
 
+def test_samples_with_different_statistics_are_all_summarised(tmp_path):
+    """A full sample (step 2: activations, update ratios), then one of step 3's gradients
+    only: each statistic is averaged over the samples that have it, none is dropped."""
+    model = LeNet5(seed=0)
+    opt = Adam(model.parameters(), lr=1e-2)
+    stats = LayerStats(model, tmp_path / "s.jsonl", every=1)
+    grad_means = []
+    for step, (x, y) in enumerate(_batches(get_device("cpu"), 3), start=1):
+        forward_backward(model, x, y)
+        grad_means.append(float(model.fc3.weight.grad.mean()))
+        if step < 3:
+            opt.step()
+            stats.after_step()  # samples step 2 in full (step 1 armed it)
+    stats._sample(None)  # step 3: its gradients only
+    record = stats.end_epoch(1)
+    assert record["samples"] == 2
+    assert "act_mean" in record["layers"]["conv1"]
+    assert "update_ratio_mean" in record["params"]["fc3.weight"]
+    want = np.mean(grad_means[1:])
+    assert record["params"]["fc3.weight"]["grad_mean"] == pytest.approx(want, rel=1e-5)
+    stats.close()
+
+
 @needs_mnist
 def test_the_cli_records_stats_without_changing_the_run(tmp_path):
     """Two worker processes (the activations are the main process's slice): the metrics equal
