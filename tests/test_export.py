@@ -10,7 +10,7 @@ from conftest import DATA, DEVICES, needs_mnist
 
 from lenet_xp import export
 from lenet_xp.backend import asnumpy, get_device
-from lenet_xp.evaluate import load_model
+from lenet_xp.evaluate import evaluate, load_model, test_split
 from lenet_xp.export_onnx import IR_VERSION, OPSET, to_onnx
 from lenet_xp.mnist import MEAN, STD, load_mnist
 from lenet_xp.predict import predict
@@ -95,6 +95,24 @@ def assert_same(runs, want):
         np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-5, err_msg=runner)
         assert (logits.argmax(axis=1) == want.argmax(axis=1)).all(), runner
         np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5, err_msg=runner)
+
+
+@needs_mnist
+@pytest.mark.skipif(onnxruntime is None, reason="onnxruntime is not installed")
+def test_onnx_on_the_whole_test_set_scores_the_checkpoints_accuracy(checkpoint):
+    """onnxruntime on MNIST's 10,000 test digits (as the README's snippet feeds them: pixels
+    in [0, 1]) gets the accuracy ``evaluate`` gives the checkpoint, to one digit."""
+    model, meta = load_model(str(checkpoint), get_device("cpu"))
+    _, accuracy, _ = evaluate(model, test_split(meta, get_device("cpu"), str(DATA)))
+    mnist = load_mnist(DATA, download=False)
+    pixels = mnist.test_images[:, None] / np.float32(255)
+    session = onnxruntime.InferenceSession(
+        to_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    logits, _ = session.run(None, {"pixels": pixels})
+    correct = int((logits.argmax(axis=1) == mnist.test_labels).sum())
+    assert abs(correct - round(accuracy * 10_000)) <= 1, (correct, accuracy)
+    assert correct > 9_000  # a trained model, so the check can fail
 
 
 @needs_mnist
