@@ -70,20 +70,31 @@ class Options:
 
 @dataclass(frozen=True)
 class Preset:
+    """A registered network: its builder and which of the optional options it takes."""
+
     name: str
     description: str
     build: Callable[[Options], Module]
-    lenet_family: bool
+    lenet_family: bool  # takes --activation, --pool, --batchnorm, --dropout
+    outputs: tuple[str, ...] = ("fc",)  # the --output layers it can end in
+    pad32: bool = False  # takes --pad32
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def preset(name: str, description: str, lenet_family: bool = True):
-    """Register ``fn(options) -> model`` as ``--arch name`` (the model says its input size)."""
+def preset(
+    name: str,
+    description: str,
+    lenet_family: bool = True,
+    outputs: tuple[str, ...] = ("fc",),
+    pad32: bool = False,
+):
+    """Register ``fn(options) -> model`` as ``--arch name`` (the model says its input size);
+    the other arguments say which options it takes (:class:`Preset`)."""
 
     def register(fn: Callable[[Options], Module]) -> Callable[[Options], Module]:
-        PRESETS[name] = Preset(name, description, fn, lenet_family)
+        PRESETS[name] = Preset(name, description, fn, lenet_family, outputs, pad32)
         return fn
 
     return register
@@ -155,7 +166,9 @@ def _lenet(
 
 
 # -- the presets ----------------------------------------------------------------------------
-@preset("lenet5", "modern LeNet-5: pad 2, ReLU, max-pool, fc 400-120-84-10 (the default)")
+@preset(
+    "lenet5", "modern LeNet-5: pad 2, ReLU, max-pool, fc 400-120-84-10 (the default)", pad32=True
+)
 def lenet5(o: Options) -> Module:
     size = 32 if o.pad32 else 28
     plain = o.activation in (None, "relu") and o.pool in (None, "max")
@@ -179,6 +192,7 @@ def lenet5_sigmoid_avg(o: Options) -> Module:
 @preset(
     "lenet5-classic",
     "LeCun 1998: 32x32 in, scaled tanh, trainable subsampling, C3 table, C5, F6, fc or RBF out",
+    outputs=OUTPUTS,
 )
 def lenet5_classic(o: Options) -> Module:
     b = _Builder(o, "lecun_tanh", "max")
@@ -240,10 +254,12 @@ def build(name: str, options: Options | None = None) -> Module:
             raise PresetError(f"--arch {name} takes no --{asked[0]} (LeNet-family presets do)")
     if o.output not in OUTPUTS:
         raise PresetError(f"unknown --output {o.output!r}; choose fc or rbf")
-    if o.output != "fc" and name != "lenet5-classic":
-        raise PresetError("--output rbf is LeCun's output layer: use it with --arch lenet5-classic")
-    if o.pad32 and name != "lenet5":
-        raise PresetError(f"--pad32 is for --arch lenet5 ({name} has its own input size)")
+    if o.output not in p.outputs:
+        takes = ", ".join(f"--arch {q.name}" for q in PRESETS.values() if o.output in q.outputs)
+        raise PresetError(f"--arch {name} takes no --output {o.output}: use it with {takes}")
+    if o.pad32 and not p.pad32:
+        takes = ", ".join(f"--arch {q.name}" for q in PRESETS.values() if q.pad32)
+        raise PresetError(f"--pad32 is for {takes} ({name} has its own input size)")
     if not 0.0 <= o.dropout < 1.0:
         raise PresetError(f"--dropout must be in [0, 1), got {o.dropout}")
     model = p.build(o)

@@ -81,8 +81,12 @@ def test_default_lenet5_is_the_lenet5_class_and_options_change_the_layers():
 def test_options_a_preset_does_not_take_are_one_line(capsys):
     with pytest.raises(PresetError, match="compact-cnn takes no --batchnorm"):
         build("compact-cnn", Options(batchnorm=True))
-    with pytest.raises(PresetError, match="--arch lenet5-classic"):
+    with pytest.raises(
+        PresetError, match="lenet5 takes no --output rbf: use it with --arch lenet5-classic"
+    ):
         build("lenet5", Options(output="rbf"))
+    with pytest.raises(PresetError, match="--pad32 is for --arch lenet5 "):
+        build("lenet5-classic", Options(pad32=True))
     assert train_cli.main(["--arch", "resnet50", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown --arch 'resnet50'" in err and "--arch list" in err

@@ -164,7 +164,9 @@ class Sequential(Module):
 
     @property
     def input_size(self) -> int:
-        """The side of the square images this model takes (28 or 32); 28 if unknown."""
+        """The side of the square images to feed this model: its ``input_shape``'s (28, or 32
+        for MNIST padded as LeCun did), else MNIST's own 28 (a model built without
+        ``input_shape`` gets the images as MNIST stores them)."""
         return self.input_shape[-1] if self.input_shape else 28
 
     def layers(self) -> list[Module]:
