@@ -57,19 +57,12 @@ def load_torch_state_dict(model: Module, state: dict[str, Any], source: str = "w
     :class:`ExportError` (one line naming ``source``) if it does not fit."""
     state = dict(state)
     for name, conv in _partial_convs(model):
-        dense = np.asarray(state.get(f"{name}.weight", np.zeros(0)))
-        want = (conv.out_channels, conv.in_channels, conv.kernel, conv.kernel)
-        if dense.shape != want:
-            raise ExportError(f"{source}: {name}.weight has shape {dense.shape}, expected {want}")
-        pairs = [(o, i) for o, row in enumerate(conv.table) for i in row]  # the weight's order
-        outs, ins = (np.array(index, dtype=np.int64) for index in zip(*pairs, strict=True))
-        mask = np.zeros(want[:2], bool)
-        mask[outs, ins] = True
-        if np.any(dense[~mask]):
-            raise ExportError(
-                f"{source}: {name}.weight has non-zero kernels outside the connection table"
+        try:
+            state[f"{name}.weight"] = conv.sparse_weight(
+                np.asarray(state.get(f"{name}.weight", ()))
             )
-        state[f"{name}.weight"] = dense[outs, ins]
+        except ValueError as exc:
+            raise ExportError(f"{source}: {name}.weight {exc}") from None
     try:
         model.load_state_dict(state)
     except (KeyError, ValueError) as exc:

@@ -398,3 +398,14 @@ def test_rbf_loss_extreme_penalties_and_checks():
     assert loss32.dtype == np.float32
     with pytest.raises(ValueError, match="labels shape"):
         rbf_loss(logits, np.array([[0], [1]]))
+
+
+def test_sparse_weight_is_the_reverse_of_dense_weight():
+    c3 = PartialConv2d(6, 16, 5, LENET5_C3_TABLE, rng=np.random.default_rng(2))
+    dense = c3.dense_weight()
+    assert np.array_equal(c3.sparse_weight(dense), c3.weight.data)
+    with pytest.raises(ValueError, match=r"has shape \(16, 6, 5\), expected \(16, 6, 5, 5\)"):
+        c3.sparse_weight(dense[..., 0])
+    dense[0, 5, 2, 2] = 0.5  # C3 map 0 does not see S2 map 5
+    with pytest.raises(ValueError, match="non-zero kernels outside the connection table"):
+        c3.sparse_weight(dense)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import DATA, DEVICES, needs_mnist
 
+from lenet_xp import evaluate as evaluation
 from lenet_xp import export
 from lenet_xp.backend import asnumpy, get_device
-from lenet_xp.evaluate import evaluate, load_model, test_split
+from lenet_xp.evaluate import load_model
 from lenet_xp.export_onnx import IR_VERSION, OPSET, to_onnx
 from lenet_xp.mnist import MEAN, STD, load_mnist
 from lenet_xp.predict import predict
@@ -103,7 +104,8 @@ def test_onnx_on_the_whole_test_set_scores_the_checkpoints_accuracy(checkpoint):
     """onnxruntime on MNIST's 10,000 test digits (as the README's snippet feeds them: pixels
     in [0, 1]) gets the accuracy ``evaluate`` gives the checkpoint, to one digit."""
     model, meta = load_model(str(checkpoint), get_device("cpu"))
-    _, accuracy, _ = evaluate(model, test_split(meta, get_device("cpu"), str(DATA)))
+    test = evaluation.test_split(meta, get_device("cpu"), str(DATA))  # not a test: a data split
+    _, accuracy, _ = evaluation.evaluate(model, test)
     mnist = load_mnist(DATA, download=False)
     pixels = mnist.test_images[:, None] / np.float32(255)
     session = onnxruntime.InferenceSession(

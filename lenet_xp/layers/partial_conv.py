@@ -129,6 +129,21 @@ class PartialConv2d(Module):
         dense[out_index, in_index] = w
         return dense
 
+    def sparse_weight(self, dense: Any) -> Any:
+        """The reverse of :meth:`dense_weight`: the kernels ``(connections, k, k)`` of a dense
+        ``(out_channels, in_channels, k, k)`` weight (any device), in this layer's order.
+        Raises ``ValueError`` for another shape, or a non-zero kernel outside the table."""
+        want = (self.out_channels, self.in_channels, self.kernel, self.kernel)
+        if tuple(dense.shape) != want:
+            raise ValueError(f"has shape {tuple(dense.shape)}, expected {want}")
+        xp, device = get_array_module(dense), device_of(dense)
+        out_index, in_index = (to_device(i, device) for i in (self._out_index, self._in_index))
+        outside = xp.ones(want[:2], dtype=bool)
+        outside[out_index, in_index] = False
+        if bool((dense[outside] != 0).any()):
+            raise ValueError("has non-zero kernels outside the connection table")
+        return dense[out_index, in_index]
+
     def forward(self, x: Any) -> Any:
         """``x (N, in_channels, H, W)`` -> ``(N, out_channels, OH, OW)`` (batch-innermost)."""
         dense = self.dense_weight()
