@@ -119,6 +119,12 @@ def normalise(digit: np.ndarray) -> np.ndarray:
     return ((np.asarray(digit, dtype=np.float32) - MEAN) / STD)[None].astype(np.float32)
 
 
+def denormalise(x: np.ndarray) -> np.ndarray:
+    """The reverse of :func:`normalise`: the grey levels in [0, 1] (float64) of normalised
+    inputs ``x`` (any shape), clipped (a pad or a distortion can step slightly outside)."""
+    return np.clip(np.asarray(x, dtype=np.float64) * STD + MEAN, 0.0, 1.0)
+
+
 def pad_input(x: np.ndarray, size: int) -> np.ndarray:
     """Normalised inputs ``x (N, 1, 28, 28)`` for a network taking ``size`` x ``size``: as they
     are for 28, padded to 32x32 with the background value (as ``--pad32`` training did) for 32."""

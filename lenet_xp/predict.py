@@ -23,7 +23,7 @@ from lenet_xp.backend import Device, DeviceError, asnumpy, device_of, get_device
 from lenet_xp.checkpoint import CheckpointError
 from lenet_xp.evaluate import load_model
 from lenet_xp.functional.loss import log_softmax
-from lenet_xp.images import ImageError, load_digit, pad_input
+from lenet_xp.images import ImageError, denormalise, load_digit, pad_input
 from lenet_xp.layers import Module
 from lenet_xp.mnist import MEAN, STD
 
@@ -112,9 +112,8 @@ def _save_input(x: np.ndarray, path: str, folder: Path, taken: set[str]) -> Path
         n += 1
         name = f"{stem}-{n}.png"
     taken.add(name)
-    pixels = np.clip(x[0] * STD + MEAN, 0.0, 1.0)
     out = folder / name
-    Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(out)
+    Image.fromarray(np.round(denormalise(x[0]) * 255).astype(np.uint8)).save(out)
     return out
 
 

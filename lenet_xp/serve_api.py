@@ -26,11 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from lenet_xp.backend import Device, asnumpy, to_device, use_device
-from lenet_xp.images import ImageError, digit_from_bytes, normalise, pad_input, prepare_digit
+from lenet_xp.backend import Device, asnumpy, get_array_module, to_device, use_device
+from lenet_xp.functional.loss import log_softmax
+from lenet_xp.images import (
+    ImageError,
+    denormalise,
+    digit_from_bytes,
+    normalise,
+    pad_input,
+    prepare_digit,
+)
 from lenet_xp.inspect import layer_outputs
 from lenet_xp.layers import Module
-from lenet_xp.mnist import MEAN, STD
 
 #: The side of the arrays ``POST /predict`` takes as JSON.
 ARRAY_SIDE = 28
@@ -165,11 +172,10 @@ class Classifier:
         batch = pad_input(x[None].astype(self.dtype), self.model.input_size)
         with self._lock, use_device(self.device):
             outputs = layer_outputs(self.model, to_device(batch, self.device))
-        logits = asnumpy(outputs[-1][1])[0].astype(np.float64)
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
+            logits = outputs[-1][1]
+            probs = asnumpy(get_array_module(logits).exp(log_softmax(logits)))[0]
         digit = int(probs.argmax())
-        picture = np.clip(batch[0, 0].astype(np.float64) * STD + MEAN, 0.0, 1.0)
+        picture = denormalise(batch[0, 0])
         answer: dict[str, Any] = {
             "digit": digit,
             "probability": round(float(probs[digit]), 6),
