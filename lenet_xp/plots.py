@@ -19,6 +19,7 @@ from lenet_xp.data import DeviceSplit
 from lenet_xp.evaluate import load_model, test_split
 from lenet_xp.layers import Conv2d, Module, PartialConv2d
 from lenet_xp.mnist import DataError, load_mnist
+from lenet_xp.predict import classify
 from lenet_xp.stats import read_jsonl
 
 np = CPU.xp  # host arrays only: every picture is drawn from NumPy copies
@@ -41,9 +42,8 @@ def _pyplot() -> Any:
 def misclassified(model: Module, split: DeviceSplit, batch_size: int = 2000) -> tuple[Any, Any]:
     """``(indices, predictions)`` (host int arrays) of the images of ``split`` that ``model``
     gets wrong, in order."""
-    model.eval()
-    predictions = [asnumpy(model.forward(x).argmax(axis=1)) for x, _ in split.batches(batch_size)]
-    predicted = np.concatenate(predictions)
+    predicted = classify(model, asnumpy(split.images), batch_size).argmax(axis=1)
+    model.eval()  # as before: plots leave the model in eval mode
     wrong = (predicted != asnumpy(split.labels)).nonzero()[0]
     return wrong, predicted[wrong]
 
