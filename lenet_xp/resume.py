@@ -182,6 +182,10 @@ class Keeper:
         self.epoch, self.t0 = epoch, time.perf_counter()
         self.seconds_before = position.seconds if position is not None else 0.0
 
+    def epoch_seconds(self) -> float:
+        """Seconds this epoch has trained, with those before a resume inside it."""
+        return self.seconds_before + time.perf_counter() - self.t0
+
     def on_step(self, step: int, batch: int, loss_sum: Any, correct: Any) -> None:
         """Global step ``step`` (batch ``batch`` of this epoch) is done; ``loss_sum`` and
         ``correct`` are the epoch's running sums (0-d device arrays)."""
@@ -194,9 +198,8 @@ class Keeper:
             if not _weights_finite(self.model):
                 self._check(step, batch, math.nan, "weights")
             position = EpochPosition(
-                self.epoch, batch, float(loss_sum), int(correct),
-                self.seconds_before + time.perf_counter() - self.t0,
-            )  # fmt: skip
+                self.epoch, batch, float(loss_sum), int(correct), self.epoch_seconds()
+            )
             meta = {**self.base, "step": step, "mid_epoch": asdict(position)}
             save_checkpoint(self.path, self.model.state_dict(), self.optimizer.state_dict(), meta)
             self.saved_step, self.latest = step, self.path

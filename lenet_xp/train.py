@@ -11,9 +11,9 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,43 @@ def run(args: argparse.Namespace, model: Any = None) -> dict:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
 
+@dataclass
+class Best:
+    """The best epoch so far by its score (validation accuracy, else minus the training
+    loss), and early stopping: no improvement for ``patience`` epochs (``None``: never)."""
+
+    patience: int | None
+    epochs: int
+    score: float = -math.inf
+    epoch: int = 0
+
+    def update(self, epoch: int, score: float) -> tuple[bool, bool]:
+        """Epoch ``epoch`` scored ``score``: ``(it is the best so far, stop early now)``."""
+        improved = score > self.score
+        if improved:
+            self.score, self.epoch = score, epoch
+        waited = epoch - self.epoch
+        return improved, bool(self.patience) and waited >= self.patience and epoch < self.epochs
+
+
+def _restore(
+    state: tuple[dict, dict, dict], path: str, model: Any, optimizer: Any, rng: Any, best: Best
+) -> tuple[int, int, Best]:
+    """Load a checkpoint's ``state`` (model, optimizer, meta) into the run: ``(first epoch,
+    global step, best so far)``; :class:`CheckpointError` (one line) if it does not fit."""
+    model_state, optim_state, meta = state
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        rng.bit_generator.state = meta["rng_state"]
+        score = meta["best_score"]
+        best.score = -math.inf if score is None else score  # None: stopped inside epoch 1
+        best.epoch = meta.get("best_epoch", 0)
+        return meta["epoch"] + 1, meta["step"], best
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit: {exc}") from None
+
+
 def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSignals) -> dict:
     """:func:`run` on the resolved ``device``, inside :func:`use_device`, holding ``--out``'s
     lock; ``signals``: the SIGINT/SIGTERM handlers."""
@@ -204,18 +241,9 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
         config["schedule"], config["lr"], config["epochs"] * steps_per_epoch, steps_per_epoch
     )
     rng = host_rng(config["seed"])
-    start_epoch, step, best_score, best_epoch = 1, 0, -math.inf, 0
+    start_epoch, step, best = 1, 0, Best(config.get("patience"), config["epochs"])
     if resume_state:
-        model_state, optim_state, meta = resume_state
-        try:
-            model.load_state_dict(model_state)
-            optimizer.load_state_dict(optim_state)
-            rng.bit_generator.state = meta["rng_state"]
-            start_epoch, step, best_score = meta["epoch"] + 1, meta["step"], meta["best_score"]
-            best_score = -math.inf if best_score is None else best_score  # None: in epoch 1
-            best_epoch = meta.get("best_epoch", 0)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {args.resume} does not fit: {exc}") from None
+        start_epoch, step, best = _restore(resume_state, args.resume, model, optimizer, rng, best)
     position = EpochPosition.from_meta(meta, steps_per_epoch, args.resume) if resume_state else None
     if resume_state and not args.quiet and (note := inexact_resume_note(config)):
         print(f"note: {note}", file=sys.stderr)
@@ -250,11 +278,10 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
     record: dict = {}
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
-            keeper.begin_epoch(epoch, position)
             bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
             lr = schedule(step - (position.batch if position else 0))  # the epoch's first step's
-            synchronize(device)
-            t0 = time.perf_counter()
+            synchronize(device)  # the last epoch's evaluation is not this epoch's time
+            keeper.begin_epoch(epoch, position)  # starts the epoch's clock
             if fused is not None:
                 train_loss, train_acc, step = fused_step.train_epoch_fused(fused, rng, bar)
             else:
@@ -275,7 +302,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
                     keeper=keeper,
                 )
             synchronize(device)
-            seconds = time.perf_counter() - t0 + (position.seconds if position else 0.0)
+            seconds = keeper.epoch_seconds()  # resumed inside the epoch: with the time before
             position = None
             if bar is not None:
                 bar.close()
@@ -299,19 +326,16 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
             }  # fmt: skip
             if val is not None:
                 record["val_loss"], record["val_acc"] = val_loss, val_acc
-            score = record["val_acc"] if val is not None else -train_loss
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch = score, epoch
-            record["best_epoch"] = best_epoch
-            patience = config.get("patience")
-            stop = bool(patience) and epoch - best_epoch >= patience and epoch < config["epochs"]
+            improved, stop = best.update(
+                epoch, record["val_acc"] if val is not None else -train_loss
+            )
+            record["best_epoch"] = best.epoch
             if stop:
                 record["stopped_early"] = True
             meta = {
                 "epoch": epoch, "step": step, "rng_state": rng.bit_generator.state,
-                "config": config, "metrics": record, "best_score": best_score,
-                "best_epoch": best_epoch, "history": [*keeper.base["history"], record],
+                "config": config, "metrics": record, "best_score": best.score,
+                "best_epoch": best.epoch, "history": [*keeper.base["history"], record],
             }  # fmt: skip
             also = [out / "best.npz"] if improved else []
             if args.keep_every_epoch:
@@ -325,8 +349,8 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
             if stop:
                 if not args.quiet:
                     print(
-                        f"early stop: val_acc has not improved for {patience} epochs "
-                        f"(best: epoch {best_epoch}, {out / 'best.npz'})",
+                        f"early stop: val_acc has not improved for {best.patience} epochs "
+                        f"(best: epoch {best.epoch}, {out / 'best.npz'})",
                         flush=True,
                     )
                 break
