@@ -8,6 +8,7 @@
 #   2b. determinism: the same short run twice per engine,
 #   3. the benchmark at batch 128 and 1024 with PyTorch side by side (eager and CUDA graph, if
 #      installed), launches per step, and time to 99 % test accuracy,
+#   3b. the cost of --recipe best's augmentation and weight averaging (bench --augment --ema),
 # and prints one summary table. Usage: LENET_XP_DATA=/path/to/mnist bash scripts/gpu_check.sh
 # (DEVICE=cpu runs the same steps on the CPU: a dry run of this script where there is no GPU;
 # the kernel engines then train with the layers and say so.)
@@ -60,6 +61,10 @@ echo "== 3. benchmark"
 $PY -m lenet_xp.bench --device "$DEVICE" --batch-sizes 128 1024 --epochs 3 --torch --time-to 0.99 \
   | tee "$OUT/bench.txt"
 
+echo "== 3b. augmentation cost (issue budget: 30 % on a GPU): --recipe best's distortions and EMA"
+$PY -m lenet_xp.bench --device "$DEVICE" --epochs 5 --no-profile --augment default,elastic=8:3 \
+  --ema 0.999 | tee "$OUT/bench_augment.txt"
+
 $PY - "$OUT" "$tests_rc" <<'PYEOF'
 import json, re, statistics, sys
 out, tests_rc = sys.argv[1], int(sys.argv[2])
@@ -89,5 +94,8 @@ bench = open(f"{out}/bench.txt").read()
 for line in bench.splitlines():
     if re.match(r"^\s+\d+\s+\S+\s+[\d.]+\s", line) or line.startswith(("not timed", "layers ", "kernels ", "graph ", "torch")):
         print(f"{'bench':<40} {line.strip()}")
+for line in open(f"{out}/bench_augment.txt"):
+    if line.startswith("augmentation ("):
+        print(f"{'augmentation cost':<40} {line.strip()}")
 sys.exit(1 if tests_rc else 0)
 PYEOF
