@@ -14,13 +14,11 @@ fills the GPU column.
 """
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from train_runs import ROOT, train_run, training_minutes
+
 RECIPES = [  # (row name, flags)
     ("shift", "--epochs 10"),
     ("default50", "--augment default --shift 0 --epochs 50"),
@@ -47,15 +45,9 @@ def run(name: str, flags: str, seed: int, device: str) -> tuple[float, int, floa
     """``(test accuracy of the best-validation epoch, epochs, training minutes)``."""
     folder = "augment" if device == "cpu" else f"augment-{device}"
     out = ROOT / "runs" / folder / f"{name}_s{seed}"
-    cmd = [sys.executable, "-m", "lenet_xp.train", "--device", device, "--quiet"]
-    cmd += ["--seed", str(seed), "--out", str(out), *flags.split()]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{name} seed {seed}: {proc.stderr.strip()}")
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    records = train_run(out, ["--seed", str(seed), *flags.split()], device)
     best = records[-1]["best_epoch"]
-    minutes = sum(r["train_seconds"] for r in records) / 60
-    return records[best - 1]["test_acc"], len(records), minutes
+    return records[best - 1]["test_acc"], len(records), training_minutes(records)
 
 
 def summary(results: list[tuple[float, int, float]]) -> tuple[str, int, float]:

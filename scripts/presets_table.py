@@ -9,12 +9,10 @@ time (the metrics' train_seconds; testing not counted).
 """
 
 import argparse
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from train_runs import ROOT, train_run, training_minutes
+
 # (row name, flags, what the report/paper reached and how long it took)
 ROWS = [
     ("lenet5", "--arch lenet5 --epochs 10", "the default run (see above)"),
@@ -58,15 +56,8 @@ def main() -> int:
     for name, flags, claim in ROWS:
         if args.only and name not in args.only:
             continue
-        out = ROOT / "runs" / "presets" / name
-        cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "cpu", "--quiet"]
-        cmd += ["--out", str(out), *flags.split()]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{name}: failed: {proc.stderr.strip()}", file=sys.stderr)
-            return 1
-        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        minutes = sum(r["train_seconds"] for r in records) / 60
+        records = train_run(ROOT / "runs" / "presets" / name, flags.split())
+        minutes = training_minutes(records)
         acc = 100 * records[-1]["test_acc"]
         lines.append(f"| `{flags}` | {acc:.2f} % | {len(records)} | {minutes:.1f} | {claim} |")
         print(lines[-1], flush=True)
