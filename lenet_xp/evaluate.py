@@ -31,12 +31,13 @@ def evaluate(
     """
     xp = split.device.xp
     model.eval()
+    network = model.model if isinstance(model, DataParallel) else model  # its loss
     loss_sum = xp.zeros((), dtype=xp.float64)
     confusion = xp.zeros(100, dtype=xp.int64)
     cells = xp.arange(100)
     for x, y in split.batches(batch_size):
         logits = model.forward(x)
-        loss, _ = model_loss(getattr(model, "model", model), logits, y)
+        loss, _ = model_loss(network, logits, y)
         loss_sum += loss * y.shape[0]
         # Cell true * 10 + predicted of each image (N,), counted by comparing with every cell
         # (N, 100): CuPy's bincount would read its input's min and max on the host (two syncs
