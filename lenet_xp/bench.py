@@ -375,7 +375,7 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
         print(
             f"{' + '.join(extras)} at batch {batch_size}: "
             f"{100 * statistics.median(costs):+.1f} % epoch time (layers; median of "
-            f"{len(costs)} pairs of epochs run back to back, range "
+            f"{len(costs)} pair{'s' * (len(costs) != 1)} of epochs run back to back, range "
             f"{100 * min(costs):+.1f} to {100 * max(costs):+.1f} %)"
         )
     print(
