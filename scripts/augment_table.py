@@ -41,11 +41,14 @@ AUGMENTATIONS = [  # (row suffix, flags, what the table says)
 ]
 
 
-def run(name: str, flags: str, seed: int, device: str) -> tuple[float, int, float]:
-    """``(test accuracy of the best-validation epoch, epochs, training minutes)``."""
+def run(
+    name: str, flags: str, seed: int, device: str, reuse: bool = False
+) -> tuple[float, int, float]:
+    """``(test accuracy of the best-validation epoch, epochs, training minutes)``; ``reuse``:
+    read a finished run instead of training it again."""
     folder = "augment" if device == "cpu" else f"augment-{device}"
     out = ROOT / "runs" / folder / f"{name}_s{seed}"
-    records = train_run(out, ["--seed", str(seed), *flags.split()], device)
+    records = train_run(out, ["--seed", str(seed), *flags.split()], device, reuse)
     best = records[-1]["best_epoch"]
     return records[best - 1]["test_acc"], len(records), training_minutes(records)
 
@@ -65,6 +68,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu", help="cpu or cuda: where to train")
     p.add_argument("--only", nargs="*", default=None, help="row names to run")
+    p.add_argument("--reuse", action="store_true", help="read finished runs, do not retrain")
     args = p.parse_args()
     where = "CPU" if args.device == "cpu" else "GPU"
     if args.table == "recipes":  # (row name, flags, the row's first cells)
@@ -87,7 +91,9 @@ def main() -> int:
     for name, flags, first in rows:
         if args.only and name not in args.only:
             continue
-        cell, epochs, minutes = summary([run(name, flags, s, args.device) for s in args.seeds])
+        cell, epochs, minutes = summary(
+            [run(name, flags, s, args.device, args.reuse) for s in args.seeds]
+        )
         lines.append(f"| {first} | {cell} | {epochs} | {minutes:.1f} |")
         print(lines[-1], flush=True)
     print("\n".join(lines))

@@ -4,14 +4,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.stats import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_run(out: Path, flags: list[str], device: str = "cpu") -> list[dict]:
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a run that trained all its epochs (or stopped early)."""
+    try:
+        meta = load_checkpoint(out / "last.npz")[2]
+        records = read_jsonl(out / "metrics.jsonl")
+    except (CheckpointError, OSError):
+        return False
+    done = bool(records) and records[-1]["epoch"] == meta["epoch"] and "mid_epoch" not in meta
+    return done and (meta["epoch"] == meta["config"]["epochs"] or records[-1].get("stopped_early"))
+
+
+def train_run(out: Path, flags: list[str], device: str = "cpu", reuse: bool = False) -> list[dict]:
     """Train with ``flags`` into ``out`` (quietly, from the repository root) and return its
-    ``metrics.jsonl`` records; exits with the run's error line if it fails."""
+    ``metrics.jsonl`` records; exits with the run's error line if it fails. ``reuse``: a run
+    already :func:`finished` there is read, not trained again."""
+    if reuse and finished(out):
+        return read_jsonl(out / "metrics.jsonl")
     cmd = [sys.executable, "-m", "lenet_xp.train", "--device", device, "--quiet"]
     cmd += ["--out", str(out), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
