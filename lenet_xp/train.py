@@ -278,10 +278,10 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
     record: dict = {}
     try:
         for epoch in range(start_epoch, config["epochs"] + 1):
-            bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
             lr = schedule(step - (position.batch if position else 0))  # the epoch's first step's
             synchronize(device)  # the last epoch's evaluation is not this epoch's time
-            keeper.begin_epoch(epoch, position)  # starts the epoch's clock
+            keeper.begin_epoch(epoch, position)  # a stop asked for now stops; starts the clock
+            bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
             if fused is not None:
                 train_loss, train_acc, step = fused_step.train_epoch_fused(fused, rng, bar)
             else:
