@@ -599,11 +599,8 @@ def augment_batch(
     of std ``aug.noise``. Returns ``x`` itself when ``aug`` is the identity, else a new
     C-contiguous array of ``x``'s dtype. No host synchronisation, no per-image Python.
 
-    Cost of a ``(128, 1, 28, 28)`` float32 batch on the CPU (2 vCPUs of an AMD EPYC, NumPy
-    2.4, one BLAS thread as in training; best / median of 500): ``none`` 3 us, ``light``
-    and ``default`` 0.75 / 0.80 ms, ``strong`` 1.35 / 1.46 ms, against ~8.5 ms for a
-    training step of LeNet-5 at batch 128. About 0.6 ms of it is
-    the gather itself (pad, clip, floor, four gathers, the bilinear blend).
+    Cost on the CPU: ``python scripts/augment_cost.py`` prints the milliseconds per batch of
+    each spec (about 1 ms for a batch of 128 with one BLAS thread, most of it the gather).
     """
     if x.ndim != 4 or tuple(ids.shape) != (x.shape[0],):
         raise ValueError(
