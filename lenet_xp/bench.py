@@ -25,7 +25,6 @@ from typing import Any
 from lenet_xp import bench_torch
 from lenet_xp import fused as fused_step
 from lenet_xp.augment import parse_augment
-from lenet_xp.averaging import ParameterEMA
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -41,7 +40,7 @@ from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.fused import FusedStep
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam
+from lenet_xp.optim import Adam, make_optimizer
 from lenet_xp.parallel import DataParallel, forward_backward
 from lenet_xp.schedules import ConstantLR, make_schedule
 from lenet_xp.train import train_epoch
@@ -73,9 +72,7 @@ def our_epoch(
     model = LeNet5(seed=0).to(split.device)
     workers = workers if split.device.kind == "cpu" else 1
     runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
-    optimizer = Adam(model.parameters(), lr=1e-3)
-    if ema_decay:
-        optimizer.average = ParameterEMA(optimizer.params, ema_decay)
+    optimizer = make_optimizer("adam", model.parameters(), 1e-3, ema=ema_decay or None)
     rng, schedule = host_rng(0), ConstantLR(1e-3)
     n_warm = 20 * batch_size
     warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)

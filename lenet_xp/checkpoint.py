@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -54,23 +54,26 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], model_state: dict, optim_state: dict, meta: dict
-) -> Path:
-    """Atomically write ``path`` (``.npz``); arrays are copied to the host first."""
-    path = Path(path)
+    path: str | os.PathLike[str], model_state: dict, optim_state: dict, meta: dict,
+    also: Sequence[str | os.PathLike[str]] = (),
+) -> Path:  # fmt: skip
+    """Atomically write ``path`` (``.npz``); arrays are copied to the host first (once). The
+    same checkpoint goes to each of ``also`` first, then to ``path``."""
     arrays: dict[str, Any] = {f"model/{k}": asnumpy(v) for k, v in model_state.items()}
     arrays.update({f"optim/{k}": np.asarray(_to_host(v)) for k, v in optim_state.items()})
     arrays["meta"] = np.array(json.dumps(meta))
     arrays["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
     arrays["sha256"] = np.array(digest(arrays))
-    try:
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-    except OSError as exc:  # a full disk: the previous file, if any, is untouched
-        kept = " (the previous checkpoint is kept)" if path.exists() else ""
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {exc.strerror or exc}{kept}; free space or use --out"
-        ) from None
-    return path
+    for target in [*map(Path, also), Path(path)]:
+        try:
+            atomic_write(target, lambda f: np.savez(f, **arrays))
+        except OSError as exc:  # a full disk: the previous file, if any, is untouched
+            kept = " (the previous checkpoint is kept)" if target.exists() else ""
+            raise CheckpointError(
+                f"cannot write checkpoint {target}: {exc.strerror or exc}{kept}; free space or "
+                "use --out"
+            ) from None
+    return Path(path)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> None:

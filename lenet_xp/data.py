@@ -94,9 +94,9 @@ def to_device_split(
 
 def check_labels(images: Any, labels: Any) -> None:
     """Raise :class:`DataError` unless ``labels`` is ``(N,)`` integers in ``0..NUM_CLASSES-1``
-    with ``N = len(images)`` (host arrays, or device ones at the cost of one copy)."""
-    labels = asnumpy(labels)
-    n = int(images.shape[0]) if getattr(images, "ndim", 0) else 0
+    with ``N = len(images)`` (host arrays)."""
+    labels = asnumpy(labels)  # a list, say
+    n = len(images)
     if labels.ndim != 1 or labels.shape[0] != n:
         raise DataError(f"labels of shape {labels.shape} for {n} images; need one label per image")
     if labels.dtype.kind not in "iu":

@@ -21,12 +21,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on ``signum``; ``exit_code`` is ``128 + signum`` (130 for SIGINT, 143
-    for SIGTERM), ``str()`` says what was saved and how to resume (may be empty)."""
+    """Training stopped on ``signum`` (the run exits with ``128 + signum``: 130 for SIGINT,
+    143 for SIGTERM); ``str()`` says what was saved and how to resume (may be empty)."""
 
     def __init__(self, signum: int, message: str = "") -> None:
         super().__init__(message)
-        self.signum, self.exit_code = signum, 128 + signum
+        self.signum = signum
 
 
 def signal_name(signum: int) -> str:

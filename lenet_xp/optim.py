@@ -115,7 +115,7 @@ class Optimizer:
         averaged = {k[prefix:]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
         state = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
         if bool(averaged) != (self.average is not None):
-            saved, this = ("holds", "keeps none") if averaged else ("holds none", "keeps one")
+            saved, this = ("holds one", "keeps none") if averaged else ("holds none", "keeps one")
             raise ValueError(
                 f"optimizer state_dict {saved} of a weight average (--ema); this optimizer {this}"
             )

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp.backend import get_array_module
-from lenet_xp.checkpoint import TEMP_SUFFIX, CheckpointError, save_checkpoint
-from lenet_xp.fsync import fsync_dir
+from lenet_xp.checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, save_checkpoint
 from lenet_xp.interrupt import Interrupted, StopSignals, signal_name
 
 #: On a GPU the divergence check reads the running loss sum (one host sync) every this many
@@ -116,16 +113,7 @@ def restore_metrics(path: Path, meta: dict) -> list[dict]:
     if history is None:
         history = [r for r in read_records(path) if r.get("epoch", math.inf) <= meta["epoch"]]
     text = "".join(json.dumps(record) + "\n" for record in history)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    atomic_write(path, lambda f: f.write(text.encode()), mode=0o644)
     return list(history)
 
 
@@ -212,8 +200,7 @@ class Keeper:
         to ``last.npz`` (last: a resumed run starts from it); ``meta`` becomes the base of
         the next epoch's checkpoints."""
         model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
-        for path in [*also, self.path]:
-            save_checkpoint(path, model_state, optim_state, meta)
+        save_checkpoint(self.path, model_state, optim_state, meta, also=also)
         self.base, self.saved_step, self.latest = meta, meta["step"], self.path
 
     def interrupted(self, signum: int) -> Interrupted:

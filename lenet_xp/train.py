@@ -189,9 +189,10 @@ class Best:
 
 def _restore(
     state: tuple[dict, dict, dict], path: str, model: Any, optimizer: Any, rng: Any, best: Best
-) -> tuple[int, int, Best]:
-    """Load a checkpoint's ``state`` (model, optimizer, meta) into the run: ``(first epoch,
-    global step, best so far)``; :class:`CheckpointError` (one line) if it does not fit."""
+) -> tuple[int, int]:
+    """Load a checkpoint's ``state`` (model, optimizer, meta) into the run, and its best epoch
+    into ``best``: ``(first epoch, global step)``; :class:`CheckpointError` (one line) if it
+    does not fit."""
     model_state, optim_state, meta = state
     try:
         model.load_state_dict(model_state)
@@ -200,7 +201,7 @@ def _restore(
         score = meta["best_score"]
         best.score = -math.inf if score is None else score  # None: stopped inside epoch 1
         best.epoch = meta.get("best_epoch", 0)
-        return meta["epoch"] + 1, meta["step"], best
+        return meta["epoch"] + 1, meta["step"]
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit: {exc}") from None
 
@@ -243,7 +244,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
     rng = host_rng(config["seed"])
     start_epoch, step, best = 1, 0, Best(config.get("patience"), config["epochs"])
     if resume_state:
-        start_epoch, step, best = _restore(resume_state, args.resume, model, optimizer, rng, best)
+        start_epoch, step = _restore(resume_state, args.resume, model, optimizer, rng, best)
     position = EpochPosition.from_meta(meta, steps_per_epoch, args.resume) if resume_state else None
     if resume_state and not args.quiet and (note := inexact_resume_note(config)):
         print(f"note: {note}", file=sys.stderr)
