@@ -9,8 +9,9 @@ archs``: every ``--arch`` preset with the default shifts and with the best recip
 augmentation, for the same number of epochs. Each run is ``python -m lenet_xp.train --device
 DEVICE --quiet --seed S --out runs/augment[-DEVICE]/<row>_s<S> <flags>``; the test accuracy
 reported is ``best.npz``'s (the epoch with the best validation accuracy: the test set
-chooses nothing), and minutes are training time (testing not counted). ``--device cuda``
-fills the GPU column.
+chooses nothing), and minutes are training time (testing not counted). Each run also prints
+a line on stderr: its best validation accuracy and epoch, the test accuracy there and at the
+last epoch. ``--device cuda`` prints the same table for a GPU (runs in runs/augment-cuda/).
 """
 
 import argparse
@@ -50,6 +51,13 @@ def run(
     out = ROOT / "runs" / folder / f"{name}_s{seed}"
     records = train_run(out, ["--seed", str(seed), *flags.split()], device, reuse)
     best = records[-1]["best_epoch"]
+    print(
+        f"{name} seed {seed}: best validation {100 * records[best - 1]['val_acc']:.2f} % (epoch "
+        f"{best}), test there {100 * records[best - 1]['test_acc']:.2f} %, test at the last "
+        f"epoch {100 * records[-1]['test_acc']:.2f} %",
+        file=sys.stderr,
+        flush=True,
+    )
     return records[best - 1]["test_acc"], len(records), training_minutes(records)
 
 
@@ -78,12 +86,11 @@ def main() -> int:
         rows = [
             (
                 f"{arch}-{aug}",
-                " ".join(filter(None, (flags, aug_flags, epochs))),
+                " ".join(filter(None, (flags, aug_flags, f"--epochs {ARCH_EPOCHS}"))),
                 f"`{flags}` | {what}",
             )
             for arch, flags in ARCHS
             for aug, aug_flags, what in AUGMENTATIONS
-            for epochs in [f"--epochs {ARCH_EPOCHS}"]
         ]
         head = "| network | augmentation |"
     head += f" test accuracy, mean ± sd (seeds) | epochs | minutes ({where}) |"

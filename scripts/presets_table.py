@@ -48,6 +48,7 @@ ROWS = [
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="*", default=None, help="row names to run")
+    p.add_argument("--reuse", action="store_true", help="read finished runs, do not retrain")
     args = p.parse_args()
     lines = [
         "| preset and flags | test accuracy | epochs | minutes (CPU) | report / paper |",
@@ -56,7 +57,7 @@ def main() -> int:
     for name, flags, claim in ROWS:
         if args.only and name not in args.only:
             continue
-        records = train_run(ROOT / "runs" / "presets" / name, flags.split())
+        records = train_run(ROOT / "runs" / "presets" / name, flags.split(), reuse=args.reuse)
         minutes = training_minutes(records)
         acc = 100 * records[-1]["test_acc"]
         lines.append(f"| `{flags}` | {acc:.2f} % | {len(records)} | {minutes:.1f} | {claim} |")
