@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class Device:
     @property
     def xp(self) -> ModuleType:
         """The array namespace of this device: ``numpy`` or ``cupy``."""
-        return numpy if self.kind == "cpu" else _import_cupy()
+        return numpy if self.kind == "cpu" else import_cupy()
 
     @property
     def name(self) -> str:
@@ -48,7 +49,18 @@ class Device:
 CPU = Device("cpu")
 
 
-def _import_cupy() -> ModuleType:
+def fake_cuda() -> bool:
+    """Whether ``$LENET_XP_FAKE_CUDA`` puts the strict CuPy stand-in (NumPy underneath) where
+    CuPy would be: every GPU code path then runs on the CPU (:mod:`lenet_xp.testing`)."""
+    return os.environ.get("LENET_XP_FAKE_CUDA", "").strip() not in ("", "0")
+
+
+def import_cupy() -> ModuleType:
+    """CuPy (or, with ``$LENET_XP_FAKE_CUDA``, its stand-in); :class:`DeviceError` if absent."""
+    if fake_cuda():
+        from lenet_xp.testing.fake_cupy import cupy as stand_in
+
+        return stand_in
     try:
         import cupy
     except ImportError as exc:
@@ -144,7 +156,7 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
     Probed once per process.
     """
     try:
-        cupy = _import_cupy()
+        cupy = import_cupy()
     except DeviceError as exc:
         return str(exc)
     return probe_steps(_cuda_probe_steps(cupy, index))
@@ -199,7 +211,7 @@ def gemm_block(xp: ModuleType) -> int | None:
 
 def get_array_module(*arrays: Any) -> ModuleType:
     """``cupy`` if any argument is a CuPy array, else ``numpy`` (like ``cupy.get_array_module``)."""
-    cupy = sys.modules.get("cupy")
+    cupy = import_cupy() if fake_cuda() else sys.modules.get("cupy")
     if cupy is not None:
         return cupy.get_array_module(*arrays)
     return numpy
@@ -224,7 +236,7 @@ def to_device(array: Any, device: Device | str) -> Any:
     device = get_device(device)
     if device.kind == "cpu":
         return asnumpy(array)
-    cupy = _import_cupy()
+    cupy = import_cupy()
     with cupy.cuda.Device(device.index):
         return cupy.asarray(array)
 
@@ -236,14 +248,14 @@ def use_device(device: Device | str) -> contextlib.AbstractContextManager[Any]:
     device = get_device(device)
     if device.kind == "cpu":
         return contextlib.nullcontext()
-    return _import_cupy().cuda.Device(device.index)
+    return import_cupy().cuda.Device(device.index)
 
 
 def synchronize(device: Device | str = CPU) -> None:
     """Wait for all queued work on ``device`` (a no-op on the CPU); use before reading a clock."""
     device = get_device(device)
     if device.kind == "cuda":
-        cupy = _import_cupy()
+        cupy = import_cupy()
         with cupy.cuda.Device(device.index):
             cupy.cuda.get_current_stream().synchronize()
 
@@ -294,4 +306,4 @@ def tune_host_allocator() -> bool:
 def cuda_elementwise(in_params: str, out_params: str, operation: str, name: str) -> Any:
     """A fused CUDA kernel (``cupy.ElementwiseKernel``, compiled on first call): one launch
     instead of one per NumPy-style operation. Only for CuPy arrays; needs CuPy."""
-    return _import_cupy().ElementwiseKernel(in_params, out_params, operation, name)
+    return import_cupy().ElementwiseKernel(in_params, out_params, operation, name)

@@ -20,9 +20,11 @@ eager steps may use either. The array-op layers stay the reference these are tes
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
+from lenet_xp.backend import asnumpy
 from lenet_xp.data import DeviceSplit
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.mnist import MEAN, STD
@@ -117,6 +119,7 @@ class FusedStep:
         self.counters = xp.zeros(2, xp.int64)  # [global step, batch of this epoch]
         self.counters[0] = steps
         self.lr_of_step = xp.asarray(lr_of_step, dtype=xp.float64)
+        self._host_lr = asnumpy(lr_of_step)  # what end_epoch tells the optimizer, without a sync
         self.steps_done = steps  # host-side twin of counters[0]: no sync to check bounds
         self.loss_sum, self.correct = xp.zeros(1, xp.float64), xp.zeros(1, xp.int64)
         n = len(split)
@@ -188,12 +191,13 @@ class FusedStep:
     def end_epoch(self) -> tuple[float, int]:
         """``(loss sum, correct count)`` of the epoch (one host sync); the optimizer's step
         counts are brought up to date for checkpoints."""
-        steps = int(self.counters[0])
+        steps = self.steps_done
         self.optimizer.steps = steps
         for state in self.optimizer.state:
             state["step"] = steps
-        self.optimizer.lr = float(self.lr_of_step[max(steps - 1, 0)])
-        return float(self.loss_sum[0]), int(self.correct[0])
+        self.optimizer.lr = float(self._host_lr[max(steps - 1, 0)])
+        sums = asnumpy(self.xp.concatenate([self.loss_sum, self.correct.astype(self.xp.float64)]))
+        return float(sums[0]), int(sums[1])
 
     # -- one step --------------------------------------------------------------------------
     def step(self, ws: _Workspace, batch_index: Any, order: Any) -> None:
@@ -323,8 +327,13 @@ class FusedStep:
             stream.begin_capture()
             try:
                 self.step(ws, self.counters[1:], self.order)
-            finally:
-                graph = stream.end_capture()
+            except BaseException:
+                # Leave capture mode, but report the step's error: CUDA's end_capture then
+                # only says the capture was invalidated.
+                with contextlib.suppress(Exception):
+                    stream.end_capture()
+                raise
+            graph = stream.end_capture()
         self.graph, self._capture_stream = graph, stream
 
 

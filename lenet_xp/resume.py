@@ -202,6 +202,7 @@ class Keeper:
         model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         save_checkpoint(self.path, model_state, optim_state, meta, also=also)
         self.base, self.saved_step, self.latest = meta, meta["step"], self.path
+        self.trained = True  # the fused CUDA step trains whole epochs without on_step
 
     def interrupted(self, signum: int) -> Interrupted:
         """The exception for a second signal, which stopped the run at once: where the run

@@ -4,7 +4,7 @@ GEMMs; ``--cuda-graph``, with ours) as issued by our code, at batch 128.
     python scripts/count_launches.py            # GPU if usable, else the CPU emulator
 
 On a GPU the kernels are CuPy's compiled ones; elsewhere they run in the CPU emulator of
-``tests/cuda_emulator.py`` (needs g++), which executes the same sources and launch
+``lenet_xp/testing/cuda_emulator.py`` (needs g++), which executes the same sources and launch
 arguments, so the count is the same. Each cuBLAS GEMM or reduction counts as one launch
 (cuBLAS may split one into two kernels: ``lenet_xp.bench --device cuda --torch`` also prints
 CUPTI's count of what the GPU ran). The array-op layers issue about 175 per step.
@@ -30,7 +30,7 @@ def main() -> int:
     device = get_device("cpu" if reason else "cuda")
     xp = device.xp
     if reason:
-        from cuda_emulator import compiler_available, emulated_function
+        from lenet_xp.testing.cuda_emulator import compiler_available, emulated_function
 
         problem = compiler_available()
         if problem:

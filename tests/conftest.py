@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/gradcheck.py helpers
 
-from lenet_xp.backend import cuda_unavailable_reason  # noqa: E402
+from lenet_xp.backend import cuda_unavailable_reason, fake_cuda  # noqa: E402
 from lenet_xp.kernels import fallbacks  # noqa: E402
 
 #: The prefix of every "no usable GPU" skip reason: what LENET_XP_REQUIRE_CUDA=1 turns into
@@ -29,6 +29,9 @@ NO_GPU = "no usable GPU:"
 #: The environment variable that turns "no usable GPU" skips into failures ("1": on).
 REQUIRE_CUDA = "LENET_XP_REQUIRE_CUDA"
 
+#: Whether CUDA is the strict CuPy stand-in (``LENET_XP_FAKE_CUDA``): GPU tests then run on the
+#: CPU, kernels through the emulator, so the heaviest shrink their data (never their checks).
+ON_STAND_IN = fake_cuda()
 #: Why CUDA device 0 cannot be used here (one line), or ``None`` when it can.
 CUDA_REASON = cuda_unavailable_reason(0)
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"{NO_GPU} {CUDA_REASON}")
@@ -47,7 +50,13 @@ def _second_gpu_reason() -> str | None:
 
 
 SECOND_GPU_REASON = _second_gpu_reason()
-needs_two_gpus = pytest.mark.skipif(SECOND_GPU_REASON is not None, reason=f"{SECOND_GPU_REASON}")
+
+
+def needs_two_gpus(test):
+    """Skip ``test`` without a usable ``cuda:1``; mark it ``two_gpus`` (``-m two_gpus``)."""
+    skip = pytest.mark.skipif(SECOND_GPU_REASON is not None, reason=f"{SECOND_GPU_REASON}")
+    return pytest.mark.two_gpus(skip(test))
+
 
 #: Device names to parametrise a test over: the CPU always, CUDA where a GPU is usable.
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -66,6 +75,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "allow_kernel_fallback: the test may make a CUDA kernel of ours fall back to array ops",
     )
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (a GPU or the stand-in)")
+    config.addinivalue_line("markers", "two_gpus: needs two CUDA devices")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a CUDA device ``gpu``, so that
+    ``-m gpu`` selects exactly the GPU suite (``.ci/run`` runs it on the CuPy stand-in)."""
+    for item in items:
+        reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
+        if item.get_closest_marker("two_gpus") or any(r.startswith(NO_GPU) for r in reasons):
+            item.add_marker(pytest.mark.gpu)
 
 
 def _require_cuda() -> bool:

@@ -418,7 +418,9 @@ def test_elastic_grid_is_the_affine_grid_plus_the_field():
 
 @needs_cuda
 def test_cpu_and_gpu_give_the_same_images():
-    import cupyx
+    from lenet_xp.testing import cupyx as cupyx_module
+
+    cupyx = cupyx_module()
 
     host, ids = _smooth_images(128), np.arange(7, 135, dtype=np.int64)
     gpu = get_device("cuda")

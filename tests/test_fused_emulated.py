@@ -1,18 +1,18 @@
 """The fused training step (lenet_xp.fused) on the CPU, its CUDA kernels run by the emulator
-(tests/cuda_emulator.py): the whole orchestration, buffer layouts and launch arguments
+(lenet_xp/testing/cuda_emulator.py): the whole orchestration, buffer layouts and launch arguments
 checked against the array-op layers, before any GPU sees them. ``test_gpu_fused.py`` runs the
 same comparisons with the kernels compiled for a real GPU.
 """
 
 import numpy as np
 import pytest
-from cuda_emulator import compiler_available, emulated_function
 from fused_check import assert_same_training, fused_epoch, make_split, reference_epoch
 
 from lenet_xp.fused import FusedStep, supports
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.model import LeNet5
 from lenet_xp.optim import SGD, Adam
+from lenet_xp.testing.cuda_emulator import compiler_available, emulated_function
 
 NO_COMPILER = compiler_available()
 pytestmark = pytest.mark.skipif(bool(NO_COMPILER), reason=str(NO_COMPILER))
@@ -93,3 +93,22 @@ def test_the_count_launches_script_reports_both_flavours_within_40():
     assert proc.returncode == 0, proc.stderr
     counts = [int(n) for n in re.findall(r"GEMMs\): (\d+)", proc.stdout)]
     assert len(counts) == 2 and all(25 <= n <= 40 for n in counts), proc.stdout
+
+
+def test_every_launch_is_checked_against_the_kernels_declaration():
+    """On a GPU a float64 array passed for a ``float*`` is silent garbage: our launcher
+    refuses it (and a wrong scalar type, and a non-contiguous array) before any launch."""
+    launched = []
+    kernels = Kernels(np, provider=lambda file, expression: lambda g, b, a: launched.append(a))
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    kernels.im2col(x, 3, 3, 1, 1, 4, 4)
+    assert len(launched) == 1
+    bias_act = kernels._fn("dense.cu", "bias_act", np.float32)
+    y, bias = np.zeros((4, 8), np.float32), np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match=r"argument 0 \(float\* y\): expects an array of float32"):
+        bias_act((1,), (32,), (y.astype(np.float64), bias, np.int32(8), np.int32(4), np.int32(1)))
+    with pytest.raises(TypeError, match="expects a numpy.int32 scalar, got Python int"):
+        bias_act((1,), (32,), (y, bias, 8, np.int32(4), np.int32(1)))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        bias_act((1,), (32,), (y.T, bias, np.int32(8), np.int32(4), np.int32(1)))
+    assert len(launched) == 1

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import DATA, needs_cuda, needs_mnist
+from conftest import DATA, ON_STAND_IN, needs_cuda, needs_mnist
 from fused_check import assert_same_training, fused_epoch, make_split, reference_epoch
 
 from lenet_xp.backend import asnumpy
@@ -52,22 +52,30 @@ def test_graph_replay_equals_eager_steps_bit_for_bit(dtype):
 
 @pytest.mark.parametrize("graph", [False, True])
 def test_an_epoch_never_synchronises(graph):
-    import cupyx
+    from lenet_xp.testing import cupyx as cupyx_module
+
+    cupyx = cupyx_module()
 
     from lenet_xp.backend import host_rng
     from lenet_xp.data import permutation, random_shifts
 
-    split = make_split("cuda", "float32", n=1000)
+    n = 300 if ON_STAND_IN else 1000  # 2 full batches and a short one at least
+    split = make_split("cuda", "float32", n=n)
     _, _, fused = fused_epoch(
         split, "float32", 128, 2, "ours" if graph else "cublas", graph=graph, epochs=2
     )
     rng = host_rng(5)
-    fused.begin_epoch(
-        permutation(1000, rng, split.device), random_shifts(1000, 2, rng, split.device)
-    )
+    fused.begin_epoch(permutation(n, rng, split.device), random_shifts(n, 2, rng, split.device))
     with cupyx.allow_synchronize(False):
         fused.run_epoch()
-    loss_sum, correct = fused.end_epoch()
+    if ON_STAND_IN:  # the stand-in counts every host read: the epoch's end is one
+        from lenet_xp.testing import count_synchronizations
+
+        with count_synchronizations() as syncs:
+            loss_sum, correct = fused.end_epoch()
+        assert syncs.count == 1
+    else:
+        loss_sum, correct = fused.end_epoch()
     assert np.isfinite(loss_sum) and 0 <= correct <= 1000
 
 
@@ -81,18 +89,22 @@ def test_launches_per_step_within_the_target(gemm):
 @needs_mnist
 @pytest.mark.parametrize("flag", ["--cuda-kernels", "--cuda-graph"])
 def test_training_cli_with_our_kernels(tmp_path, flag):
-    """Two same-seed runs: accuracy in the CPU's band and identical metrics (timings aside)."""
+    """Two same-seed runs: accuracy within a point of the CPU's and identical metrics
+    (timings aside)."""
     from lenet_xp import train
 
+    # On the stand-in every kernel is emulated on the CPU (our tiled GEMM slowly): less data.
+    size = ["--limit-train", "600", "--limit-test", "1000"] if ON_STAND_IN else []
     runs = []
-    for name in ("a", "b"):
-        args = ["--device", "cuda", flag, "--epochs", "2", "--limit-train", "10000", "--quiet"]
+    for name, device in (("a", ["cuda", flag]), ("b", ["cuda", flag]), ("cpu", ["cpu"])):
+        args = ["--device", *device, "--epochs", "2", "--limit-train", "10000", "--quiet", *size]
         args += ["--data-dir", str(DATA), "--out", str(tmp_path / name)]
         assert train.main(args) == 0
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         drop = {"train_seconds", "images_per_second"}
         runs.append([{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines])
-    assert runs[0][-1]["test_acc"] > 0.95
+    assert abs(runs[0][-1]["test_acc"] - runs[2][-1]["test_acc"]) < 0.01
+    assert runs[0][-1]["test_acc"] > (0.3 if ON_STAND_IN else 0.9)  # 550 images there
     assert runs[0] == runs[1]
 
 
@@ -128,7 +140,8 @@ def test_evaluate_predict_and_resume_on_cuda(tmp_path, capsys, flag):
     from lenet_xp import evaluate, predict, train
 
     common = ["--device", "cuda", flag, "--quiet", "--data-dir", str(DATA)]
-    straight = common + ["--limit-train", "4000", "--limit-test", "1000", "--epochs", "2"]
+    limit = "600" if ON_STAND_IN else "4000"  # the stand-in emulates every kernel: less data
+    straight = common + ["--limit-train", limit, "--limit-test", "1000", "--epochs", "2"]
     straight += ["--keep-every-epoch", "--out", str(tmp_path / "s")]
     assert train.main(straight + ["--metrics", str(tmp_path / "s.jsonl")]) == 0
     (tmp_path / "r.jsonl").write_text((tmp_path / "s.jsonl").read_text().splitlines()[0] + "\n")

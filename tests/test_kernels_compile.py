@@ -69,3 +69,22 @@ def test_every_cu_file_and_kernel_is_registered():
         text = (KERNEL_DIR / file).read_text()
         defined = set(re.findall(r"__global__\s+void\s+(\w+)\s*\(", text))
         assert defined == set(names), file
+
+
+#: Threads per block each kernel is launched with (lenet_xp.kernels.ops).
+_BLOCK_THREADS = {"softmax_cross_entropy": kernels.LOSS_THREADS, "gemm": kernels.GEMM_TILE**2}
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("file", sorted(SOURCES))
+def test_every_kernel_fits_the_launch_limits(file, arch):
+    """Compiled as CuPy compiles them (``-ftz=true``) to machine code, with ``-Xptxas -v``:
+    registers x threads per block within the 65,536 registers of a block, static shared memory
+    within 48 KiB, no register spills."""
+    usage = kernels.resource_usage(file, arch)
+    assert set(usage) == set(name_expressions(file))
+    for expression, (registers, smem, spill) in usage.items():
+        threads = _BLOCK_THREADS.get(expression.split("<")[0], kernels.THREADS)
+        assert registers * threads <= 65536, (expression, registers, threads)
+        assert smem <= 48 * 1024 and spill == 0, (expression, smem, spill)

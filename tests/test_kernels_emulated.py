@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
 
 from lenet_xp.data import shift_images
 from lenet_xp.functional.conv import col2im, im2col, output_size
@@ -21,6 +20,7 @@ from lenet_xp.functional.pool import max_pool2d_backward, max_pool2d_forward
 from lenet_xp.kernels import GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim import Adam, AdamW
+from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
 
 _NO_CXX = compiler_available()
 pytestmark = pytest.mark.skipif(_NO_CXX is not None, reason=_NO_CXX or "")
@@ -31,11 +31,14 @@ RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 i32, i64 = np.int32, np.int64
 
 
-@pytest.fixture(scope="module")
-def modules() -> dict[str, EmulatedModule]:
-    """Every kernel source compiled for the CPU (cached across runs), bounds-checked."""
+@pytest.fixture(scope="module", params=[False, True], ids=["exact", "gpu-math"])
+def modules(request) -> dict[str, EmulatedModule]:
+    """Every kernel source compiled for the CPU (cached across runs), bounds-checked: once
+    with exact IEEE arithmetic and once as NVRTC compiles for CuPy (fused multiply-adds,
+    denormals flushed), so a tolerance that holds only without FMA fails here too."""
+    gpu_math = request.param
     with ThreadPoolExecutor(max_workers=2) as pool:
-        built = pool.map(lambda f: EmulatedModule(f, check_bounds=True), SOURCES)
+        built = pool.map(lambda f: EmulatedModule(f, check_bounds=True, gpu_math=gpu_math), SOURCES)
         return dict(zip(SOURCES, built, strict=True))
 
 

@@ -114,7 +114,9 @@ page = os.sysconf("SC_PAGE_SIZE")
 def device_bytes():
     if device == "cpu":
         return 0
-    import cupy
+    from lenet_xp.backend import import_cupy
+
+    cupy = import_cupy()
     return cupy.get_default_memory_pool().total_bytes()
 
 def watch():

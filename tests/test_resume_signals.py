@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import DATA, needs_cuda, needs_mnist
+from conftest import DATA, ON_STAND_IN, needs_cuda, needs_mnist
 from reliability_helpers import metrics, run_train, temp_files, train_cmd, wait_until
 
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
@@ -163,7 +163,14 @@ def test_mid_epoch_resume_on_a_gpu_matches_to_rounding(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     expected = metrics(tmp_path / "ref" / "metrics.jsonl")
     for got, want in zip(metrics(out / "metrics.jsonl"), expected, strict=True):
-        assert got == pytest.approx(want, rel=1e-5)
+        assert got.keys() == want.keys()
+        numbers = {k for k, v in want.items() if isinstance(v, float)}
+        assert {k: got[k] for k in want.keys() - numbers} == {
+            k: want[k] for k in want.keys() - numbers
+        }
+        assert {k: got[k] for k in numbers} == pytest.approx(
+            {k: want[k] for k in numbers}, rel=1e-5
+        )
 
 
 @needs_mnist
@@ -172,8 +179,10 @@ def test_the_fused_cuda_step_finishes_its_epoch_on_a_signal(tmp_path):
     """The fused step saves at epoch ends only: ``--save-every`` says it does not apply, and a
     SIGTERM lets the epoch finish (about a second), saves its end and exits 143."""
     flags = ["--cuda-kernels", "--limit-train", "12000", "--limit-test", "500", "--epochs", "50"]
-    proc = subprocess.Popen(
-        [*_gpu_cmd(), *flags, "--save-every", "10", "--quiet", "--out", str(tmp_path)],
+    if ON_STAND_IN:  # the CPU emulates each kernel: a smaller epoch
+        flags[2] = "7000"
+    proc = subprocess.Popen(  # not --quiet: that would silence the note asserted below
+        [*_gpu_cmd(), *flags, "--save-every", "10", "--out", str(tmp_path)],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,45 @@ def compile_check(file: str, arch: str = "compute_80", text: str | None = None) 
         nvrtc.destroyProgram(program)
 
 
+#: What CuPy adds to a RawModule's options when it compiles with NVRTC (flush denormals).
+CUPY_NVRTC_OPTIONS = ("-ftz=true",)
+_PTXAS_LINE = re.compile(
+    r"Function properties for (\w+).*?(\d+) bytes spill stores.*?Used (\d+) registers"
+    r"(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?",
+    re.S,
+)
+
+
+def resource_usage(file: str, arch: str = "sm_90") -> dict[str, tuple[int, int, int]]:
+    """``{"kernel<ctype>": (registers per thread, static shared memory bytes, spill bytes)}``
+    for every kernel of ``file``, compiled to ``arch``'s machine code with CuPy's own NVRTC
+    options and ``-Xptxas -v`` (NVRTC only, no GPU)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(source_text(file), file, [], [])
+    try:
+        for expression in name_expressions(file):
+            nvrtc.addNameExpression(program, expression)
+        options = [*NVRTC_OPTIONS, *CUPY_NVRTC_OPTIONS, f"--gpu-architecture={arch}"]
+        nvrtc.compileProgram(program, [*options, "-Xptxas", "-v"])
+        log = nvrtc.getProgramLog(program)
+        lowered = {nvrtc.getLoweredName(program, e): e for e in name_expressions(file)}
+    finally:
+        nvrtc.destroyProgram(program)
+    usage = {}
+    for block in log.split("Compiling entry function")[1:]:
+        match = _PTXAS_LINE.search(block)
+        if match and match.group(1) in lowered:
+            spill, registers, smem = match.group(2), match.group(3), match.group(4) or 0
+            usage[lowered[match.group(1)]] = (int(registers), int(smem), int(spill))
+    return usage
+
+
 @functools.cache
 def _cupy_module(file: str, device_id: int) -> Any:
-    cupy = sys.modules.get("cupy") or __import__("cupy")
-    return cupy.RawModule(
+    from lenet_xp.backend import import_cupy
+
+    return import_cupy().RawModule(
         code=source_text(file), options=NVRTC_OPTIONS, name_expressions=name_expressions(file)
     )
 
@@ -111,8 +147,9 @@ def cupy_function(file: str, expression: str) -> Any:
     """The compiled CuPy kernel ``expression`` (e.g. ``"im2col<float>"``) of ``file`` on the
     current device: call it as ``fn(grid, block, args)``. Compiled once per device (NVRTC;
     CuPy caches the binary on disk)."""
-    cupy = sys.modules["cupy"]
-    return _cupy_module(file, cupy.cuda.runtime.getDevice()).get_function(expression)
+    from lenet_xp.backend import import_cupy
+
+    return _cupy_module(file, import_cupy().cuda.runtime.getDevice()).get_function(expression)
 
 
 def enabled_by_default() -> bool:

@@ -23,11 +23,50 @@ from lenet_xp.kernels import (
     THREADS,
     cupy_function,
     enabled,
+    source_text,
+)
+from lenet_xp.kernels.signatures import (
+    Param,
+    mismatch,
+    parse_kernels,
+    parse_params,
+    split_expression,
 )
 
 #: ``(file, "kernel<ctype>") -> fn(grid, block, args)``, e.g. :func:`cupy_function`.
 KernelProvider = Callable[[str, str], Any]
 _MAX_BLOCKS = 4096  # grid-stride loops cover the rest
+
+
+@functools.cache
+def kernel_params(file: str, expression: str) -> tuple[Param, ...]:
+    """The parameters of kernel ``expression`` (``"im2col<float>"``) as ``file`` declares them."""
+    name, ctype = split_expression(expression)
+    return parse_params(parse_kernels(source_text(file))[name], ctype)
+
+
+class CheckedKernel:
+    """A compiled kernel whose every launch is checked against its declaration first: each
+    pointer an array of the pointee's dtype (C-contiguous unless the kernel takes strides),
+    each scalar a NumPy scalar of the parameter's exact type. On a GPU a mismatch is not an
+    error but silent garbage; here it is a ``TypeError`` naming the argument."""
+
+    def __init__(self, function: Any, file: str, expression: str) -> None:
+        self.function, self.expression = function, expression
+        self.params = kernel_params(file, expression)
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        if len(args) != len(self.params):
+            raise TypeError(
+                f"{self.expression}: takes {len(self.params)} arguments, got {len(args)}"
+            )
+        for param, value in zip(self.params, args, strict=True):
+            problem = mismatch(param, value)
+            if problem:
+                raise TypeError(
+                    f"{self.expression}: argument {param.index} ({param.decl}): {problem}"
+                )
+        self.function(grid, block, args)
 
 
 class Kernels:
@@ -44,7 +83,7 @@ class Kernels:
         key = (file, f"{kernel}<{DTYPES[str(self.xp.dtype(dtype))]}>")
         if key not in self._functions:
             try:
-                self._functions[key] = self.provider(*key)
+                self._functions[key] = CheckedKernel(self.provider(*key), *key)
             except Exception as exc:  # keep the reason: do not compile again at every call
                 self._functions[key] = exc
         found = self._functions[key]

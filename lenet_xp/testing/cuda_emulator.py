@@ -34,7 +34,6 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -42,42 +41,20 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.kernels import SOURCES, name_expressions, source_text
+from lenet_xp.kernels.signatures import (
+    Param,
+    mismatch,
+    parse_kernels,
+    parse_params,
+    split_expression,
+)
 
 PRELUDE = Path(__file__).with_name("cuda_emulator_prelude.h")
 CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
-
-#: Pointer parameters that a kernel indexes with element strides it is given, so the array
-#: may be any strided view (e.g. a transpose); every other pointer must be C-contiguous.
-STRIDED_PARAMS: dict[str, frozenset[str]] = {
-    "im2col": frozenset({"x"}),
-    "gemm": frozenset({"a", "b", "c", "mask"}),
-    "gemm_reduce": frozenset({"c", "mask"}),
-    "softmax_cross_entropy": frozenset({"logits", "grad_logits"}),
-}
-
-#: C type (after substituting the template parameter) -> NumPy dtype.
-C_DTYPES: dict[str, np.dtype] = {
-    "float": np.dtype(np.float32),
-    "double": np.dtype(np.float64),
-    "bool": np.dtype(np.bool_),
-    "char": np.dtype(np.int8),
-    "signed char": np.dtype(np.int8),
-    "unsigned char": np.dtype(np.uint8),
-    "short": np.dtype(np.int16),
-    "unsigned short": np.dtype(np.uint16),
-    "int": np.dtype(np.int32),
-    "unsigned": np.dtype(np.uint32),
-    "unsigned int": np.dtype(np.uint32),
-    "long": np.dtype(np.int64),
-    "long long": np.dtype(np.int64),
-    "long long int": np.dtype(np.int64),
-    "unsigned long long": np.dtype(np.uint64),
-    "int32_t": np.dtype(np.int32),
-    "int64_t": np.dtype(np.int64),
-    "uint8_t": np.dtype(np.uint8),
-    "size_t": np.dtype(np.uint64),
-}
+#: ``gpu_math``: as NVRTC compiles for CuPy (multiply-adds fused, denormals flushed to zero:
+#: CuPy passes ``-ftz=true``). x86-64 flushes doubles too, a GPU only floats.
+GPU_MATH_FLAGS = ("-mfma", "-ffp-contract=fast")
 
 _MAX_THREADS_PER_BLOCK = 1024
 _MAX_BLOCK = (1024, 1024, 64)
@@ -99,102 +76,6 @@ def compiler_available() -> str | None:
     return None
 
 
-# -- parsing --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Param:
-    """One kernel parameter: ``decl`` as written (template parameter substituted)."""
-
-    index: int
-    name: str
-    ctype: str  # e.g. "const float*", "long long"
-    base: str  # e.g. "float", "long long"
-    pointer: bool
-    const: bool
-    strided: bool  # a pointer the kernel indexes with strides it is given
-
-    @property
-    def dtype(self) -> np.dtype:
-        return C_DTYPES[self.base]
-
-    @property
-    def decl(self) -> str:
-        return f"{self.ctype} {self.name}"
-
-
-@dataclass(frozen=True)
-class KernelDecl:
-    name: str
-    template_param: str | None
-    params_text: str
-    body: str
-
-    @property
-    def uses_syncthreads(self) -> bool:
-        return re.search(r"\b__syncthreads\s*\(", self.body) is not None
-
-
-def strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
-    return re.sub(r"//[^\n]*", "", text)
-
-
-_KERNEL_RE = re.compile(
-    r"(?:template\s*<\s*(?:typename|class)\s+(\w+)\s*>\s*)?"
-    r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+(\w+)\s*\(([^)]*)\)\s*\{"
-)
-
-
-def parse_kernels(source: str) -> dict[str, KernelDecl]:
-    """Every ``__global__`` function of ``source``: name -> declaration and body text."""
-    text = strip_comments(source)
-    kernels = {}
-    for match in _KERNEL_RE.finditer(text):
-        depth, pos = 1, match.end()
-        while depth and pos < len(text):
-            depth += {"{": 1, "}": -1}.get(text[pos], 0)
-            pos += 1
-        kernels[match.group(2)] = KernelDecl(
-            match.group(2), match.group(1), match.group(3), text[match.end() : pos - 1]
-        )
-    return kernels
-
-
-def parse_params(kernel: KernelDecl, ctype: str | None) -> tuple[Param, ...]:
-    """The parameters of ``kernel`` with its template parameter replaced by ``ctype``."""
-    params = []
-    pieces = [p.strip() for p in kernel.params_text.split(",") if p.strip()]
-    for index, piece in enumerate(pieces):
-        piece = re.sub(r"\b(__restrict__|__restrict)\b", " ", piece)
-        match = re.fullmatch(r"(.*?)\s*\b(\w+)", piece, flags=re.S)
-        if not match or not match.group(1):
-            raise ValueError(f"cannot parse parameter {piece!r} of kernel {kernel.name}")
-        type_text, name = match.group(1), match.group(2)
-        if kernel.template_param is not None:
-            if ctype is None:
-                raise ValueError(f"kernel {kernel.name} is a template: name an instantiation")
-            type_text = re.sub(rf"\b{kernel.template_param}\b", ctype, type_text)
-        stars = type_text.count("*")
-        if stars > 1:
-            raise ValueError(f"{kernel.name}: parameter {piece!r}: only T* pointers supported")
-        words = type_text.replace("*", " ").split()
-        const = "const" in words
-        base = " ".join(w for w in words if w not in ("const", "volatile"))
-        if base not in C_DTYPES:
-            raise ValueError(f"{kernel.name}: parameter {piece!r}: unknown C type {base!r}")
-        ctype_text = ("const " if const else "") + base + ("*" if stars else "")
-        strided = bool(stars) and name in STRIDED_PARAMS.get(kernel.name, ())
-        params.append(Param(index, name, ctype_text, base, bool(stars), const, strided))
-    return tuple(params)
-
-
-def split_expression(expression: str) -> tuple[str, str | None]:
-    """``"im2col<float>"`` -> ``("im2col", "float")``; ``"k"`` -> ``("k", None)``."""
-    match = re.fullmatch(r"\s*(\w+)\s*(?:<\s*([\w ]+?)\s*>)?\s*", expression)
-    if not match:
-        raise ValueError(f"cannot parse name expression {expression!r}")
-    return match.group(1), match.group(2)
-
-
 # -- compiling -------------------------------------------------------------------------------
 def _default_cache_dir() -> Path:
     env = os.environ.get("CUDA_EMU_CACHE")
@@ -208,14 +89,19 @@ def _compiler_version() -> str:
     return subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
 
 
-def _wrapper(symbol: str, expression: str, params: Sequence[Param], threaded: bool) -> str:
+def _wrapper(
+    symbol: str, expression: str, params: Sequence[Param], threaded: bool, gpu_math: bool
+) -> str:
     unpack = "".join(f"  auto a{p.index} = emu::arg<{p.ctype}>(args, {p.index});\n" for p in params)
     call = ", ".join(f"a{p.index}" for p in params)
     runner = "launch_threaded" if threaded else "launch_sequential"
+    ftz_on = "  unsigned csr = _mm_getcsr();\n  _mm_setcsr(csr | 0x8040u);\n" if gpu_math else ""
+    ftz_off = "  _mm_setcsr(csr);\n" if gpu_math else ""
     return (
         f'extern "C" int {symbol}(const unsigned* dims, void** args, char* err, int errlen,\n'
-        f"    emu::FaultInfo* info) {{\n{unpack}"
-        f"  return emu::{runner}(dims, [&]() {{ {expression}({call}); }}, err, errlen, info);\n"
+        f"    emu::FaultInfo* info) {{\n{unpack}{ftz_on}"
+        f"  int status = emu::{runner}(dims, [&]() {{ {expression}({call}); }}, err, errlen, "
+        f"info);\n{ftz_off}  return status;\n"
         "}\n"
     )
 
@@ -251,11 +137,14 @@ class EmulatedModule:
         *,
         check_bounds: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
+        gpu_math: bool = False,
     ) -> None:
         reason = compiler_available()
         if reason:
             raise RuntimeError(reason)
         self.file = file
+        self.gpu_math = gpu_math
+        self.flags = CXXFLAGS + (GPU_MATH_FLAGS if gpu_math else ())
         self.source = source_text(file) if text is None else text
         self.check_bounds = (
             os.environ.get("CUDA_EMU_CHECK_BOUNDS", "0") == "1"
@@ -284,10 +173,11 @@ class EmulatedModule:
             params = parse_params(decl, ctype)
             symbol = f"emu_launch_{number}_{kernel_name}"
             target = f"{kernel_name}<{ctype}>" if ctype else kernel_name
-            wrappers.append(_wrapper(symbol, target, params, decl.uses_syncthreads))
+            wrappers.append(_wrapper(symbol, target, params, decl.uses_syncthreads, gpu_math))
             self._specs[expression] = (symbol, params, decl.uses_syncthreads)
         self.cpp = (
-            f'#include "{PRELUDE.name}"\n#line 1 "{file}"\n{self.source}\n'
+            f'#include "{PRELUDE.name}"\n{"#include <xmmintrin.h>" if gpu_math else ""}\n'
+            f'#line 1 "{file}"\n{self.source}\n'
             f'#line 1 "<emulator wrappers>"\n' + "\n".join(wrappers)
         )
         self.library_path = self._build(Path(cache_dir) if cache_dir else _default_cache_dir())
@@ -297,7 +187,7 @@ class EmulatedModule:
     def _build(self, cache_dir: Path) -> Path:
         key = hashlib.sha256(
             "\0".join(
-                [PRELUDE.read_text(), self.cpp, " ".join(CXXFLAGS), _compiler_version()]
+                [PRELUDE.read_text(), self.cpp, " ".join(self.flags), _compiler_version()]
             ).encode()
         ).hexdigest()[:24]
         stem = re.sub(r"\W", "_", self.file)
@@ -311,7 +201,7 @@ class EmulatedModule:
             shutil.copy(PRELUDE, Path(tmp) / PRELUDE.name)
             out = Path(tmp) / "lib.so"
             result = subprocess.run(
-                [CXX, *CXXFLAGS, "-o", str(out), str(cpp)], capture_output=True, text=True
+                [CXX, *self.flags, "-o", str(out), str(cpp)], capture_output=True, text=True
             )
             if result.returncode != 0:
                 raise RuntimeError(f"g++ failed to compile {self.file}:\n{result.stderr}")
@@ -348,14 +238,16 @@ class EmulatedModule:
 
 
 @cache
-def _module(file: str, check_bounds: bool | None) -> EmulatedModule:
-    return EmulatedModule(file, check_bounds=check_bounds)
+def _module(file: str, check_bounds: bool | None, gpu_math: bool) -> EmulatedModule:
+    return EmulatedModule(file, check_bounds=check_bounds, gpu_math=gpu_math)
 
 
-def emulated_function(file: str, expression: str, check_bounds: bool | None = None) -> Any:
+def emulated_function(
+    file: str, expression: str, check_bounds: bool | None = None, gpu_math: bool = False
+) -> Any:
     """``EmulatedModule(file).get_function(expression)`` with the module built once per
     process: a kernel provider for :class:`lenet_xp.kernels.ops.Kernels`."""
-    return _module(file, check_bounds).get_function(expression)
+    return _module(file, check_bounds, gpu_math).get_function(expression)
 
 
 # -- launching -------------------------------------------------------------------------------
@@ -463,7 +355,7 @@ class EmulatedFunction:
                 f"({', '.join(p.decl for p in self.params)}), got {len(args)}"
             )
         for param, value in zip(self.params, args, strict=True):
-            problem = _mismatch(param, value)
+            problem = mismatch(param, value)
             if problem:
                 raise TypeError(f"{self.name}: argument {param.index} ({param.decl}): {problem}")
 
@@ -568,35 +460,3 @@ class EmulatedFunction:
 
 def _address(value: Any) -> int | None:
     return value.ctypes.data if isinstance(value, np.ndarray) else None
-
-
-def _mismatch(param: Param, value: Any) -> str | None:
-    """Why ``value`` cannot be passed for ``param`` (``None``: it can)."""
-    want = param.dtype
-    if param.pointer:
-        if value is None:
-            return None
-        if not isinstance(value, np.ndarray):
-            return f"expects a NumPy array of {want} (or None), got {type(value).__name__}"
-        if value.dtype != want:
-            return f"expects an array of {want}, got {value.dtype}"
-        if not value.flags.aligned:
-            return "array is not aligned"
-        if param.strided:
-            if any(s % value.itemsize for s in value.strides):
-                return f"array strides {value.strides} are not multiples of its item size"
-        elif not value.flags.c_contiguous:
-            return f"expects a C-contiguous array, got shape {value.shape} strides {value.strides}"
-        if not param.const and not value.flags.writeable:
-            return "the kernel writes it, but the array is read-only"
-        return None
-    if isinstance(value, np.ndarray):
-        return f"expects a numpy.{want.type.__name__} scalar, got a {value.ndim}-d array"
-    if not isinstance(value, np.generic):
-        return (
-            f"expects a numpy.{want.type.__name__} scalar, got Python {type(value).__name__} "
-            f"{value!r}"
-        )
-    if value.dtype != want:
-        return f"expects a numpy.{want.type.__name__} scalar, got numpy.{type(value).__name__}"
-    return None

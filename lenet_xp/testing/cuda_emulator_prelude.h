@@ -1,4 +1,4 @@
-// What CUDA provides to a kernel source, for running it on the CPU (tests/cuda_emulator.py).
+// What CUDA provides to a kernel source, for running it on the CPU (lenet_xp/testing/cuda_emulator.py).
 //
 // The emulator compiles `prelude + kernel source + generated launch wrappers` with g++ into
 // a shared library. A launch runs the grid's blocks one after another (so `__shared__`
