@@ -95,7 +95,7 @@ def read_grey(
 
     :class:`ImageError` (one line, starting with ``name``: the path, or "the upload") when it
     cannot be read; :class:`TooManyPixelsError` when it would decode to more than ``max_pixels``
-    pixels (``None``: only Pillow's decompression-bomb limit)."""
+    pixels, or over Pillow's decompression-bomb limit."""
     Image = _pillow()
     from PIL import UnidentifiedImageError
 
@@ -117,7 +117,7 @@ def read_grey(
             raise ImageError(f"{name}: not an image (no format Pillow reads)") from None
         raise ImageError(f"{name}: cannot read as an image ({exc})") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: too many pixels to be a digit ({exc})") from None
+        raise TooManyPixelsError(f"{name}: too many pixels to be a digit ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         reason = " ".join(str(exc).split())  # one line
         raise ImageError(f"{name}: cannot read as an image ({reason})") from None

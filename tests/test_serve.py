@@ -400,21 +400,22 @@ def test_hundreds_of_concurrent_mixed_requests(server, digits, monkeypatch):
 
 
 # -- large pictures ----------------------------------------------------------------------------
-def blank_png(side: int) -> bytes:
-    """A valid white greyscale PNG of ``side`` x ``side`` pixels, compressed row by row (12,000
-    a side: 144 megapixels in about 170 KB, under Pillow's decompression-bomb limit)."""
+def png_of(side: int, pixels: bytes) -> bytes:
+    """An 8-bit greyscale PNG of ``side`` x ``side`` pixels whose compressed rows are ``pixels``."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-        )
+        check = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + check
 
+    header = chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def blank_png(side: int) -> bytes:
+    """A valid white PNG of ``side`` x ``side`` pixels, compressed row by row (12,000 a side:
+    144 megapixels in about 170 KB, under Pillow's decompression-bomb limit)."""
     row, packer = b"\x00" + b"\xff" * side, zlib.compressobj(9)
-    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grey
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
+    return png_of(side, b"".join(packer.compress(row) for _ in range(side)) + packer.flush())
 
 
 def large_photo(digit: np.ndarray, size: tuple[int, int], fmt: str) -> bytes:
@@ -486,16 +487,20 @@ def test_large_pictures_refused_from_the_header_memory_stays_small(trained_check
 
 
 def test_max_pixels_flag(trained_checkpoint, digits, capsys):
-    """``--max-pixels`` lowers the limit (a picture just over it gets a 413 naming it, one at it
-    an answer); a value that is not a number of pixels is a bad flag (exit status 2)."""
+    """``--max-pixels`` sets the limit (a picture just over it gets a 413 naming it, one at it
+    an answer; past Pillow's decompression-bomb limit, a 413 too); a value that is not a
+    number of pixels is a bad flag (exit status 2)."""
     images, labels = digits
     picture = large_photo(images[2], (100, 100), "PNG")
     with running_server(trained_checkpoint, max_pixels=9_999) as small:
         status, answer = post(small, picture)
         assert_one_line_error(status, answer, 413, "100x100", "0.009999 megapixels")
     with running_server(trained_checkpoint, max_pixels=10_000) as exact:
-        assert post(exact, picture) == (200, post(exact, picture)[1])
-        assert post(exact, picture)[1]["digit"] == labels[2]
+        status, answer = post(exact, picture)
+        assert status == 200 and answer["digit"] == labels[2]
+    with running_server(trained_checkpoint, max_pixels=10**12) as unlimited:
+        status, answer = post(unlimited, png_of(20_000, b""))  # over Pillow's own limit
+        assert_one_line_error(status, answer, 413, "too many pixels", "400000000")
     for bad in ("lots", "0", "nan", "-5"):
         with pytest.raises(SystemExit) as exit_:
             serve.main(["--checkpoint", str(trained_checkpoint), "--max-pixels", bad])
