@@ -62,8 +62,9 @@ def _grey(image: Any, max_pixels: int | None = None, name: str = "the picture") 
 
     Memory: a large JPEG is decoded at a reduced scale (``draft``: 1/2 to 1/8); any other
     picture is decoded whole (at most ``max_pixels``, else :class:`TooManyPixelsError` before
-    decoding), then brought to grey levels and shrunk one band at a time, never copied whole
-    in colour."""
+    decoding), then shrunk and brought to grey levels with as few full-size copies as it
+    takes: about 1.5 bytes a pixel at the peak for a grey picture, 5 for colour, 6 for colour
+    with transparency (measured on 36-megapixel PNGs)."""
     from PIL import Image, ImageChops
 
     image.draft("L", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale (fast), else no-op
