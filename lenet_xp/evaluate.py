@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from lenet_xp.averaging import averaged_state
@@ -70,14 +71,25 @@ def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module,
     return model.to(device), meta
 
 
+def run_data_dir(config: dict, data_dir: str | None) -> str | None:
+    """The MNIST folder to read for the run a checkpoint's ``config`` describes: ``data_dir``
+    if given, else the folder the run was trained on (``config["data_dir"]``) if it is still
+    there, else ``None`` (:func:`~lenet_xp.mnist.load_mnist`'s default: ``$LENET_XP_DATA``,
+    else the cache)."""
+    if data_dir is not None:
+        return data_dir
+    recorded = config.get("data_dir")
+    return recorded if recorded and Path(recorded).is_dir() else None
+
+
 def test_split(
     meta: dict, device: Any, data_dir: str | None, size: int = 28, mnist: Any = None
 ) -> DeviceSplit:
     """MNIST's test set on ``device``, prepared as the run in ``meta`` was trained: its
     dtype, and padded to 32x32 for a model of input ``size`` 32. ``mnist``: the data set
-    if already loaded (else it is read from ``data_dir``)."""
+    if already loaded (else it is read from :func:`run_data_dir`)."""
     config = meta.get("config", {})
-    mnist = load_mnist(data_dir) if mnist is None else mnist
+    mnist = load_mnist(run_data_dir(config, data_dir)) if mnist is None else mnist
     dtype = config.get("dtype", "float32")
     return to_device_split(mnist.test_images, mnist.test_labels, device, dtype, size == 32)
 
@@ -97,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--arch", default=None, help="refuse a checkpoint of another --arch")
     p.add_argument(
-        "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
+        "--data-dir",
+        default=None,
+        help="MNIST folder (else the run's, else $LENET_XP_DATA, else cache)",
     )
     p.add_argument("--batch-size", type=int, default=2000, help="images per evaluation batch")
     args = p.parse_args(argv)

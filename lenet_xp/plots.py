@@ -16,7 +16,7 @@ from typing import Any
 from lenet_xp.backend import CPU, asnumpy
 from lenet_xp.checkpoint import CheckpointError
 from lenet_xp.data import DeviceSplit
-from lenet_xp.evaluate import load_model, test_split
+from lenet_xp.evaluate import load_model, run_data_dir, test_split
 from lenet_xp.layers import Conv2d, Module, PartialConv2d
 from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.predict import classify
@@ -60,10 +60,10 @@ def _epoch_axis(ax: Any, epochs: list[int]) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_curves(metrics_path: Path, out: Path, name: str = "curves.png") -> Path:
-    """Loss (log scale) and accuracy per epoch: train, validation (if held out) and test."""
+def plot_curves(records: list[dict], out: Path, name: str = "curves.png") -> Path:
+    """Loss (log scale) and accuracy per epoch: train, validation (if held out) and test, from
+    a run's ``records`` (one per epoch, as ``metrics.jsonl`` holds them)."""
     plt = _pyplot()
-    records = read_jsonl(metrics_path)
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val", "test"):
@@ -276,17 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="a folder written by lenet_xp.train --out")
     p.add_argument("--checkpoint", default=None, help="default: RUN/best.npz")
     p.add_argument(
-        "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
+        "--data-dir",
+        default=None,
+        help="MNIST folder (else the run's, else $LENET_XP_DATA, else cache)",
     )
     args = p.parse_args(argv)
     run = Path(args.run)
     try:
         written = []
         if (run / "metrics.jsonl").exists():
-            written.append(plot_curves(run / "metrics.jsonl", run))
+            written.append(plot_curves(read_jsonl(run / "metrics.jsonl"), run))
         model, meta = load_model(args.checkpoint or str(run / "best.npz"), CPU)
         written.append(plot_filters(model, run))
-        mnist = load_mnist(args.data_dir)  # also the raw pictures, to show them as they are
+        # also the raw pictures, to show them as they are
+        mnist = load_mnist(run_data_dir(meta.get("config", {}), args.data_dir))
         test = test_split(meta, CPU, args.data_dir, model.input_size, mnist)
         wrong, predicted = misclassified(model, test)
         written.append(

@@ -26,7 +26,7 @@ from lenet_xp.backend import (
     get_device,
     use_device,
 )
-from lenet_xp.checkpoint import CheckpointError
+from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit
 from lenet_xp.evaluate import load_model, test_split
 from lenet_xp.inspect import feature_maps
@@ -56,6 +56,25 @@ def confusion_matrix(labels: Any, predicted: Any, classes: int = 10) -> Any:
     )
 
 
+def epoch_records(run: Path, metrics: str | Path | None, meta: dict) -> list[dict]:
+    """The run's records, one per epoch: ``metrics`` (a ``metrics.jsonl``) if given, else
+    ``run/metrics.jsonl``, else the ``history`` of ``run/last.npz`` (or, without it, of the
+    checkpoint whose ``meta`` this is): a run trained with ``--metrics`` elsewhere."""
+    path = Path(metrics) if metrics else run / "metrics.jsonl"
+    if metrics or path.is_file():
+        if not path.is_file():
+            raise ReportError(f"--metrics {path}: no such file")
+        return read_jsonl(path)
+    last = run / "last.npz"
+    history = (load_checkpoint(last)[2] if last.is_file() else meta).get("history")
+    if not history:
+        raise ReportError(
+            f"{path} not found and the run's checkpoint holds no epoch's metrics: pass "
+            "--metrics PATH (the file train --metrics wrote)"
+        )
+    return history
+
+
 def write_report(
     run_dir: str | Path, *, checkpoint: str | Path | None = None,
     metrics: str | Path | None = None, data_dir: str | None = None,
@@ -63,22 +82,25 @@ def write_report(
 ) -> Path:  # fmt: skip
     """Write ``run_dir/report/index.html`` and its pictures; return the page's path.
 
-    ``metrics`` defaults to ``run_dir/metrics.jsonl``, ``checkpoint`` to ``run_dir/best.npz``;
+    ``metrics`` defaults to ``run_dir/metrics.jsonl`` (else the epochs' metrics the run's
+    checkpoint holds: :func:`epoch_records`), ``checkpoint`` to ``run_dir/best.npz``,
+    ``data_dir`` to the folder the run was trained on (:func:`~lenet_xp.evaluate.run_data_dir`);
     ``digit`` is the index of the test image whose feature maps are drawn. Raises
     :class:`ReportError` (or the loaders' one-line errors) when something is missing."""
     require_matplotlib()
     from lenet_xp import plots
 
     run = Path(run_dir)
-    metrics_path = Path(metrics) if metrics else run / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise ReportError(f"{metrics_path} not found: is {run} a folder written by train --out?")
-    records = read_jsonl(metrics_path)
-    if not records:
-        raise ReportError(f"{metrics_path} holds no epoch yet")
+    if checkpoint is None and not (run / "best.npz").is_file():
+        raise ReportError(
+            f"{run / 'best.npz'} not found: is {run} a folder written by train --out?"
+        )
     device = get_device(device)
     with use_device(device):
         model, meta = load_model(str(checkpoint or run / "best.npz"), device)
+        records = epoch_records(run, metrics, meta)
+        if not records:
+            raise ReportError(f"{metrics or run / 'metrics.jsonl'} holds no epoch yet")
         test = test_split(meta, device, data_dir, model.input_size)
         limit = meta.get("config", {}).get("limit_test")
         if limit:  # the test set the run's curves were measured on
@@ -97,7 +119,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     stats = read_stats(run / STATS_FILE)
     pictures = {
-        "curves": plots.plot_curves(metrics_path, out),
+        "curves": plots.plot_curves(records, out),
         "confusion": plots.plot_confusion(confusion_matrix(labels, predicted), out),
         "mistakes": plots.plot_misclassified(
             images,
@@ -220,9 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("run", help="a folder written by lenet_xp.train --out")
     p.add_argument("--checkpoint", default=None, help="the model to draw (default: RUN/best.npz)")
-    p.add_argument("--metrics", default=None, help="default: RUN/metrics.jsonl")
     p.add_argument(
-        "--data-dir", default=None, help="MNIST folder (else $LENET_XP_DATA, else cache)"
+        "--metrics",
+        default=None,
+        help="default: RUN/metrics.jsonl, else the epochs' metrics in RUN's checkpoint",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="MNIST folder (else the run's, else $LENET_XP_DATA, else cache)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--digit", type=int, default=0, help="test image whose feature maps to draw")

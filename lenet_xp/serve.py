@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import socket
 import sys
 import threading
@@ -36,6 +37,10 @@ from lenet_xp.serve_api import ApiError, Classifier, body_of, parse_body
 PROG = "python -m lenet_xp.serve"
 #: The largest request body accepted by default (a phone photo is a few MB).
 DEFAULT_MAX_BODY_MB = 20.0
+#: The most pixels a picture may decode to by default (a JPEG of a phone photo, 12 to 50
+#: megapixels, decodes at 1/2 to 1/8 scale, so to a few megapixels at most). Decoding costs
+#: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency), for 4 pictures at once.
+DEFAULT_MAX_PIXELS = 40_000_000
 #: Static files of the page, by URL path: ``(file in lenet_xp/static, Content-Type)``.
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -111,7 +116,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/info":
             self._json(
                 HTTPStatus.OK,
-                self.server.classifier.info() | {"max_body_bytes": self.server.max_body},
+                self.server.classifier.info()
+                | {"max_body_bytes": self.server.max_body, "max_pixels": self.server.max_pixels},
             )
         elif path == "/predict":
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, "POST a picture or JSON to /predict")
@@ -130,7 +136,9 @@ class Handler(BaseHTTPRequestHandler):
             maps = parse_qs(url.query).get("maps", ["1"])[-1] not in ("0", "false", "no")
             body = self._read_body()
             with self.server.slots:  # bounds the memory of pictures decoded at once
-                x = parse_body(body_of(self.headers.get("Content-Type"), body))
+                x = parse_body(
+                    body_of(self.headers.get("Content-Type"), body), self.server.max_pixels
+                )
                 answer = self.server.classifier.classify(x, maps)
         except ApiError as exc:
             self._error(exc.status, exc.message)
@@ -220,11 +228,13 @@ class Server(ThreadingHTTPServer):
         max_body: int = int(DEFAULT_MAX_BODY_MB * 2**20),
         verbose: bool = False,
         quiet: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.classifier = classifier
         self.max_body = max_body
+        self.max_pixels = max_pixels
         self.verbose = verbose
         self.quiet = quiet
         self.files = static_files()
@@ -255,6 +265,7 @@ def make_server(
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     verbose: bool = False,
     quiet: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Server:
     """A server for the model in ``checkpoint``, bound (``port=0``: a free port) but not yet
     serving: call ``serve_forever()`` (in a thread, for tests) and ``shutdown()``.
@@ -267,7 +278,7 @@ def make_server(
     with use_device(dev):
         model, meta = load_model(checkpoint, dev, arch)
     classifier = Classifier(model, dev, meta)
-    return Server((host, port), classifier, int(max_body_mb * 2**20), verbose, quiet)
+    return Server((host, port), classifier, int(max_body_mb * 2**20), verbose, quiet, max_pixels)
 
 
 def _port(text: str) -> int:
@@ -285,6 +296,16 @@ def _positive(text: str) -> float:
     if not 0 < value < 2**20:  # NaN and infinity fail too
         raise argparse.ArgumentTypeError(f"must be a positive number of MiB, not {text}")
     return value
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 1 <= value <= 2**40:  # NaN and infinity fail too
+        raise argparse.ArgumentTypeError(f"must be a number of pixels, e.g. 40e6, not {text}")
+    return int(value)
 
 
 def _bind_error(exc: OSError, host: str, port: int) -> str:
@@ -314,6 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_BODY_MB,
         help=f"largest upload accepted, in MiB (default {DEFAULT_MAX_BODY_MB:g})",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest picture accepted, in pixels once decoded (default "
+        f"{DEFAULT_MAX_PIXELS // 10**6}e6 = {DEFAULT_MAX_PIXELS // 10**6} megapixels; a large "
+        "JPEG decodes at 1/2 to 1/8 scale): bigger ones get a 413, read from their header "
+        "before decoding",
+    )
     p.add_argument("--verbose", action="store_true", help="log every request, not only failures")
     args = p.parse_args(argv)
     try:
@@ -326,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = make_server(
             args.checkpoint, args.host, args.port, args.device, args.arch, args.max_body_mb,
-            args.verbose,
+            args.verbose, max_pixels=args.max_pixels,
         )  # fmt: skip
     except (CheckpointError, DeviceError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ from lenet_xp.backend import Device, asnumpy, get_array_module, to_device, use_d
 from lenet_xp.functional.loss import log_softmax
 from lenet_xp.images import (
     ImageError,
+    TooManyPixelsError,
     denormalise,
     digit_from_bytes,
     normalise,
@@ -67,11 +68,12 @@ def body_of(content_type: str | None, data: bytes) -> Body:
     return Body(header.split(";")[0].strip().lower(), header, data)
 
 
-def parse_body(body: Body) -> np.ndarray:
+def parse_body(body: Body, max_pixels: int | None = None) -> np.ndarray:
     """The network input ``(1, 28, 28)`` float32 (normalised) a ``POST /predict`` body holds.
 
-    Raises :class:`ApiError` (400) for anything else: not an image, malformed JSON, an array
-    of the wrong shape or range, a blank picture."""
+    Raises :class:`ApiError` for anything else: 400 for not an image, malformed JSON, an array
+    of the wrong shape or range, a blank picture; 413 for a picture that would decode to more
+    than ``max_pixels`` pixels (refused from its header, before decoding)."""
     json_type = body.media_type == "application/json" or body.media_type.endswith("+json")
     looks_json = body.data.lstrip()[:1] in (b"{", b"[")  # curl -d @x.json sends no JSON type
     if json_type or (looks_json and not body.media_type.startswith("image/")):
@@ -82,7 +84,9 @@ def parse_body(body: Body) -> np.ndarray:
     if not data:
         raise ApiError(400, "the body is empty: send a picture (PNG, JPEG, ...) or JSON")
     try:
-        return digit_from_bytes(data, "the upload")
+        return digit_from_bytes(data, "the upload", max_pixels)
+    except TooManyPixelsError as exc:
+        raise ApiError(413, str(exc)) from None
     except ImageError as exc:
         raise ApiError(400, str(exc)) from None
 

@@ -31,9 +31,9 @@ from lenet_xp.backend import (
 )
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
-from lenet_xp.evaluate import evaluate
+from lenet_xp.evaluate import evaluate, run_data_dir
 from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
-from lenet_xp.mnist import MEAN, STD, DataError, load_mnist
+from lenet_xp.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
 from lenet_xp.optim import Optimizer, make_optimizer
 from lenet_xp.parallel import DataParallel, WorkerError
 from lenet_xp.resume import (
@@ -223,7 +223,9 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
             )
         resume_state = (model_state, optim_state, meta)
     model = presets.build_from_config(config) if model is None else model
-    train, val, test = _load_splits(config, args.data_dir, device, args.quiet, model.input_size)
+    data_dir = run_data_dir(config, args.data_dir)  # resumed: the run's own, by default
+    config["data_dir"] = str(resolve_data_dir(data_dir).resolve())  # for evaluate, report
+    train, val, test = _load_splits(config, data_dir, device, args.quiet, model.input_size)
     if config.get("patience") and val is None:
         raise TrainingError("--patience needs a validation split: drop --val-size 0")
     model.to(device)
@@ -362,7 +364,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
         metrics_file.close()
         log.close()
     if args.report:
-        page = report.write_report(out, metrics=metrics_path, data_dir=args.data_dir, device=device)
+        page = report.write_report(out, metrics=metrics_path, data_dir=data_dir, device=device)
         if not args.quiet:
             print(f"report: {page}", flush=True)
     return record

@@ -9,10 +9,12 @@ import sys
 import numpy as np
 import pytest
 from conftest import DATA, needs_mnist
+from reliability_helpers import metrics
 
-from lenet_xp import report
+from lenet_xp import evaluate, plots, report
 from lenet_xp import train as train_cli
 from lenet_xp.backend import asnumpy, host_rng
+from lenet_xp.checkpoint import load_checkpoint
 from lenet_xp.inspect import feature_maps, layer_outputs
 from lenet_xp.presets import build
 
@@ -71,6 +73,54 @@ def test_report_cli_redraws_and_refuses_bad_input(run, tmp_path, capsys):
         assert report.main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("lenet_xp.report: error:") and "\n" not in err, err
+
+
+@pytest.fixture
+def no_default_data(tmp_path, monkeypatch):
+    """``$LENET_XP_DATA``: an empty folder, and every download refused at once (a closed port
+    on 127.0.0.1): MNIST is found only where a run or a flag says."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("LENET_XP_DATA", str(empty))
+    monkeypatch.setenv("LENET_XP_MIRRORS", "http://127.0.0.1:9/")
+    return empty
+
+
+def test_report_evaluate_plots_read_the_runs_data_folder(run, no_default_data, capsys):
+    """A run trained with ``--data-dir`` records the folder in its checkpoint's config; report,
+    evaluate and plots read MNIST from there without the flag, where ``$LENET_XP_DATA`` has
+    none; an explicit ``--data-dir`` still wins."""
+    assert load_checkpoint(run / "best.npz")[2]["config"]["data_dir"] == str(DATA.resolve())
+    assert report.main([str(run)]) == 0
+    assert evaluate.main(["--checkpoint", str(run / "best.npz"), "--device", "cpu"]) == 0
+    assert "(10000 images)" in capsys.readouterr().out
+    assert plots.main(["--run", str(run)]) == 0
+    assert str(run / "misclassified.png") in capsys.readouterr().out.split()
+    assert report.main([str(run), "--data-dir", str(no_default_data)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the downloader's notes
+    assert error.startswith("lenet_xp.report: error:") and str(no_default_data) in error
+
+
+@needs_mnist
+def test_metrics_written_elsewhere_and_resuming_without_data_dir(tmp_path, no_default_data):
+    """A run trained with ``--metrics`` elsewhere: ``report RUN`` takes the epochs' metrics
+    from the run's checkpoint. Resumed without ``--data-dir``, it reads the data it was
+    trained on, and ends as the uninterrupted run did."""
+    out, elsewhere = tmp_path / "run", tmp_path / "logs" / "m.jsonl"
+    args = ["--device", "cpu", "--quiet", "--epochs", "2", "--limit-train", "400"]
+    args += ["--limit-test", "200", "--val-size", "0", "--keep-every-epoch"]
+    args += ["--data-dir", str(DATA), "--out", str(out), "--metrics", str(elsewhere)]
+    assert train_cli.main(args) == 0
+    assert not (out / "metrics.jsonl").exists()
+    records = metrics(elsewhere)
+    assert report.main([str(out)]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert "<th>epochs trained</th><td>2</td>" in page
+    assert f"<td>{100 * records[-1]['test_acc']:.2f} %</td>" in page
+    resumed = tmp_path / "resumed"
+    resume = ["--resume", str(out / "epoch_001.npz"), "--out", str(resumed), "--quiet"]
+    assert train_cli.main([*resume, "--device", "cpu"]) == 0  # no --data-dir
+    assert metrics(resumed / "metrics.jsonl") == records
 
 
 def _browser():

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,7 @@ def test_page_files_and_info(server):
     assert status == 200 and info["arch"] == "lenet5" and info["epoch"] == 2
     assert info["parameters"] == 61706 and info["input_size"] == 28 and info["device"] == "cpu"
     assert info["max_body_bytes"] == int(MAX_BODY_MB * 2**20)
+    assert info["max_pixels"] == serve.DEFAULT_MAX_PIXELS == 40_000_000
     assert server.server_address[0] == "127.0.0.1"  # the default: this machine only
 
 
@@ -395,6 +397,114 @@ def test_hundreds_of_concurrent_mixed_requests(server, digits, monkeypatch):
     assert most[0] == 1  # one forward pass at a time
     assert request(server, "GET", "/info")[0] == 200
     assert post(server, good[0]) == expected[0]
+
+
+# -- large pictures ----------------------------------------------------------------------------
+def png_of(side: int, pixels: bytes) -> bytes:
+    """An 8-bit greyscale PNG of ``side`` x ``side`` pixels whose compressed rows are ``pixels``."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        check = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + check
+
+    header = chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def blank_png(side: int) -> bytes:
+    """A valid white PNG of ``side`` x ``side`` pixels, compressed row by row (12,000 a side:
+    144 megapixels in about 170 KB, under Pillow's decompression-bomb limit)."""
+    row, packer = b"\x00" + b"\xff" * side, zlib.compressobj(9)
+    return png_of(side, b"".join(packer.compress(row) for _ in range(side)) + packer.flush())
+
+
+def large_photo(digit: np.ndarray, size: tuple[int, int], fmt: str) -> bytes:
+    """A test digit as a photo of ``size`` (width, height) pixels: dark ink, light paper."""
+    picture = Image.new("L", size, 235)
+    side = min(size) // 2
+    big = Image.fromarray(255 - digit).resize((side, side), Image.Resampling.BILINEAR)
+    picture.paste(big, (size[0] // 3, size[1] // 4))
+    out = io.BytesIO()
+    picture.save(out, fmt, **({"compress_level": 1} if fmt == "PNG" else {"quality": 80}))
+    return out.getvalue()
+
+
+def peak_mib(pid: int) -> float:
+    """The peak resident memory of process ``pid`` so far, in MiB (Linux's VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def test_large_pictures_refused_from_the_header_memory_stays_small(trained_checkpoint, digits):
+    """The real command, 4 uploads at a time (the server's decode limit): 144-megapixel PNGs
+    are refused (413, one line) before decoding and raise the server's peak memory by under
+    64 MiB (decoded, it took 1.5 GB); pictures at the limit, a 36-megapixel greyscale PNG
+    and a 48-megapixel JPEG (read at 1/8 scale), are answered and raise it by under 160 MiB
+    (a greyscale picture costs about 1.5 bytes a pixel to decode and shrink)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads peak memory from /proc (Linux)")
+    images, labels = digits
+    cmd = [sys.executable, "-m", "lenet_xp.serve", "--checkpoint", str(trained_checkpoint)]
+    proc = subprocess.Popen([*cmd, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("open "):
+            line = proc.stdout.readline()
+            assert line, "the server stopped"
+        port = int(line.split()[1].rstrip("/").rsplit(":", 1)[1])
+
+        def post_all(bodies: list[bytes]) -> list[tuple[int, dict]]:
+            def send(k: int) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                conn.request("POST", "/predict?maps=0", bodies[k], {"Content-Type": "image/png"})
+                response = conn.getresponse()
+                answers[k] = (response.status, json.loads(response.read()))
+                conn.close()
+
+            answers: list = [None] * len(bodies)
+            threads = [threading.Thread(target=send, args=(k,)) for k in range(len(bodies))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            return answers
+
+        assert post_all([png(images[0])])[0][0] == 200  # warm: the first request's imports
+        start = peak_mib(proc.pid)
+        for status, answer in post_all([blank_png(12_000)] * 4):
+            assert_one_line_error(status, answer, 413, "12000x12000", "144.0 megapixels", "40")
+        assert peak_mib(proc.pid) - start < 64
+        at_limit = [large_photo(images[1], (6000, 6000), "PNG")] * 2
+        at_limit += [large_photo(images[1], (8000, 6000), "JPEG")] * 2
+        answers = post_all(at_limit)
+        assert [(status, answer["digit"]) for status, answer in answers] == [(200, labels[1])] * 4
+        assert peak_mib(proc.pid) - start < 160
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_max_pixels_flag(trained_checkpoint, digits, capsys):
+    """``--max-pixels`` sets the limit (a picture just over it gets a 413 naming it, one at it
+    an answer; past Pillow's decompression-bomb limit, a 413 too); a value that is not a
+    number of pixels is a bad flag (exit status 2)."""
+    images, labels = digits
+    picture = large_photo(images[2], (100, 100), "PNG")
+    with running_server(trained_checkpoint, max_pixels=9_999) as small:
+        status, answer = post(small, picture)
+        assert_one_line_error(status, answer, 413, "100x100", "0.009999 megapixels")
+    with running_server(trained_checkpoint, max_pixels=10_000) as exact:
+        status, answer = post(exact, picture)
+        assert status == 200 and answer["digit"] == labels[2]
+    with running_server(trained_checkpoint, max_pixels=10**12) as unlimited:
+        status, answer = post(unlimited, png_of(20_000, b""))  # over Pillow's own limit
+        assert_one_line_error(status, answer, 413, "too many pixels", "400000000")
+    for bad in ("lots", "0", "nan", "-5"):
+        with pytest.raises(SystemExit) as exit_:
+            serve.main(["--checkpoint", str(trained_checkpoint), "--max-pixels", bad])
+        assert exit_.value.code == 2 and "number of pixels" in capsys.readouterr().err
 
 
 # -- the command line ---------------------------------------------------------------------------
