@@ -235,7 +235,7 @@ def _nothing_left(meta: dict, config: dict) -> str | None:
     (``None``: it has)."""
     done, planned = meta["epoch"], config["epochs"]
     if done >= planned:
-        return f"it has completed {done} epochs of --epochs {planned}"
+        return f"it ended after epoch {done} of --epochs {planned}"
     if meta["metrics"].get("stopped_early") and planned == meta["config"]["epochs"]:
         return f"it stopped early after epoch {done} (--patience {config.get('patience')})"
     return None
