@@ -357,12 +357,13 @@ class DataParallel:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.model, self.workers = model, workers
         self._links: list[_Link] = []
+        self._shared: _Shared | None = None
         if workers == 1:
             return
         from threadpoolctl import threadpool_limits
 
         preparation = _preparation(model)
-        self._stop_requested, self._stop_seen = stop_requested, None
+        self._stop_requested = stop_requested
         # One core per slice: this process's BLAS gets one thread too (restored by close).
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         params = model.parameters()
@@ -427,7 +428,7 @@ class DataParallel:
     def close(self) -> None:
         """Stop the workers (killing any that do not end within seconds) and free the shared
         memory (parameters are copied back first)."""
-        if self.workers == 1 or not hasattr(self, "_shared"):
+        if self._shared is None:
             return
         self._prefetched = None
         for link in self._links:
@@ -445,7 +446,7 @@ class DataParallel:
             param.data = param.data.copy()
         self._links, self._grad_views = [], []
         self._shared.close(unlink=True)
-        del self._shared
+        self._shared = None
         self._blas_limit.restore_original_limits()
 
     def train(self, mode: bool = True) -> None:
@@ -457,46 +458,47 @@ class DataParallel:
     def _died(self, link: _Link, kind: str) -> WorkerError:
         return WorkerError(
             f"worker process {link.index} (pid {link.proc.pid}) {link.how_it_ended()} "
-            f"{_DOING[kind]}; train again (from the last checkpoint), or with --workers 1 "
-            "if it happens again"
+            f"{_DOING[kind]}; if it happens again, train with --workers 1"
         )
 
-    def _check(self, links: list[_Link], kind: str) -> None:
-        """Between polls: raise for a worker of ``links`` that has ended, and for a stop
-        requested more than :data:`STOP_GRACE_S` ago."""
+    def _check(self, links: list[_Link], kind: str, stop_seen: float | None) -> float | None:
+        """Between the polls of one wait on ``links``: raise for a worker that has ended, and
+        for a stop requested :data:`STOP_GRACE_S` ago or more (``stop_seen``: when this wait
+        first saw it, returned updated)."""
         for link in links:
             if link.proc.poll() is not None:
                 raise self._died(link, kind)
         signum = self._stop_requested() if self._stop_requested else None
         if signum is None:
-            return
-        if self._stop_seen is None:
-            self._stop_seen = time.monotonic()
-        elif time.monotonic() - self._stop_seen > STOP_GRACE_S:
+            return None
+        if stop_seen is None:
+            return time.monotonic()
+        if time.monotonic() - stop_seen >= STOP_GRACE_S:
             waiting = ", ".join(str(link.index) for link in links)
             how = f"(worker process {waiting} did not answer within {STOP_GRACE_S:g} s)"
             raise Interrupted(signum, how=how)
+        return stop_seen
 
     def _send(self, link: _Link, message: Any, kind: str) -> None:
         """Write ``message`` to ``link``'s worker, waiting for room in bounded polls."""
-        view = memoryview(_frame(message))
+        view, stop_seen = memoryview(_frame(message)), None
         while view:
             try:
                 view = view[link.sock.send(view) :]
             except BlockingIOError:
                 while not select.select([], [link], [], _POLL_S)[1]:
-                    self._check([link], kind)
+                    stop_seen = self._check([link], kind, stop_seen)
             except OSError:  # BrokenPipeError, ConnectionResetError: it died
                 raise self._died(link, kind) from None
 
     def _replies(self, links: list[_Link], kind: str) -> None:
         """Wait for one answer from each of ``links`` (their sockets and processes together,
         in bounded polls): returns once all said ``"ok"``, else raises saying why."""
-        pending = list(links)
+        pending, stop_seen = list(links), None
         while pending:
             readable = select.select(pending, [], [], _POLL_S)[0]
             if not readable:
-                self._check(pending, kind)
+                stop_seen = self._check(pending, kind, stop_seen)
             for link in readable:
                 try:
                     chunk = link.sock.recv(1 << 16)
