@@ -237,7 +237,7 @@ def _nothing_left(meta: dict, config: dict) -> str | None:
     if done >= planned:
         return f"it ended after epoch {done} of --epochs {planned}"
     if meta["metrics"].get("stopped_early") and planned == meta["config"]["epochs"]:
-        return f"it stopped early after epoch {done} (--patience {config.get('patience')})"
+        return f"it stopped early after epoch {done}, by --patience {config.get('patience')}"
     return None
 
 

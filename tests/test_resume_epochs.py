@@ -65,18 +65,28 @@ def test_fit_with_more_epochs_continues_the_schedule_planned_over_the_new_total(
     assert lrs == [2e-3, make_schedule("cosine", 2e-3, 24, 12)(12), cosine(24)]
 
 
+# A run that stops early: its learning rate too small for the validation accuracy to move.
+EARLY = ["--epochs", "4", "--patience", "1", "--lr", "1e-9", "--schedule", "constant"]
+NOTHING_LEFT = {  # first run's flags, the resume's flags, why there is nothing left
+    "as-planned": (["--epochs", "1"], [], "it ended after epoch 1 of --epochs 1"),
+    "fewer": (["--epochs", "2"], ["--epochs", "1"], "it ended after epoch 2 of --epochs 1"),
+    "early-stop": (EARLY, [], "it stopped early after epoch 2, by --patience 1"),
+}
+
+
 @needs_mnist
-@pytest.mark.parametrize("epochs", [None, "1"], ids=["as-planned", "fewer"])
-def test_a_resume_with_nothing_left_says_so_and_changes_nothing(tmp_path, capsys, epochs):
-    assert train_cli.main([*SMALL, "--epochs", "1", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("case", list(NOTHING_LEFT))
+def test_a_resume_with_nothing_left_says_so_and_changes_nothing(tmp_path, capsys, case):
+    first, again, why = NOTHING_LEFT[case]
+    assert train_cli.main([*SMALL, *first, "--out", str(tmp_path)]) == 0
     last = tmp_path / "last.npz"
     before = last.read_bytes(), (tmp_path / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    assert _resume(last, *(["--epochs", epochs] if epochs else [])) == 0
+    assert _resume(last, *again) == 0
     out, err = capsys.readouterr()
     assert err.splitlines()[-1] == (
-        f"lenet_xp.train: nothing to train: {last} is a finished run (it ended after epoch 1 "
-        "of --epochs 1); to train more, resume with a larger --epochs"
+        f"lenet_xp.train: nothing to train: {last} is a finished run ({why}); to train more, "
+        "resume with a larger --epochs"
     )
     assert "parameters" not in out  # no model summary: nothing was built
     assert (last.read_bytes(), (tmp_path / "metrics.jsonl").read_bytes()) == before
