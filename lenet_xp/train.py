@@ -233,10 +233,10 @@ def _resumed_config(saved: dict, args: argparse.Namespace, given: frozenset[str]
 def _nothing_left(meta: dict, config: dict) -> str | None:
     """Why a run resumed from a checkpoint of ``meta`` under ``config`` has nothing to train
     (``None``: it has)."""
-    done, planned = meta["epoch"], config["epochs"]
+    done, planned = meta.get("epoch", 0), config["epochs"]
     if done >= planned:
         return f"it ended after epoch {done} of --epochs {planned}"
-    if meta["metrics"].get("stopped_early") and planned == meta["config"]["epochs"]:
+    if meta.get("metrics", {}).get("stopped_early") and planned == meta["config"]["epochs"]:
         return f"it stopped early after epoch {done}, by --patience {config.get('patience')}"
     return None
 
@@ -259,7 +259,7 @@ def _run(
                 "to train more, resume with a larger --epochs",
                 file=sys.stderr,
             )
-            return meta["metrics"]
+            return meta.get("metrics", {})
         resume_state = (model_state, optim_state, meta)
     model = presets.build_from_config(config) if model is None else model
     train, val, test = _load_splits(config, args.data_dir, device, args.quiet, model.input_size)
