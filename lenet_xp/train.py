@@ -400,7 +400,7 @@ def _run(
                         flush=True,
                     )
                 break
-    except Interrupted as exc:  # a second signal stopped the run at once: say where
+    except Interrupted as exc:  # stopped at once (a second signal, a silent worker): say where
         raise (exc if str(exc) else keeper.interrupted(exc.signum, exc.how)) from None
     except WorkerError as exc:  # and what is kept
         raise WorkerError(f"{exc}; {keeper.saved('the last checkpoint is')}") from None

@@ -10,6 +10,7 @@ checkpoint intact and its folder unlocked. SIGTERM stops a run whose worker does
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -185,8 +186,12 @@ def _run_script(folder: Path, script: str, stdin: bool) -> subprocess.CompletedP
         try:
             out, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"{' '.join(cmd)} hung: {proc.communicate()}")
+            proc.kill()  # first alone: its resource tracker then frees its shared memory
+            output = proc.communicate()
+            time.sleep(1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{' '.join(cmd)} hung: {output}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
