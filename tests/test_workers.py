@@ -114,21 +114,25 @@ def test_a_worker_killed_at_any_stage_ends_the_run_with_one_line(tmp_path, pause
 
 
 @needs_mnist
-@pytest.mark.parametrize("pause", ["boot:1", "step:10"])
-def test_sigterm_stops_a_run_whose_worker_does_not_answer(tmp_path, pause):
-    """A worker stopped (hung) while starting or inside a step: SIGTERM still ends the run,
-    :data:`STOP_GRACE_S` later, exit 143, the worker killed, the last checkpoint kept."""
+@pytest.mark.parametrize(
+    "pause, signum",
+    [("boot:1", signal.SIGTERM), ("step:10", signal.SIGTERM), ("step:10", signal.SIGINT)],
+)
+def test_a_signal_stops_a_run_whose_worker_does_not_answer(tmp_path, pause, signum):
+    """A worker stopped (hung) while starting or inside a step: SIGTERM or SIGINT still ends
+    the run, :data:`STOP_GRACE_S` later, exit 143 / 130, the worker killed, the last
+    checkpoint kept."""
     proc, worker = _start(tmp_path, pause)
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     err, seconds = _finish(proc, sent)
-    assert proc.returncode == 143, err
+    assert proc.returncode == 128 + signum, err
     assert STOP_GRACE_S <= seconds < BOUND_S, f"took {seconds:.1f}s (docker kills after 10)"
     assert "Traceback" not in err and err.count("\n") == 1, err
     where = "while starting" if pause == "boot:1" else "in epoch 1"
     assert err.startswith(
-        f"lenet_xp.train: stopped by SIGTERM at once (worker process 1 did not answer within "
-        f"{STOP_GRACE_S:g} s) {where}; "
+        f"lenet_xp.train: stopped by {signal.Signals(signum).name} at once (worker process 1 "
+        f"did not answer within {STOP_GRACE_S:g} s) {where}; "
     ), err
     with pytest.raises(ProcessLookupError):  # killed and reaped by the run
         os.kill(worker, 0)
