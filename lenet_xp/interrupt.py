@@ -22,11 +22,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on ``signum`` (the run exits with ``128 + signum``: 130 for SIGINT,
-    143 for SIGTERM); ``str()`` says what was saved and how to resume (may be empty)."""
+    143 for SIGTERM); ``str()`` says what was saved and how to resume (may be empty); ``how``:
+    why it stopped at once, not at a step's end (a second signal, or a worker that did not
+    answer)."""
 
-    def __init__(self, signum: int, message: str = "") -> None:
+    def __init__(self, signum: int, message: str = "", how: str = "(a second signal)") -> None:
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.how = signum, how
 
 
 def signal_name(signum: int) -> str:

@@ -163,7 +163,7 @@ class Keeper:
         here."""
         if self.stop.requested is not None:
             name = signal_name(self.stop.requested)
-            where = f"after epoch {epoch - 1} (step {self.base['step']}); {self._saved()}"
+            where = f"after epoch {epoch - 1} (step {self.base['step']}); {self.saved()}"
             if not self.trained:
                 where = f"before training started; {self.hint(self.latest)}"
             raise Interrupted(self.stop.requested, f"stopped by {name} {where}")
@@ -193,7 +193,7 @@ class Keeper:
             self.saved_step, self.latest = step, self.path
         if stop is not None:
             where = f"at step {step} (epoch {self.epoch}, batch {batch} of {self.steps_per_epoch})"
-            raise Interrupted(stop, f"stopped by {signal_name(stop)} {where}; {self._saved()}")
+            raise Interrupted(stop, f"stopped by {signal_name(stop)} {where}; {self.saved()}")
 
     def save_epoch(self, meta: dict, also: list[Path]) -> None:
         """Save this epoch's end with ``meta`` to each of ``also`` (e.g. ``best.npz``), then
@@ -204,14 +204,15 @@ class Keeper:
         self.base, self.saved_step, self.latest = meta, meta["step"], self.path
         self.trained = True  # the fused CUDA step trains whole epochs without on_step
 
-    def interrupted(self, signum: int) -> Interrupted:
-        """The exception for a second signal, which stopped the run at once: where the run
-        was and its last complete checkpoint."""
-        where = f"at once (a second signal) in epoch {self.epoch}"
-        saved = self._saved("the last complete checkpoint is")
+    def interrupted(self, signum: int, how: str) -> Interrupted:
+        """The exception for a stop at once (``how``: why, e.g. a second signal): where the
+        run was and its last complete checkpoint."""
+        where = f"at once {how} " + (f"in epoch {self.epoch}" if self.epoch else "while starting")
+        saved = self.saved("the last complete checkpoint is")
         return Interrupted(signum, f"stopped by {signal_name(signum)} {where}; {saved}")
 
-    def _saved(self, what: str = "saved") -> str:
+    def saved(self, what: str = "saved") -> str:
+        """What was saved last (``what`` and its path) and how to resume from it."""
         saved = "" if self.latest is None else f"{what} {self.latest}; "
         return saved + self.hint(self.latest)
 

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from lenet_xp.evaluate import evaluate, run_data_dir
 from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
 from lenet_xp.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
 from lenet_xp.optim import Optimizer, make_optimizer
-from lenet_xp.parallel import DataParallel, WorkerError
+from lenet_xp.parallel import DataParallel, WorkerError, in_worker
 from lenet_xp.resume import (
     DivergedError,
     EpochPosition,
@@ -150,20 +151,27 @@ def _progress_bar(total: int, epoch: int, epochs: int, quiet: bool) -> Any:
     )
 
 
-def run(args: argparse.Namespace, model: Any = None) -> dict:
+def run(args: argparse.Namespace, model: Any = None, given: Collection[str] = ()) -> dict:
     """Train as ``args`` says (``model``: a network built in Python instead of ``--arch``);
-    returns the last epoch's metrics.
+    returns the last epoch's metrics. ``given``: the options the user set (not defaults):
+    with ``--resume``, those of the run's configuration must match the checkpoint's, except
+    ``--epochs`` (:func:`_resumed_config`).
 
     The whole run (data, model, training, evaluation, checkpoints) happens with
     ``--device``'s GPU as CuPy's current device, so ``cuda:N`` means device N throughout.
     """
+    if in_worker():
+        raise TrainingError(
+            "fit() ran in a worker process, which imports your script to rebuild a layer "
+            'class defined there: call fit() under `if __name__ == "__main__":`'
+        )
     device = get_device(args.device, announce=args.device == "auto" and not args.quiet)
     if device.kind == "cpu":
         tune_host_allocator()
     enabled = kernels.enabled()
     try:
         with use_device(device), StopSignals() as signals, RunLock(resolve_out(args)):
-            return _run(args, device, model, signals)
+            return _run(args, device, model, signals, frozenset(given))
     finally:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
@@ -206,21 +214,52 @@ def _restore(
         raise CheckpointError(f"checkpoint {path} does not fit: {exc}") from None
 
 
-def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSignals) -> dict:
+def _resumed_config(saved: dict, args: argparse.Namespace, given: frozenset[str]) -> dict:
+    """The configuration of a run resumed from a checkpoint of ``saved``'s: ``saved``, with
+    ``--epochs`` if given (the schedule is then planned over the new total, as if the run had
+    asked for it from the start); :class:`CheckpointError` (one line) for another option of
+    the configuration given with another value than the checkpoint's."""
+    for key in CONFIG_KEYS:
+        if key != "epochs" and key in given and key in saved and getattr(args, key) != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(
+                f"checkpoint {args.resume} holds {flag} {saved[key]}, not {flag} "
+                f"{getattr(args, key)}: a resumed run keeps its configuration (only --epochs may "
+                f"change); drop {flag}, or start a new run in another --out"
+            )
+    return {**saved, "epochs": args.epochs} if "epochs" in given else saved
+
+
+def _nothing_left(meta: dict, config: dict) -> str | None:
+    """Why a run resumed from a checkpoint of ``meta`` under ``config`` has nothing to train
+    (``None``: it has)."""
+    done, planned = meta.get("epoch", 0), config["epochs"]
+    if done >= planned:
+        return f"it ended after epoch {done} of --epochs {planned}"
+    if meta.get("metrics", {}).get("stopped_early") and planned == meta["config"]["epochs"]:
+        return f"it stopped early after epoch {done}, by --patience {config.get('patience')}"
+    return None
+
+
+def _run(
+    args: argparse.Namespace, device: Device, model: Any, signals: StopSignals, given: frozenset
+) -> dict:
     """:func:`run` on the resolved ``device``, inside :func:`use_device`, holding ``--out``'s
-    lock; ``signals``: the SIGINT/SIGTERM handlers."""
+    lock; ``signals``: the SIGINT/SIGTERM handlers; ``given``: the options set by the user."""
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
     if model is not None:
         config["arch"] = "custom"  # built in Python: the CLIs cannot rebuild it
     resume_state = None
     if args.resume:
         model_state, optim_state, meta = load_checkpoint(args.resume)
-        config = meta["config"]  # a resumed run keeps its own configuration
-        saved = config.get("arch", "lenet5")
-        if args.arch not in ("lenet5", saved) and model is None:
-            raise CheckpointError(
-                f"checkpoint {args.resume} holds --arch {saved}, not --arch {args.arch}"
+        config = _resumed_config(meta["config"], args, given)
+        if why := _nothing_left(meta, config):
+            print(
+                f"lenet_xp.train: nothing to train: {args.resume} is a finished run ({why}); "
+                "to train more, resume with a larger --epochs",
+                file=sys.stderr,
             )
+            return meta.get("metrics", {})
         resume_state = (model_state, optim_state, meta)
     model = presets.build_from_config(config) if model is None else model
     data_dir = run_data_dir(config, args.data_dir)  # resumed: the run's own, by default
@@ -250,6 +289,8 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
     position = EpochPosition.from_meta(meta, steps_per_epoch, args.resume) if resume_state else None
     if resume_state and not args.quiet and (note := inexact_resume_note(config)):
         print(f"note: {note}", file=sys.stderr)
+    if resume_state and not args.quiet and config["epochs"] != meta["config"]["epochs"]:
+        print(f"note: {_replanned(meta, config, step, schedule(step))}", file=sys.stderr)
 
     out = Path(args.out)
     metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
@@ -262,6 +303,7 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
     remove_stale_temps(out, metrics_path)  # a killed run's; this run holds the lock
     if resume_state:  # metrics.jsonl as the checkpoint has it, whenever the last run stopped
         base = resume_base(resume_state[2], metrics_path)
+        base["config"] = config  # its mid-epoch checkpoints keep a changed --epochs too
     else:
         base = initial_meta(config, rng.bit_generator.state)
     metrics_file = open(metrics_path, "a" if resume_state else "w")  # noqa: SIM115
@@ -272,14 +314,17 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
     )  # fmt: skip
     workers = config.get("workers", 1) if device.kind == "cpu" else 1
     max_batch = max(config["batch_size"], args.eval_batch_size)
-    runner = DataParallel(model, workers, max_batch=max_batch)
     total_steps = config["epochs"] * steps_per_epoch
     augment = parse_augment(config.get("augment", "none"))
-    fused, engine = _engine(
-        args, device, model, optimizer, train, config, schedule, total_steps, augment, position
-    )
     record: dict = {}
+    runner = None
     try:
+        runner = DataParallel(
+            model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
+        )
+        fused, engine = _engine(
+            args, device, model, optimizer, train, config, schedule, total_steps, augment, position
+        )
         for epoch in range(start_epoch, config["epochs"] + 1):
             lr = schedule(step - (position.batch if position else 0))  # the epoch's first step's
             synchronize(device)  # the last epoch's evaluation is not this epoch's time
@@ -357,10 +402,13 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
                         flush=True,
                     )
                 break
-    except Interrupted as exc:  # a second signal stopped the run at once: say where
-        raise (exc if str(exc) else keeper.interrupted(exc.signum)) from None
+    except Interrupted as exc:  # stopped at once (a second signal, a silent worker): say where
+        raise (exc if str(exc) else keeper.interrupted(exc.signum, exc.how)) from None
+    except WorkerError as exc:  # and what is kept
+        raise WorkerError(f"{exc}; {keeper.saved('the last checkpoint is')}") from None
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
         metrics_file.close()
         log.close()
     if args.report:
@@ -368,6 +416,17 @@ def _run(args: argparse.Namespace, device: Device, model: Any, signals: StopSign
         if not args.quiet:
             print(f"report: {page}", flush=True)
     return record
+
+
+def _replanned(meta: dict, config: dict, step: int, lr: float) -> str:
+    """The line that says a resumed run's ``--epochs`` changed, and what becomes of the
+    learning-rate schedule (now at ``step``, ``lr``)."""
+    before, after = meta["config"]["epochs"], config["epochs"]
+    return (
+        f"--epochs {after} (the checkpoint's run planned {before}, {meta['epoch']} done): "
+        f"the {config['schedule']} learning-rate schedule is planned over {after} epochs, as if "
+        f"the run had asked for them from the start; it goes on from step {step} at lr {lr:.2e}"
+    )
 
 
 def _engine(
@@ -434,7 +493,16 @@ def fit(model: Any = None, **options: Any) -> dict:
         if not hasattr(args, key):
             raise TypeError(f"fit() got an unknown option {key!r}; see train --help")
         setattr(args, key, value)
-    return run(args, model)
+    return run(args, model, given=options)
+
+
+def given_options(argv: list[str] | None) -> frozenset[str]:
+    """The options (``args`` names) that ``argv`` sets explicitly, not by default."""
+    parser, unset = build_parser(), object()
+    # argparse fills in a default only where the namespace has no value yet
+    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    parsed = vars(parser.parse_args(argv, namespace=namespace))
+    return frozenset(key for key, value in parsed.items() if value is not unset)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     # A diverging run overflows; it is reported once, as a NaN/inf loss, not per operation.
     warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
     try:
-        run(args)
+        run(args, given=given_options(argv))
     except (
         DataError, DeviceError, CheckpointError, TrainingError, WorkerError, RunLockError,
         DivergedError, report.ReportError, tblog.LogError,

@@ -59,7 +59,7 @@ def test_worker_error_is_reported_and_batch_limit_checked():
             runner.forward_backward(*batch(9))
         y_bad = y.copy()
         y_bad[-1] = 99  # the worker's slice holds an impossible label
-        with pytest.raises(WorkerError, match="worker process failed: IndexError"):
+        with pytest.raises(WorkerError, match="worker process 1 failed: IndexError"):
             runner.forward_backward(x, y_bad)
 
 
@@ -67,9 +67,9 @@ def test_a_killed_worker_is_reported():
     x, y = batch(8)
     with DataParallel(LeNet5(seed=0), 2, max_batch=8) as runner:
         runner.forward_backward(x, y)
-        runner._procs[0].kill()
-        runner._procs[0].join()
-        with pytest.raises(WorkerError, match="died"):
+        runner._links[0].proc.kill()
+        runner._links[0].proc.wait()
+        with pytest.raises(WorkerError, match="worker process 1 .*was killed by SIGKILL"):
             runner.forward_backward(x, y)
 
 
