@@ -38,7 +38,7 @@ from lenet_xp.sweep.results import (
     write_csv,
     write_summary,
 )
-from lenet_xp.sweep.spec import Run, Sweep, SweepError, SweepFileError, load
+from lenet_xp.sweep.spec import Run, Sweep, SweepError, SweepFileError, check_device, load
 
 __all__ = ["Result", "Sweep", "SweepError", "load", "main", "run"]
 
@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run each run as a Ray task: auto (this machine's cluster), local (start "
                    "Ray here) or HOST:PORT; --out must be on a path every node shares")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or auto: replaces the file's [train] device",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="replace the file's seeds")
     p.add_argument(
         "--only",
@@ -271,14 +276,15 @@ def _positive(kind: type) -> Any:
 
 def _list(sweep: Sweep, out: Path) -> None:
     for result in read_results(sweep, out):
-        command = " ".join(["python -m lenet_xp.train", *result.run.flags])
-        print(f"{result.run.name}  [{result.status}]  {command} --seed {result.run.seed}")
+        print(f"{result.run.name}  [{result.status}]  {result.run.command(sweep.device)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sweep = load(args.sweep, args.seeds)
+        if args.device:
+            sweep.device = check_device(args.device, "--device")
         if args.list:
             _list(sweep, Path(args.out))
             return 0

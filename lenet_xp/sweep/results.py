@@ -201,12 +201,11 @@ def _best_lines(sweep: Sweep, summaries: list[ConfigSummary]) -> list[str]:
         return ["No configuration is ranked yet: no run with a validation accuracy has finished."]
     run = best.counted[0].run
     test = _spread([r.best["test_acc"] for r in best.counted])
-    command = " ".join(["python -m lenet_xp.train", *run.flags])
     return [
         f"**Best configuration** (highest mean validation accuracy, "
         f"{100 * best.val_mean:.2f} %): `{run.config}`, test accuracy {test}.",
         "",
-        f"    {command} --seed {run.seed}",
+        f"    {run.command(sweep.device)}",
     ]
 
 

@@ -101,6 +101,12 @@ class Run:
         """The run's folder name under the sweep's output."""
         return f"{self.config}_seed={self.seed}"
 
+    def command(self, device: str = "auto") -> str:
+        """The ``lenet_xp.train`` command line that trains this run alone."""
+        flags = [*self.flags, "--seed", str(self.seed)]
+        flags += ["--device", device] if device != "auto" else []
+        return " ".join(["python -m lenet_xp.train", *flags])
+
 
 @dataclass
 class Sweep:
@@ -143,7 +149,7 @@ def _build(table: dict, source: str, seeds: list[int] | None) -> Sweep:
             where.fail(key, f"unknown key; a sweep file has {', '.join(TOP_KEYS)}")
     parser = _FlagParser()
     base = parser.flags(where, "[train]", _table(where, table, "train"))
-    device = str(base.pop("device", "auto"))
+    device = check_device(str(base.pop("device", "auto")), f"{source}: [train] device")
     axes = _grid_axes(parser, where, _table(where, table, "grid"))
     axes += _random_axes(parser, where, _table(where, table, "random"))
     _check_disjoint(where, axes)
@@ -168,6 +174,14 @@ def _build(table: dict, source: str, seeds: list[int] | None) -> Sweep:
     runs = _dedupe(runs)
     columns = [name for axis in axes for name, _ in axis.choices[0].columns]
     return Sweep(source, runs, columns, device, asha, sort, seeds)
+
+
+def check_device(device: str, place: str) -> str:
+    """``device`` if it is ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; else
+    :class:`SweepFileError` naming ``place``."""
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise SweepFileError(f"{place}: {device!r} is not a device: use cpu, cuda, cuda:N or auto")
+    return device
 
 
 def _val_size(run: Run) -> int:
