@@ -16,6 +16,7 @@ from conftest import DATA, needs_mnist
 
 from lenet_xp import sweep
 from lenet_xp import train as train_cli
+from lenet_xp.runlock import RunLock
 from lenet_xp.sweep import places, spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,13 @@ def test_the_same_sweep_through_a_local_ray_instance_gives_the_same_table(tiny_s
     assert "Ray: 2 at once, 1 CPU each" in proc.stdout
     local = without_timings(read_csv(out / "results.csv"))
     assert without_timings(read_csv(tmp_path / "results.csv")) == local
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
+    refused = pytest.raises(spec.SweepError, match="in use by another sweep")
+    with RunLock(tmp_path, sweep.LOCK_NAME, "sweep"), refused:
+        sweep.run(toml_table(TINY), tmp_path)
+    assert not (tmp_path / "results.csv").exists()
 
 
 def test_a_changed_sweep_file_does_not_reuse_runs_of_other_flags(tiny_sweep):
@@ -300,3 +308,45 @@ def test_a_bad_sweep_file_is_one_clear_line(tmp_path, capsys, text, message):
     assert err.startswith(f"lenet_xp.sweep: error: {file}") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def as_options(flags):
+    """``{"--flag": value}`` of an argv (a switch: ``True``), order free."""
+    options, i = {}, 0
+    while i < len(flags):
+        takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        options[flags[i]] = flags[i + 1] if takes_value else True
+        i += 2 if takes_value else 1
+    return options
+
+
+#: The runs of the README tables' former scripts (scripts/presets_table.py,
+#: scripts/augment_table.py): ``{sweep file: (device, seeds, [flags of each row])}``.
+README_TABLES = {
+    "presets.toml": ("cpu", [0], [
+        "--arch lenet5 --epochs 10", "--arch lenet5 --pad32 --epochs 3",
+        "--arch lenet5-classic --epochs 10", "--arch lenet5-classic --output rbf --epochs 10",
+        "--arch lenet5-nopad --epochs 6", "--arch lenet5-sigmoid-avg --epochs 10 --lr 0.005",
+        "--arch compact-cnn --epochs 5",
+    ]),
+    "augment-recipes.toml": ("cpu", [0, 1, 2], [
+        "--epochs 10", "--augment default --shift 0 --epochs 50",
+        "--recipe best --ema 0 --epochs 50", "--recipe best --epochs 50", "--recipe best",
+    ]),
+    "augment-archs.toml": ("cpu", [0, 1, 2], [
+        f"{arch} {aug} --epochs 15".replace("  ", " ")
+        for arch in ("--arch lenet5", "--arch lenet5-nopad", "--arch lenet5-sigmoid-avg --lr 0.005",
+                     "--arch lenet5-classic", "--arch lenet5-classic --output rbf",
+                     "--arch compact-cnn")
+        for aug in ("", "--recipe best")
+    ]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", README_TABLES)
+def test_the_readme_tables_sweep_files_train_the_tables_runs(name):
+    device, seeds, rows = README_TABLES[name]
+    loaded = spec.load(ROOT / "sweeps" / name)
+    assert loaded.device == device and loaded.seeds == seeds and loaded.sort == "file"
+    expected = [(as_options(row.split()), seed) for row in rows for seed in seeds]
+    assert [(as_options(run.flags), run.seed) for run in loaded.runs] == expected

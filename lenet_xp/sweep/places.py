@@ -161,7 +161,10 @@ def connect_ray(address: str) -> Any:
             )  # fmt: skip
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SweepError(f"--ray {address}: cannot connect: {first}") from None
+            raise SweepError(
+                f"--ray {address}: cannot connect: {first} (start one with `ray start --head`, "
+                "or use --ray local)"
+            ) from None
     return ray
 
 
