@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import DATA, needs_mnist
 
 from lenet_xp import sweep
 from lenet_xp import train as train_cli
 from lenet_xp.runlock import RunLock
-from lenet_xp.sweep import places, spec
+from lenet_xp.sweep import asha, places, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"""
@@ -244,6 +245,14 @@ def test_asha_stops_the_hopeless_run_for_good(tmp_path):
     stopped = json.loads((tmp_path / hopeless.run.name / "stopped.json").read_text())
     assert stopped["epoch"] == 1 and stopped["val_acc"] < stopped["cutoff"]
     assert [r.status for r in sweep.run(table, tmp_path, quiet=True)] == ["finished", "stopped"]
+
+
+@pytest.mark.parametrize("eta", [2, 3, 4])
+def test_the_asha_cutoff_is_numpys_percentile(eta):
+    values = [0.91, 0.12, 0.95, 0.5, 0.97, 0.33, 0.8][: eta + 2]
+    for n in range(1, len(values) + 1):
+        expected = np.percentile(values[:n], 100 * (1 - 1 / eta))
+        assert asha.quantile(values[:n], 1 - 1 / eta) == pytest.approx(expected, abs=1e-15)
 
 
 def test_local_runs_are_sized_to_their_share_of_the_cores():

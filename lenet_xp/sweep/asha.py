@@ -14,13 +14,22 @@ from one sweep to the next (as in every asynchronous scheduler).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-
-import numpy as np
 
 from lenet_xp.resume import read_records
 from lenet_xp.sweep.execute import write_stop
 from lenet_xp.sweep.spec import Asha, Run
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (0 <= q <= 1), interpolated linearly between the
+    sorted values (NumPy's ``percentile`` default, which Ray Tune's ASHA uses)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 class AshaScheduler:
@@ -61,8 +70,7 @@ class AshaScheduler:
             self.decided[name].add(epoch)
             value = history[epoch - 1]["val_acc"]
             self.recorded.setdefault(epoch, {})[name] = value
-            cutoff = float(np.percentile(list(self.recorded[epoch].values()),
-                                         100 * (1 - 1 / self.asha.eta)))  # fmt: skip
+            cutoff = quantile(list(self.recorded[epoch].values()), 1 - 1 / self.asha.eta)
             if value < cutoff:
                 n = len(self.recorded[epoch])
                 write_stop(self.out / name, {"by": "asha", "epoch": epoch, "val_acc": value,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import itertools
 import math
 import re
@@ -30,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lenet_xp import presets
 from lenet_xp.augment import parse_augment
+from lenet_xp.backend import host_rng
 from lenet_xp.train_args import CONFIG_KEYS, RECIPES, build_parser
 
 try:
@@ -153,7 +153,7 @@ def _build(table: dict, source: str, seeds: list[int] | None) -> Sweep:
     axes = _grid_axes(parser, where, _table(where, table, "grid"))
     axes += _random_axes(parser, where, _table(where, table, "random"))
     _check_disjoint(where, axes)
-    seeds = seeds if seeds is not None else _seeds(where, table.get("seeds", [0]))
+    seeds = _seeds(where, seeds if seeds is not None else table.get("seeds", [0]))
     sort = table.get("sort", "validation")
     if sort not in SORTS:
         where.fail("sort", f"is {sort!r}; one of {', '.join(SORTS)}")
@@ -299,7 +299,7 @@ def _random_axes(parser: _FlagParser, where: _Where, table: dict) -> list[_Axis]
     for key, value in (("samples", samples), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (key == "samples"):
             where.fail(f"[random] {key}", f"must be a whole number >= 1, got {value!r}")
-    rng = np.random.default_rng(seed)
+    rng = host_rng(seed)
     drawn: dict[str, list[Any]] = {key: [] for key in draws}
     for _ in range(samples):
         for key, spec in draws.items():
@@ -311,7 +311,7 @@ def _random_axes(parser: _FlagParser, where: _Where, table: dict) -> list[_Axis]
     return [_Axis("[random]", choices)]
 
 
-def _draw(where: _Where, place: str, spec: Any, rng: np.random.Generator) -> Any:
+def _draw(where: _Where, place: str, spec: Any, rng: Any) -> Any:
     """One value drawn as ``spec`` says (``{ log-uniform = [low, high] }`` and the like)."""
     if not isinstance(spec, dict) or len(spec) != 1:
         where.fail(place, f"must be one of {{ {' | '.join(DISTRIBUTIONS)} = [...] }}")
@@ -367,8 +367,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.+=_-]+")
 def _safe(name: str, limit: int = 120) -> str:
     """A folder name: characters outside ``[A-Za-z0-9.+=_-]`` become ``-``; a long name is
     cut and given a digest of the whole."""
-    import hashlib
-
     safe = _UNSAFE.sub("-", name)
     if len(safe) > limit:
         safe = safe[: limit - 9] + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
@@ -397,11 +395,9 @@ class _FlagParser:
     sweep file become argv and each configuration is parsed as ``train`` would."""
 
     def __init__(self) -> None:
-        self.parser = build_parser()
-        self.parser.error = self._error  # type: ignore[method-assign]
-        self.actions = {
+        self.actions = {  # flag name without "--" -> its argparse action
             option[2:]: action
-            for action in self.parser._actions
+            for action in build_parser()._actions
             for option in action.option_strings
             if option.startswith("--") and action.dest != "help"
         }
