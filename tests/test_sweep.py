@@ -359,3 +359,21 @@ def test_the_readme_tables_sweep_files_train_the_tables_runs(name):
     assert loaded.device == device and loaded.seeds == seeds and loaded.sort == "file"
     expected = [(as_options(row.split()), seed) for row in rows for seed in seeds]
     assert [(as_options(run.flags), run.seed) for run in loaded.runs] == expected
+
+
+@needs_mnist
+def test_rows_keep_the_files_order_with_their_flags_and_notes(tmp_path):
+    """A grid axis of rows (tables of flags), sorted as the file says: the summary shows each
+    row's name, the flags it sets and its note, in the file's order."""
+    table = toml_table(TINY.split("[grid]")[0])
+    table["sort"] = "file"
+    table["grid"] = {"preset": [
+        {"name": "sigmoid", "arch": "lenet5-sigmoid-avg", "lr": 5e-3, "note": "report D"},
+        {"name": "plain", "note": "the default"},
+    ]}  # fmt: skip
+    results = sweep.run(table, tmp_path, quiet=True)
+    assert [r.run.name for r in results] == ["preset=sigmoid_seed=0", "preset=plain_seed=0"]
+    rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if "| `" in line]
+    assert rows[0].startswith("| `sigmoid` | `--arch lenet5-sigmoid-avg --lr 0.005` | ")
+    assert rows[0].endswith(" | report D |")
+    assert rows[1].startswith("| `plain` |  | ") and rows[1].endswith(" | the default |")

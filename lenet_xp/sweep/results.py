@@ -172,12 +172,14 @@ def summary_markdown(sweep: Sweep, results: list[Result]) -> str:
     ]
     notes = any(s.results[0].run.note for s in summaries)
     head = [*sweep.axes] or ["configuration"]
+    head += ["flags"] * sweep.rows
     head += ["validation accuracy", "test accuracy", "runs", "epochs", "minutes"]
     lines += ["| " + " | ".join(head + ["note"] * notes) + " |"]
     lines += ["|" + "---|" * (len(head) + notes)]
     for s in summaries:
         run = s.results[0].run
         cells = [f"`{v}`" for _, v in run.values] or [run.config]
+        cells += [f"`{' '.join(run.varied)}`" if run.varied else ""] * sweep.rows
         vals = [r.best["val_acc"] for r in s.counted] if s.val_mean is not None else []
         cells += [_spread(vals)]
         cells += [_spread([r.best["test_acc"] for r in s.counted])]

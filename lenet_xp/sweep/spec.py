@@ -86,8 +86,8 @@ class Asha:
 @dataclass(frozen=True)
 class Run:
     """One training run: ``flags`` (``lenet_xp.train``'s, without ``--out``, ``--seed``,
-    ``--device``), its configuration's ``config`` name and ``values`` (axis -> the value
-    shown), its ``seed`` and ``epochs``."""
+    ``--device``; ``varied``: those its axes set), its configuration's ``config`` name and
+    ``values`` (axis -> the value shown), its ``seed`` and ``epochs``, and its rows' notes."""
 
     config: str
     seed: int
@@ -95,6 +95,7 @@ class Run:
     values: tuple[tuple[str, str], ...]
     epochs: int
     note: str = ""
+    varied: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -112,7 +113,8 @@ class Run:
 class Sweep:
     """A checked sweep: its ``runs`` (configurations in file order, each with every seed),
     the ``axes`` that vary (column order), the ``device`` of ``[train]`` (``auto`` if not
-    given), ``asha`` (``None``: off) and how the summary is sorted."""
+    given), ``asha`` (``None``: off), how the summary is sorted and whether it shows each
+    configuration's flags (``rows``: an axis holds rows, whose names do not say them)."""
 
     source: str
     runs: list[Run]
@@ -121,6 +123,7 @@ class Sweep:
     asha: Asha | None = None
     sort: str = "validation"
     seeds: list[int] = field(default_factory=lambda: [0])
+    rows: bool = False
 
     def configs(self) -> list[str]:
         """The configurations' names in file order."""
@@ -168,12 +171,14 @@ def _build(table: dict, source: str, seeds: list[int] | None) -> Sweep:
         epochs = parser.check(flags, config, where)
         note = " ".join(choice.note for choice in point if choice.note)
         argv = tuple(parser.argv(flags))
-        runs += [Run(config, s, argv, values, epochs, note) for s in seeds]
+        varied = tuple(parser.argv({k: v for c in point for k, v in c.flags.items()}))
+        runs += [Run(config, s, argv, values, epochs, note, varied) for s in seeds]
     if asha is not None and any("--val-size" in r.flags and _val_size(r) == 0 for r in runs):
         where.fail("asha", "judges validation accuracy: drop val-size = 0")
     runs = _dedupe(runs)
     columns = [name for axis in axes for name, _ in axis.choices[0].columns]
-    return Sweep(source, runs, columns, device, asha, sort, seeds)
+    rows = any(axis.rows for axis in axes)
+    return Sweep(source, runs, columns, device, asha, sort, seeds, rows)
 
 
 def check_device(device: str, place: str) -> str:
@@ -206,6 +211,7 @@ class _Choice:
 class _Axis:
     name: str
     choices: list[_Choice]
+    rows: bool = False  # its values are rows (tables of flags)
 
 
 class _Where:
@@ -274,7 +280,7 @@ def _grid_axes(parser: _FlagParser, where: _Where, grid: dict) -> list[_Axis]:
         labels = [c.label for c in choices]
         if len(set(labels)) != len(labels):
             where.fail(place, f"repeats a value: {labels}")
-        axes.append(_Axis(key, choices))
+        axes.append(_Axis(key, choices, all(isinstance(v, dict) for v in values)))
     return axes
 
 
@@ -385,7 +391,7 @@ def _dedupe(runs: list[Run]) -> list[Run]:
             n += 1
             config = f"{run.config}-{n}"
         seen[config] = run.values
-        run = Run(config, run.seed, run.flags, run.values, run.epochs, run.note)
+        run = Run(config, run.seed, run.flags, run.values, run.epochs, run.note, run.varied)
         unique.setdefault(run.name, run)
     return list(unique.values())
 
