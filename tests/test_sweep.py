@@ -142,6 +142,20 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
     assert not (tmp_path / "results.csv").exists()
 
 
+def test_unknown_only_and_jobs_with_ray_are_one_line_before_anything_trains(tmp_path, capsys):
+    file = tmp_path / "s.toml"
+    file.write_text(TINY)
+    assert sweep.main([str(file), "--out", str(tmp_path / "a"), "--only", "arch=lenet6"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lenet_xp.sweep: error: --only arch=lenet6: no such configuration; ")
+    assert "arch=lenet5_lr=0.001, arch=lenet5_lr=0.003" in err and err.count("\n") == 1
+    assert (
+        sweep.main([str(file), "--out", str(tmp_path / "b"), "--ray", "local", "--jobs", "2"]) == 1
+    )
+    assert "--jobs sizes local runs; with --ray" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not list((tmp_path / "a").glob("arch=*"))
+
+
 def test_a_changed_sweep_file_does_not_reuse_runs_of_other_flags(tiny_sweep):
     """The folders hold 1-epoch runs: a sweep of 2 epochs neither reads them as its own nor
     trains over them."""

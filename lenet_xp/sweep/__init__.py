@@ -92,6 +92,11 @@ def run(
     ``KeyboardInterrupt`` once every running training has saved."""
     if not isinstance(sweep, Sweep):
         sweep = load(sweep, seeds)
+    if ray and jobs:
+        raise SweepError(
+            "--jobs sizes local runs; with --ray, Ray places them: size each run with "
+            "--cpus-per-run and --gpus-per-run"
+        )
     out = Path(out)
     say = (lambda line: None) if quiet else (lambda line: print(line, flush=True))
     try:
