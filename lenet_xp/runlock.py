@@ -24,14 +24,17 @@ class RunLockError(Exception):
 
 
 class RunLock:
-    """Context manager holding ``folder``'s lock (the folder is created if needed)."""
+    """Context manager holding ``folder``'s lock (the folder is created if needed);
+    ``name``: the lock file's, ``what``: what holds it, for the error message."""
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = Path(folder)
+    def __init__(
+        self, folder: str | os.PathLike[str], name: str = LOCK_NAME, what: str = "training run"
+    ) -> None:
+        self.folder, self.name, self.what = Path(folder), name, what
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        path = self.folder / LOCK_NAME
+        path = self.folder / self.name
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -46,7 +49,7 @@ class RunLock:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise RunLockError(
-                    f"--out {self.folder} is in use by another training run (pid {holder}); "
+                    f"--out {self.folder} is in use by another {self.what} (pid {holder}); "
                     "wait for it to finish, stop it, or choose another --out"
                 ) from None
         os.ftruncate(fd, 0)

@@ -1,0 +1,5 @@
+import sys
+
+from lenet_xp.sweep import main
+
+sys.exit(main())
