@@ -9,10 +9,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
+from conftest import DATA, needs_mnist
 
 from lenet_xp.backend import _cuda_probe_steps, probe_steps
 from lenet_xp.testing import count_synchronizations, cupy_names
@@ -282,3 +286,31 @@ def test_a_graph_needs_every_buffer_it_touches_kept_alive():
     out["y"] = None  # ... and freed: the pool may give the memory to anyone now
     with pytest.raises(runtime.CUDARuntimeError, match="freed after capture"):
         graph.launch()
+
+
+@needs_mnist
+def test_the_training_cli_runs_on_the_stand_in(tmp_path):
+    """``LENET_XP_FAKE_CUDA=1 python -m lenet_xp.train --device cuda`` trains in a subprocess
+    (the variable reaches it) and records the CUDA device; the CPU's run gives the same
+    metrics to rounding (the stand-in computes with NumPy)."""
+    env = {**os.environ, "LENET_XP_FAKE_CUDA": "1"}
+    flags = ["--data-dir", str(DATA), "--epochs", "1", "--limit-train", "600", "--quiet"]
+    records = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / device
+        cmd = [
+            sys.executable,
+            "-m",
+            "lenet_xp.train",
+            "--device",
+            device,
+            *flags,
+            "--out",
+            str(out),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        records[device] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert records["cuda"]["device"] == "cuda:0" and records["cpu"]["device"] == "cpu"
+    assert records["cuda"]["test_acc"] == pytest.approx(records["cpu"]["test_acc"], abs=2e-3)
+    assert records["cuda"]["train_loss"] == pytest.approx(records["cpu"]["train_loss"], rel=1e-4)

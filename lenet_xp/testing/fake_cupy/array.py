@@ -333,7 +333,8 @@ def write(target: ndarray, what: str, function: Callable[[numpy.ndarray], None])
     """``function(target_data)`` fills ``target`` from values the host holds now."""
     operands = _Operands()
     operands.arrays.append(target)
-    _run_or_record(what, lambda: function(target._data), operands)
+    data = target._data  # the buffer only: a graph must not keep the array alive
+    _run_or_record(what, lambda: function(data), operands)
 
 
 def from_host(value: Any, dtype: Any = None, order: Any = None) -> ndarray:
