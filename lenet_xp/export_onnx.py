@@ -143,6 +143,11 @@ def _layer(g: _Graph, name: str, layer: Module, x: str) -> str:
     raise ExportError(f"layer {name} ({type(layer).__name__}) has no ONNX form")
 
 
+#: Configuration keys that describe the training machine, not the model: kept out of the
+#: exported file (a local path has no business in a model that is shared).
+LOCAL_KEYS = frozenset({"data_dir"})
+
+
 def to_onnx(model: Module, meta: dict | None = None) -> Any:
     """``model`` (a ``Sequential``, any device and dtype) as a checked ``onnx.ModelProto``
     (opset :data:`OPSET`, IR :data:`IR_VERSION`); ``meta`` (a checkpoint's, optional) goes
@@ -186,7 +191,8 @@ def to_onnx(model: Module, meta: dict | None = None) -> Any:
         "logits (N, 10), probabilities (N, 10)",
     )
     if meta is not None:
-        helper.set_model_props(proto, {"lenet_xp": json.dumps(meta.get("config", meta))})
+        config = {k: v for k, v in meta.get("config", meta).items() if k not in LOCAL_KEYS}
+        helper.set_model_props(proto, {"lenet_xp": json.dumps(config)})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug here, not the user's

@@ -2,6 +2,7 @@
 reference evaluator, and onnxruntime when installed), PyTorch-named weights that load into
 ``torch.nn`` networks, and such weights back into a checkpoint."""
 
+import json
 from collections import OrderedDict
 
 import numpy as np
@@ -11,6 +12,7 @@ from conftest import DATA, DEVICES, needs_mnist
 from lenet_xp import evaluate as evaluation
 from lenet_xp import export
 from lenet_xp.backend import asnumpy, get_device
+from lenet_xp.checkpoint import load_checkpoint
 from lenet_xp.data import DeviceSplit
 from lenet_xp.evaluate import load_model
 from lenet_xp.export_onnx import IR_VERSION, OPSET, to_onnx
@@ -134,7 +136,10 @@ def test_onnx_cli_on_a_trained_checkpoint(checkpoint, digits, tmp_path, capsys):
     assert proto.ir_version == IR_VERSION and proto.opset_import[0].version == OPSET
     assert [i.name for i in proto.graph.input] == ["pixels"]
     assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
-    assert '"arch": "lenet5"' in proto.metadata_props[0].value
+    exported = json.loads(proto.metadata_props[0].value)
+    assert exported["arch"] == "lenet5"
+    assert "data_dir" in load_checkpoint(checkpoint)[2]["config"]  # the run records its data
+    assert "data_dir" not in exported  # ... but a shared model carries no local path
     model, _ = load_model(str(checkpoint), get_device("cpu"))
     want = logits_of(model.eval(), digits)
     assert_same(run_onnx(proto, digits), want)
