@@ -20,7 +20,7 @@ from conftest import DATA, needs_mnist
 
 from lenet_xp.backend import _cuda_probe_steps, probe_steps
 from lenet_xp.testing import count_synchronizations, cupy_names
-from lenet_xp.testing.fake_cupy import cupy, cupyx, runtime
+from lenet_xp.testing.fake_cupy import cupy, cupyx, launches, runtime
 from lenet_xp.testing.fake_cupy.namespace import VERSION
 
 
@@ -112,10 +112,11 @@ def test_host_reads_count_as_synchronisations():
         bool(x[1] > 0)
         cupy.asnumpy(x)
     assert syncs.count == 5
+    before = launches()
     with count_synchronizations() as syncs:
         y = cupy.exp(x) * 2 + x.sum()
         cupy.maximum(y, 0, out=y)
-    assert syncs.count == 0
+    assert syncs.count == 0 and launches() == before + 5  # exp, *, sum, +, maximum
 
 
 def test_allow_synchronize_false_refuses_each_host_read():

@@ -154,7 +154,7 @@ def count_launch() -> None:
 # -- memory --------------------------------------------------------------------------------
 class Memory:
     """One allocation of device memory: lives as long as an array refers to it, then goes back
-    to its pool. ``captured`` is set when it was allocated during a stream capture."""
+    to its pool."""
 
     _ids = itertools.count(1)
 
@@ -162,7 +162,6 @@ class Memory:
         self.device, self.nbytes, self.pool = device, nbytes, pool
         self.id = next(Memory._ids)
         self.ptr = self.id << 20  # a fake, unique, aligned address
-        self.captured = capturing()
         weakref.finalize(self, pool._release, device, nbytes)
 
     def __repr__(self) -> str:
@@ -180,7 +179,6 @@ class MemoryPool:
 
     def __init__(self, allocator: Any = None) -> None:
         self._usage: dict[int, _Usage] = {}
-        self.allocations = 0
 
     def _here(self, device: int | None = None) -> _Usage:
         return self._usage.setdefault(current_device() if device is None else device, _Usage())
@@ -194,7 +192,6 @@ class MemoryPool:
             raise OutOfMemoryError(size, usage.used + usage.free, usage.limit)
         usage.free -= min(size, usage.free)
         usage.used += size
-        self.allocations += 1
         return Memory(device, size, self)
 
     def _release(self, device: int, size: int) -> None:
