@@ -2,7 +2,7 @@
 
 from lenet_xp.backend import Device, DeviceError, asnumpy, get_device, synchronize, to_device
 from lenet_xp.functional.loss import softmax_cross_entropy
-from lenet_xp.model import LeNet5, loss_and_grads
+from lenet_xp.models.lenet5 import LeNet5, loss_and_grads
 
 __all__ = [
     "Device",

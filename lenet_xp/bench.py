@@ -22,9 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lenet_xp import bench_torch
-from lenet_xp import fused as fused_step
-from lenet_xp.augment import parse_augment
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -34,17 +31,20 @@ from lenet_xp.backend import (
     tune_host_allocator,
     use_device,
 )
-from lenet_xp.data import DeviceSplit, to_device_split
+from lenet_xp.benchmarks import torch_reference as bench_torch
+from lenet_xp.data.augment import parse_augment
+from lenet_xp.data.device_split import DeviceSplit, to_device_split
+from lenet_xp.data.mnist import DataError, load_mnist
 from lenet_xp.evaluate import evaluate
 from lenet_xp.functional.loss import softmax_cross_entropy
-from lenet_xp.fused import FusedStep
-from lenet_xp.mnist import DataError, load_mnist
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam, make_optimizer
-from lenet_xp.parallel import DataParallel, forward_backward
-from lenet_xp.schedules import ConstantLR, make_schedule
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import Adam, make_optimizer
+from lenet_xp.optim.schedules import ConstantLR, make_schedule
 from lenet_xp.train import train_epoch
-from lenet_xp.train_args import default_workers
+from lenet_xp.training import fused as fused_step
+from lenet_xp.training.config import default_workers
+from lenet_xp.training.fused import FusedStep
+from lenet_xp.training.parallel import DataParallel, forward_backward
 
 
 def load_train_split(
@@ -67,7 +67,7 @@ def our_epoch(
     augment: Any = None, ema_decay: float | None = None,
 ) -> tuple[Any, Any]:  # fmt: skip
     """``(run_one_epoch, close)`` for lenet_xp's training loop (images distorted as
-    ``augment``, an :class:`~lenet_xp.augment.Augment`, and the weights averaged with
+    ``augment``, an :class:`~lenet_xp.data.augment.Augment`, and the weights averaged with
     ``ema_decay``, if given), after a 20-step warm-up."""
     model = LeNet5(seed=0).to(split.device)
     workers = workers if split.device.kind == "cpu" else 1

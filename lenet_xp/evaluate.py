@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lenet_xp.averaging import averaged_state
 from lenet_xp.backend import DeviceError, asnumpy, get_device, use_device
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint
-from lenet_xp.data import DeviceSplit, to_device_split
+from lenet_xp.data.device_split import DeviceSplit, to_device_split
+from lenet_xp.data.mnist import DataError, load_mnist
 from lenet_xp.layers import Module
-from lenet_xp.mnist import DataError, load_mnist
-from lenet_xp.model import model_loss
-from lenet_xp.parallel import DataParallel
-from lenet_xp.presets import PresetError, build_from_config
+from lenet_xp.models.lenet5 import model_loss
+from lenet_xp.models.presets import PresetError, build_from_config
+from lenet_xp.optim.averaging import averaged_state
+from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
+from lenet_xp.training.parallel import DataParallel
 
 
 def evaluate(
@@ -74,7 +74,7 @@ def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module,
 def run_data_dir(config: dict, data_dir: str | None) -> str | None:
     """The MNIST folder to read for the run a checkpoint's ``config`` describes: ``data_dir``
     if given, else the folder the run was trained on (``config["data_dir"]``) if it is still
-    there, else ``None`` (:func:`~lenet_xp.mnist.load_mnist`'s default: ``$LENET_XP_DATA``,
+    there, else ``None`` (:func:`~lenet_xp.data.mnist.load_mnist`'s default: ``$LENET_XP_DATA``,
     else the cache)."""
     if data_dir is not None:
         return data_dir

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp.backend import CPU, asnumpy
-from lenet_xp.checkpoint import CheckpointError
-from lenet_xp.data import DeviceSplit
+from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.data.mnist import DataError, load_mnist
 from lenet_xp.evaluate import load_model, run_data_dir, test_split
 from lenet_xp.layers import Conv2d, Module, PartialConv2d
-from lenet_xp.mnist import DataError, load_mnist
 from lenet_xp.predict import classify
-from lenet_xp.stats import read_jsonl
+from lenet_xp.storage.checkpoint import CheckpointError
+from lenet_xp.training.stats import read_jsonl
 
 np = CPU.xp  # host arrays only: every picture is drawn from NumPy copies
 MAX_TILES = 16  # filters drawn per row and per column of a layer's mosaic
@@ -224,7 +224,7 @@ def plot_feature_maps(
 
 
 def plot_layer_stats(records: list[dict], out: Path, name: str = "layer_stats.png") -> Path:
-    """Per-layer statistics per epoch (``stats.jsonl`` records, see :mod:`lenet_xp.stats`):
+    """Per-layer statistics per epoch (``stats.jsonl`` records, see :mod:`lenet_xp.training.stats`):
     activations' mean, std and zero fraction per layer; the weights' gradient mean and std
     and their update ratio ``||dw|| / ||w||`` per step (with its spread over the samples)."""
     plt = _pyplot()

@@ -4,9 +4,9 @@ Writes ``RUN/report/index.html`` and its pictures beside it (PNG, drawn by
 :mod:`lenet_xp.plots`): the run's configuration and final figures; loss and accuracy curves
 (train, validation, test); the confusion matrix; the most confidently wrong test digits; every
 conv layer's filters; the feature maps of one test digit through every layer; and the per-layer
-statistics recorded during training (``RUN/stats.jsonl``, :mod:`lenet_xp.stats`). The pictures
-of the model are of ``RUN/best.npz`` (``--checkpoint`` to choose another) on the run's test set.
-``train --report`` writes it at the end of training.
+statistics recorded during training (``RUN/stats.jsonl``, :mod:`lenet_xp.training.stats`).
+The pictures of the model are of ``RUN/best.npz`` (``--checkpoint`` to choose another) on the
+run's test set. ``train --report`` writes it at the end of training.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from lenet_xp.backend import (
     get_device,
     use_device,
 )
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint
-from lenet_xp.data import DeviceSplit
+from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.data.mnist import DataError
 from lenet_xp.evaluate import load_model, test_split
-from lenet_xp.inspect import feature_maps
-from lenet_xp.mnist import DataError
+from lenet_xp.models.feature_maps import feature_maps
 from lenet_xp.predict import classify
-from lenet_xp.stats import STATS_FILE, read_jsonl, read_stats
+from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
+from lenet_xp.training.stats import STATS_FILE, read_jsonl, read_stats
 
 np = CPU.xp  # host arrays: the report reads everything back once
 

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lenet_xp import fused as fused_step
-from lenet_xp import kernels, presets, report, tblog
-from lenet_xp.augment import Augment, Distortion, parse_augment
+from lenet_xp import kernels, report
 from lenet_xp.backend import (
     Device,
     DeviceError,
@@ -30,14 +28,20 @@ from lenet_xp.backend import (
     tune_host_allocator,
     use_device,
 )
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint
-from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
+from lenet_xp.data.augment import Augment, Distortion, parse_augment
+from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts, to_device_split
+from lenet_xp.data.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
 from lenet_xp.evaluate import evaluate, run_data_dir
-from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
-from lenet_xp.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
-from lenet_xp.optim import Optimizer, make_optimizer
-from lenet_xp.parallel import DataParallel, WorkerError, in_worker
-from lenet_xp.resume import (
+from lenet_xp.models import presets
+from lenet_xp.optim.optimizers import Optimizer, make_optimizer
+from lenet_xp.optim.schedules import make_schedule
+from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
+from lenet_xp.training import fused as fused_step
+from lenet_xp.training import logs as tblog
+from lenet_xp.training.config import CONFIG_KEYS, RECIPES, build_parser
+from lenet_xp.training.interrupt import Interrupted, StopSignals, exit_message
+from lenet_xp.training.parallel import DataParallel, WorkerError, in_worker
+from lenet_xp.training.resume import (
     DivergedError,
     EpochPosition,
     Keeper,
@@ -48,9 +52,7 @@ from lenet_xp.resume import (
     resume_base,
     resume_hint,
 )
-from lenet_xp.runlock import RunLock, RunLockError
-from lenet_xp.schedules import make_schedule
-from lenet_xp.train_args import CONFIG_KEYS, RECIPES, build_parser
+from lenet_xp.training.runlock import RunLock, RunLockError
 
 
 class TrainingError(Exception):
@@ -97,7 +99,7 @@ def train_epoch(
     keeper: Keeper | None = None,
 ) -> tuple[float, float, int]:
     """One pass in a fresh random order, images randomly translated by up to ``max_shift``
-    pixels and distorted as ``augment`` (an :class:`~lenet_xp.augment.Augment`; its draws
+    pixels and distorted as ``augment`` (an :class:`~lenet_xp.data.augment.Augment`; its draws
     depend on the run's seed, the ``epoch`` and each image, not on the device); ``on_step()``
     after each optimizer step, if given. ``position``: resume this epoch there (``rng`` as
     at the epoch's start); ``keeper.on_step`` after each step (mid-epoch checkpoints, stop
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. --out or --metrics not writable
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (lenet_xp.interrupt)
+    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (lenet_xp.training.interrupt)
         message, status = exit_message(exc, resume_hint(args, args.resume))
         print(f"lenet_xp.train: {message}", file=sys.stderr)
         return status

@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from lenet_xp.backend import cuda_unavailable_reason, get_device  # noqa: E402
-from lenet_xp.data import DeviceSplit  # noqa: E402
-from lenet_xp.fused import FusedStep  # noqa: E402
+from lenet_xp.data.device_split import DeviceSplit  # noqa: E402
 from lenet_xp.kernels.ops import Kernels  # noqa: E402
-from lenet_xp.model import LeNet5  # noqa: E402
-from lenet_xp.optim import Adam  # noqa: E402
+from lenet_xp.models.lenet5 import LeNet5  # noqa: E402
+from lenet_xp.optim.optimizers import Adam  # noqa: E402
+from lenet_xp.training.fused import FusedStep  # noqa: E402
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ def batch(dtype, n=16, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_steps_lower_the_loss_on_device(device):
-    from lenet_xp.optim import Adam
+    from lenet_xp.optim.optimizers import Adam
 
     dev = get_device(device)
     x, y = (to_device(a, dev) for a in batch("float32", 32))
@@ -120,7 +120,7 @@ def test_optimizer_steps_match_across_devices(name, kernels_on):
     the same numbers as the CPU's."""
     from lenet_xp import kernels
     from lenet_xp.layers import Parameter
-    from lenet_xp.optim import make_optimizer
+    from lenet_xp.optim.optimizers import make_optimizer
 
     kernels.set_enabled(kernels_on)
 

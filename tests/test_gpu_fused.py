@@ -57,7 +57,7 @@ def test_an_epoch_never_synchronises(graph):
     cupyx = cupyx_module()
 
     from lenet_xp.backend import host_rng
-    from lenet_xp.data import permutation, random_shifts
+    from lenet_xp.data.device_split import permutation, random_shifts
 
     n = 300 if ON_STAND_IN else 1000  # 2 full batches and a short one at least
     split = make_split("cuda", "float32", n=n)
@@ -166,7 +166,7 @@ def test_evaluate_predict_and_resume_on_cuda(tmp_path, capsys, flag):
     assert "on cuda:0" in out and "test_acc" in out
 
     image = pytest.importorskip("PIL.Image")
-    from lenet_xp.mnist import load_mnist
+    from lenet_xp.data.mnist import load_mnist
 
     digit = load_mnist(DATA, download=False).test_images[0]
     path = tmp_path / "digit.png"

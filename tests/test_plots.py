@@ -7,9 +7,9 @@ from test_train import DATA, needs_mnist
 from lenet_xp import plots
 from lenet_xp import train as train_cli
 from lenet_xp.backend import CPU
-from lenet_xp.data import to_device_split
+from lenet_xp.data.device_split import to_device_split
+from lenet_xp.data.mnist import load_mnist
 from lenet_xp.evaluate import evaluate, load_model
-from lenet_xp.mnist import load_mnist
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")

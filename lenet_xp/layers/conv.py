@@ -6,7 +6,7 @@ from typing import Any
 
 from lenet_xp.backend import host_rng
 from lenet_xp.functional.conv import conv2d_backward, conv2d_forward
-from lenet_xp.init import init_bias, init_weight
+from lenet_xp.layers.init import init_bias, init_weight
 from lenet_xp.layers.module import Module, Parameter
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import host_rng
-from lenet_xp.init import init_bias, init_weight
+from lenet_xp.layers.init import init_bias, init_weight
 from lenet_xp.layers.module import Module, Parameter
 
 

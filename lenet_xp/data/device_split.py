@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lenet_xp.backend import Device, asnumpy, get_array_module, to_device
-from lenet_xp.mnist import MEAN, STD, DataError
+from lenet_xp.data.mnist import MEAN, STD, DataError
 
 #: Labels are class indices ``0..NUM_CLASSES-1`` (MNIST's digits).
 NUM_CLASSES = 10
@@ -76,7 +76,7 @@ def to_device_split(
     smallest copy), then normalise there: ``(x / 255 - MEAN) / STD``, optionally zero-padded
     (in normalised units, i.e. background) to ``32 x 32``.
 
-    Raises :class:`~lenet_xp.mnist.DataError` (one line) unless there is one integer label
+    Raises :class:`~lenet_xp.data.mnist.DataError` (one line) unless there is one integer label
     in ``0..NUM_CLASSES-1`` per image: a label out of range must never reach a GPU, where an
     index out of range wraps silently instead of raising."""
     check_labels(images_u8, labels_u8)

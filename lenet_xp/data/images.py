@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lenet_xp.mnist import MEAN, STD
+from lenet_xp.data.mnist import MEAN, STD
 
 #: Pictures are decoded at most this many pixels on their long side (a phone photo of 4000
 #: pixels is reduced first); the digit ends up 20 pixels tall whatever the picture's size.

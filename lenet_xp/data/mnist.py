@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lenet_xp.fsync import fsync_dir
+from lenet_xp.storage.fsync import fsync_dir
 
 MEAN = 0.1307
 STD = 0.3081

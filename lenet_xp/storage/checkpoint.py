@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lenet_xp.backend import asnumpy
-from lenet_xp.fsync import fsync_dir
+from lenet_xp.storage.fsync import fsync_dir
 
 #: The layout :func:`save_checkpoint` writes (1: no ``format_version``/``sha256`` keys).
 FORMAT_VERSION = 2

@@ -7,7 +7,7 @@ body into a network input, or an :class:`ApiError` (a status and one line); a
 Bodies ``POST /predict`` takes:
 
 * a picture's bytes (PNG, JPEG, ...; any ``Content-Type`` but JSON), prepared exactly as
-  ``lenet_xp.predict`` prepares a picture file (:func:`lenet_xp.images.digit_from_bytes`);
+  ``lenet_xp.predict`` prepares a picture file (:func:`lenet_xp.data.images.digit_from_bytes`);
 * ``multipart/form-data`` (``curl -F file=@digit.png``): the first part that is a file;
 * JSON ``{"image": [[...], ...]}`` (or the bare array; ``Content-Type: application/json``,
   or none that says image and a body starting with ``{`` or ``[``): 28x28 grey levels, 0-255
@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import Device, asnumpy, get_array_module, to_device, use_device
-from lenet_xp.functional.loss import log_softmax
-from lenet_xp.images import (
+from lenet_xp.data.images import (
     ImageError,
     TooManyPixelsError,
     denormalise,
@@ -37,8 +36,9 @@ from lenet_xp.images import (
     pad_input,
     prepare_digit,
 )
-from lenet_xp.inspect import layer_outputs
+from lenet_xp.functional.loss import log_softmax
 from lenet_xp.layers import Module
+from lenet_xp.models.feature_maps import layer_outputs
 
 #: The side of the arrays ``POST /predict`` takes as JSON.
 ARRAY_SIDE = 28

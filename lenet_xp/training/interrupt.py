@@ -3,11 +3,11 @@
 ``docker stop`` sends SIGTERM (then SIGKILL ten seconds later), a terminal's Ctrl-C sends
 SIGINT. While :class:`StopSignals` is active, the first of them only records the request: the
 training loop acts on it after the current step (or, still starting, before the first one),
-saves and raises :class:`Interrupted` itself (:class:`lenet_xp.resume.Keeper`). Raising from
-the handler instead would be unsafe: an exception raised at an arbitrary point can be lost
-(e.g. inside an extension module's import) and the run would go on. A second signal raises
+saves and raises :class:`Interrupted` itself (:class:`lenet_xp.training.resume.Keeper`).
+Raising from the handler instead would be unsafe: an exception raised at an arbitrary point can
+be lost (e.g. inside an extension module's import) and the run would go on. A second signal raises
 :class:`Interrupted` at once, for the user who will not wait. Worker processes ignore both
-signals (:mod:`lenet_xp.parallel`): the main process decides.
+signals (:mod:`lenet_xp.training.parallel`): the main process decides.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import asnumpy
-from lenet_xp.checkpoint import atomic_write
+from lenet_xp.data.mnist import MEAN, STD
 from lenet_xp.layers import (
     AvgPool2d,
     BatchNorm1d,
@@ -49,7 +49,7 @@ from lenet_xp.layers import (
     Tanh,
     TrainableSubsampling,
 )
-from lenet_xp.mnist import MEAN, STD
+from lenet_xp.storage.checkpoint import atomic_write
 
 #: The ONNX operator set the graphs use, and the IR version that goes with it (opset 17 is
 #: IR 8: read by onnxruntime >= 1.13 and every current ONNX tool).

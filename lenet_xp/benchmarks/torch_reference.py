@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import asnumpy
-from lenet_xp.data import DeviceSplit
+from lenet_xp.data.device_split import DeviceSplit
 
 
 def available() -> bool:

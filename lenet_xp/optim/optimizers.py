@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from lenet_xp import kernels
-from lenet_xp.averaging import STATE_PREFIX, ParameterEMA
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
 from lenet_xp.kernels import record_fallback
 from lenet_xp.layers.module import Parameter
+from lenet_xp.optim.averaging import STATE_PREFIX, ParameterEMA
 
 
 class Optimizer:
@@ -365,7 +365,7 @@ def make_optimizer(
     """Build an optimizer by name: ``sgd`` (SGD with ``momentum``; 0 gives plain SGD),
     ``nesterov`` (SGD with Nesterov ``momentum``), ``adam`` (L2 ``weight_decay``) or
     ``adamw`` (decoupled ``weight_decay``, used as given here, 0 included); with ``ema`` (a
-    decay in (0, 1)) it also keeps a :class:`~lenet_xp.averaging.ParameterEMA` of the
+    decay in (0, 1)) it also keeps a :class:`~lenet_xp.optim.averaging.ParameterEMA` of the
     weights as ``optimizer.average``."""
     key = name.strip().lower()
     if key == "sgd":

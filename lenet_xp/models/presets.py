@@ -37,7 +37,7 @@ from lenet_xp.layers import (
     Tanh,
     TrainableSubsampling,
 )
-from lenet_xp.model import LeNet5
+from lenet_xp.models.lenet5 import LeNet5
 
 ACTIVATIONS: dict[str, Callable[[], Module]] = {
     "relu": lambda: ReLU(inplace=True),

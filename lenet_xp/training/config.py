@@ -11,7 +11,9 @@ import math
 import os
 from typing import Any
 
-from lenet_xp import kernels, presets, stats
+from lenet_xp import kernels
+from lenet_xp.models import presets
+from lenet_xp.training import stats
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 #: ``--recipe NAME``: flag values that go together; flags given explicitly still win.
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="distort training images on the training device: none, light, default, strong, "
         "or key=value,... (rotate, scale, shear, translate, elastic=ALPHA:SIGMA, noise); "
-        "see lenet_xp/augment.py",
+        "see lenet_xp/data/augment/",
     )
     p.add_argument(
         "--ema",

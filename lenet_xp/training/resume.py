@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp.backend import get_array_module
-from lenet_xp.checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, save_checkpoint
-from lenet_xp.interrupt import Interrupted, StopSignals, signal_name
+from lenet_xp.storage.checkpoint import TEMP_SUFFIX, CheckpointError, atomic_write, save_checkpoint
+from lenet_xp.training.interrupt import Interrupted, StopSignals, signal_name
 
 #: On a GPU the divergence check reads the running loss sum (one host sync) every this many
 #: steps; on the CPU the read is free and happens every step.

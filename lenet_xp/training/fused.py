@@ -2,7 +2,7 @@
 one CUDA graph (``train --cuda-kernels`` / ``--cuda-graph``).
 
 The layers' array code (``lenet_xp.layers``) issues about 175 small launches per step; here
-the same step is written out for the :class:`~lenet_xp.model.LeNet5` structure, every array
+the same step is written out for the :class:`~lenet_xp.models.lenet5.LeNet5` structure, every array
 batch-innermost and preallocated:
 
 - batch: ``gather_shift`` (one gather from the device-resident set, permutation and shifts);
@@ -25,11 +25,11 @@ import math
 from typing import Any
 
 from lenet_xp.backend import asnumpy
-from lenet_xp.data import DeviceSplit
+from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.data.mnist import MEAN, STD
 from lenet_xp.kernels.ops import Kernels
-from lenet_xp.mnist import MEAN, STD
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import Adam
 
 _SPLIT_K = 2048  # K per chunk of our GEMM when K is long (the weight and bias gradients)
 
@@ -370,7 +370,7 @@ def build(
 def train_epoch_fused(fused: FusedStep, rng: Any, bar: Any) -> tuple[float, float, int]:
     """One epoch as :func:`lenet_xp.train.train_epoch` (the same random order and shifts from
     ``rng``): ``(mean loss, accuracy, global step)``; one host sync, at the end."""
-    from lenet_xp.data import permutation, random_shifts
+    from lenet_xp.data.device_split import permutation, random_shifts
 
     n, device = len(fused.split), fused.split.device
     order = permutation(n, rng, device)

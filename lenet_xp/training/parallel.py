@@ -26,7 +26,7 @@ defined there. Every wait on them is bounded: the main process watches their soc
 processes together, so a worker that dies (killed, out of memory) is one
 :class:`WorkerError` line, never a hang; and once SIGINT/SIGTERM is requested
 (``stop_requested``), a worker that does not answer within :data:`STOP_GRACE_S` stops the
-run (:class:`~lenet_xp.interrupt.Interrupted`).
+run (:class:`~lenet_xp.training.interrupt.Interrupted`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp.backend import host_view, host_zeros, tune_host_allocator
-from lenet_xp.interrupt import Interrupted, signal_name
 from lenet_xp.layers import Dropout, Module
-from lenet_xp.model import model_loss
+from lenet_xp.models.lenet5 import model_loss
+from lenet_xp.training.interrupt import Interrupted, signal_name
 
 #: Once a stop (SIGINT/SIGTERM) is requested, how long a wait on a worker may go on before
 #: the run stops without it (a healthy worker answers within a step, milliseconds).
@@ -110,7 +110,7 @@ class WorkerError(RuntimeError):
     """A worker process failed or died; the message (one line) says which, how and what to do."""
 
 
-#: Signals only the main process acts on (lenet_xp.interrupt); workers start with them
+#: Signals only the main process acts on (lenet_xp.training.interrupt); workers start with them
 #: blocked, so one that arrives while a worker starts up cannot kill it, then ignore them.
 _MAIN_DECIDES = {signal.SIGINT, signal.SIGTERM}
 #: A message on a socket: its length (8 bytes, big-endian), then its pickle.
@@ -118,8 +118,8 @@ _HEADER = struct.Struct("!Q")
 #: ``python -c`` program of a worker; argv: lenet_xp's folder, then the worker's index, socket
 #: fd and resource tracker fd.
 _BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); from lenet_xp.parallel import _worker_main; "
-    "_worker_main(*map(int, sys.argv[2:]))"
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from lenet_xp.training.parallel import _worker_main; _worker_main(*map(int, sys.argv[2:]))"
 )
 _in_worker = False
 
@@ -340,7 +340,7 @@ class DataParallel:
     the logits' width; ``tune_allocator`` applies ``backend.tune_host_allocator`` in the
     workers; ``stop_requested()``, if given, returns the signal number of a requested stop
     (``None``: none), after which a worker that keeps a wait going for :data:`STOP_GRACE_S`
-    raises :class:`~lenet_xp.interrupt.Interrupted`. Use as a context manager, or call
+    raises :class:`~lenet_xp.training.interrupt.Interrupted`. Use as a context manager, or call
     :meth:`close`. A worker that dies or fails raises :class:`WorkerError`.
     """
 
@@ -403,7 +403,7 @@ class DataParallel:
         ours, theirs = socket.socketpair()
         resource_tracker.ensure_running()
         tracker_fd = resource_tracker.getfd()
-        package_folder = str(Path(__file__).resolve().parents[1])
+        package_folder = str(Path(__file__).resolve().parents[2])
         cmd = [sys.executable, "-c", _BOOT, package_folder]
         cmd += [str(index), str(theirs.fileno()), str(tracker_fd)]
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_DECIDES)
@@ -579,7 +579,7 @@ class DataParallel:
         """As :func:`forward_backward` for the whole batch; the combined gradient (the
         slice-size-weighted mean) ends up in ``param.grad`` of ``self.model``.
 
-        ``distortion``, if given (a :class:`lenet_xp.augment.Distortion`; ``ids (N,)``: the
+        ``distortion``, if given (a :class:`lenet_xp.data.augment.Distortion`; ``ids (N,)``: the
         images' indices), augments the batch first: each process gathers its own slice at
         the whole batch's sampling grid (the same bits as one process distorting the whole
         batch). ``next_ids``, the next batch's indices if known, has worker 1 compute that

@@ -2,7 +2,8 @@
 
 - ``metrics.csv``: the same rows as ``metrics.jsonl``, for spreadsheets (columns: every key
   any row has, in order of first appearance; rewritten whole each epoch, atomically);
-- ``stats.jsonl``: per-layer statistics (:mod:`lenet_xp.stats`), unless ``--stats-every 0``;
+- ``stats.jsonl``: per-layer statistics (:mod:`lenet_xp.training.stats`), unless
+  ``--stats-every 0``;
 - with ``--tensorboard DIR``, TensorBoard event files (tensorboardX, ``pip install
   "lenet_xp[tensorboard]"``): the epoch's scalars (losses, accuracies, learning rate,
   images/s, epoch seconds, the layer statistics), histograms of every parameter and of its last
@@ -21,7 +22,7 @@ from typing import Any
 
 from lenet_xp.backend import CPU, asnumpy
 from lenet_xp.layers import Module
-from lenet_xp.stats import STATS_FILE, LayerStats, read_jsonl
+from lenet_xp.training.stats import STATS_FILE, LayerStats, read_jsonl
 
 np = CPU.xp  # TensorBoard takes host arrays
 

@@ -1,0 +1,3 @@
+"""The networks: LeNet-5 (:mod:`.lenet5`), the presets (:mod:`.presets`), their summary
+(:mod:`.summary`), feature maps and filter pictures (:mod:`.feature_maps`) and the ONNX graph
+(:mod:`.onnx`)."""
