@@ -35,7 +35,6 @@ from lenet_xp.benchmarks import torch_reference as bench_torch
 from lenet_xp.data.augment import parse_augment
 from lenet_xp.data.device_split import DeviceSplit, to_device_split
 from lenet_xp.data.mnist import DataError, load_mnist
-from lenet_xp.evaluate import evaluate
 from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.models.lenet5 import LeNet5
 from lenet_xp.optim.optimizers import Adam, make_optimizer
@@ -43,6 +42,7 @@ from lenet_xp.optim.schedules import ConstantLR, make_schedule
 from lenet_xp.train import train_epoch
 from lenet_xp.training import fused as fused_step
 from lenet_xp.training.config import default_workers
+from lenet_xp.training.evaluation import evaluate
 from lenet_xp.training.fused import FusedStep
 from lenet_xp.training.parallel import DataParallel, forward_backward
 

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import asnumpy
-from lenet_xp.evaluate import load_model
 from lenet_xp.layers import Module, PartialConv2d
 from lenet_xp.models import presets
 from lenet_xp.models.onnx import ExportError, save_onnx
 from lenet_xp.storage.checkpoint import CheckpointError, atomic_write, save_checkpoint
+from lenet_xp.training.evaluation import load_model
 
 
 def _partial_convs(model: Module, prefix: str = "") -> list[tuple[str, PartialConv2d]]:

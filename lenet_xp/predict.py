@@ -19,36 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from lenet_xp.backend import Device, DeviceError, asnumpy, device_of, get_device, use_device
-from lenet_xp.data.images import ImageError, denormalise, load_digit, pad_input
+from lenet_xp.backend import Device, DeviceError, asnumpy, get_device, use_device
+from lenet_xp.data.images import ImageError, denormalise, load_digit
 from lenet_xp.data.mnist import MEAN, STD
-from lenet_xp.evaluate import load_model
-from lenet_xp.functional.loss import log_softmax
 from lenet_xp.layers import Module
 from lenet_xp.storage.checkpoint import CheckpointError
+from lenet_xp.training.evaluation import classify, load_model
 
 Images = Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | np.ndarray
-
-
-def classify(model: Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Softmax probabilities ``(N, 10)`` (host, the model's float dtype) of normalised inputs
-    ``x (N, 1, 28, 28)`` (``(pixels - MEAN) / STD``, host) on the model's device, in eval
-    mode (the model's mode is restored after); padded to 32x32 for a 32x32 model."""
-    weight = model.parameters()[0].data
-    device, dtype = device_of(weight), weight.dtype
-    x = pad_input(x, getattr(model, "input_size", 28))
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with use_device(device):
-            xp = device.xp
-            for start in range(0, len(x), batch_size):
-                batch = xp.asarray(x[start : start + batch_size], dtype=dtype)
-                out.append(asnumpy(xp.exp(log_softmax(model.forward(batch)))))
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 10), dtype)
 
 
 def _normalise(images: np.ndarray, size: int) -> np.ndarray:

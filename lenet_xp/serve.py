@@ -272,7 +272,7 @@ def make_server(
 
     Raises :class:`CheckpointError`, :class:`DeviceError` or ``OSError`` (address in use ...).
     """
-    from lenet_xp.evaluate import load_model
+    from lenet_xp.training.evaluation import load_model
 
     dev = get_device(device)
     with use_device(dev):

@@ -31,7 +31,6 @@ from lenet_xp.backend import (
 from lenet_xp.data.augment import Augment, Distortion, parse_augment
 from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts, to_device_split
 from lenet_xp.data.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
-from lenet_xp.evaluate import evaluate, run_data_dir
 from lenet_xp.models import presets
 from lenet_xp.optim.optimizers import Optimizer, make_optimizer
 from lenet_xp.optim.schedules import make_schedule
@@ -39,6 +38,7 @@ from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.training import fused as fused_step
 from lenet_xp.training import logs as tblog
 from lenet_xp.training.config import CONFIG_KEYS, RECIPES, build_parser
+from lenet_xp.training.evaluation import evaluate, run_data_dir
 from lenet_xp.training.interrupt import Interrupted, StopSignals, exit_message
 from lenet_xp.training.parallel import DataParallel, WorkerError, in_worker
 from lenet_xp.training.resume import (

@@ -13,7 +13,6 @@ import pytest
 from conftest import DATA, needs_mnist
 
 from lenet_xp import LeNet5, loss_and_grads
-from lenet_xp.evaluate import load_model
 from lenet_xp.optim.optimizers import Adam
 from lenet_xp.storage.checkpoint import (
     FORMAT_VERSION,
@@ -22,6 +21,7 @@ from lenet_xp.storage.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from lenet_xp.training.evaluation import load_model
 
 
 def _trained_state():

@@ -13,10 +13,10 @@ from lenet_xp import export
 from lenet_xp.backend import asnumpy, get_device
 from lenet_xp.data.device_split import DeviceSplit
 from lenet_xp.data.mnist import MEAN, STD, load_mnist
-from lenet_xp.evaluate import load_model
 from lenet_xp.models.onnx import IR_VERSION, OPSET, to_onnx
 from lenet_xp.models.presets import Options, build
 from lenet_xp.predict import predict
+from lenet_xp.training.evaluation import load_model
 
 onnx = pytest.importorskip("onnx")
 from onnx.reference import ReferenceEvaluator  # noqa: E402

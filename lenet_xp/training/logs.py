@@ -53,9 +53,10 @@ def write_csv(jsonl: str | Path, csv_path: str | Path | None = None) -> Path:
 
 def filter_image(weight: Any, scale: int = 4) -> Any:
     """A conv ``weight (out, in, k, k)`` as a greyscale picture ``(H, W)`` float in [0, 1]:
-    the mosaic of :func:`lenet_xp.plots.filter_mosaic` (0.5: a zero weight; gaps white),
+    the mosaic of :func:`lenet_xp.models.feature_maps.filter_mosaic` (0.5: a zero weight; gaps
+    white),
     each pixel ``scale`` times larger."""
-    from lenet_xp.plots import filter_mosaic
+    from lenet_xp.models.feature_maps import filter_mosaic
 
     grid = filter_mosaic(asnumpy(weight))
     limit = float(np.nanmax(np.abs(grid))) or 1.0
@@ -97,7 +98,7 @@ class TensorBoardLog:
             w.add_histogram(f"weights/{name}", asnumpy(param.data), epoch)
             if param.grad is not None:
                 w.add_histogram(f"gradients/{name}", asnumpy(param.grad), epoch)
-        from lenet_xp.plots import conv_filters
+        from lenet_xp.models.feature_maps import conv_filters
 
         for name, weight in conv_filters(model):
             w.add_image(f"filters/{name}", filter_image(weight), epoch, dataformats="HW")
