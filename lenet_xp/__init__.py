@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 MOVED = {
     "mnist": "data.mnist", "augment": "data.augment", "images": "data.images",
     "init": "layers.init", "model": "models.lenet5", "presets": "models.presets",
-    "summary": "models.summary", "inspect": "models.feature_maps", "export_onnx": "models.onnx",
+    "summary": "layers.summary", "inspect": "models.feature_maps", "export_onnx": "models.onnx",
     "schedules": "optim.schedules", "averaging": "optim.averaging",
     "resume": "training.resume", "runlock": "training.runlock", "interrupt": "training.interrupt",
     "parallel": "training.parallel", "fused": "training.fused", "stats": "training.stats",

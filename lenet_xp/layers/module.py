@@ -131,8 +131,8 @@ class Module:
 
     def summary(self, batch: int = 128) -> str:
         """A table of the layers: output shapes, parameters and MACs per image, with totals
-        (see :mod:`lenet_xp.models.summary`)."""
-        from lenet_xp.models.summary import summarize
+        (see :mod:`lenet_xp.layers.summary`)."""
+        from lenet_xp.layers.summary import summarize
 
         return summarize(self, batch)
 

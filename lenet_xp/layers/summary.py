@@ -10,9 +10,12 @@ for a batch (every layer's output, ``batch`` images, the model's dtype).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from lenet_xp.backend import device_of, host_zeros, to_device
-from lenet_xp.layers.module import Module
+
+if TYPE_CHECKING:  # the module calls this, not the reverse
+    from lenet_xp.layers.module import Module
 
 
 def summarize(model: Module, batch: int = 128, input_shape: tuple[int, ...] | None = None) -> str:
