@@ -39,12 +39,9 @@ from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.models.lenet5 import LeNet5
 from lenet_xp.optim.optimizers import Adam, make_optimizer
 from lenet_xp.optim.schedules import ConstantLR, make_schedule
-from lenet_xp.train import train_epoch
-from lenet_xp.training import fused as fused_step
 from lenet_xp.training.config import default_workers
-from lenet_xp.training.evaluation import evaluate
-from lenet_xp.training.fused import FusedStep
-from lenet_xp.training.parallel import DataParallel, forward_backward
+from lenet_xp.training.engines import make_engine
+from lenet_xp.training.parallel import forward_backward
 
 
 def load_train_split(
@@ -70,18 +67,20 @@ def our_epoch(
     ``augment``, an :class:`~lenet_xp.data.augment.Augment`, and the weights averaged with
     ``ema_decay``, if given), after a 20-step warm-up."""
     model = LeNet5(seed=0).to(split.device)
-    workers = workers if split.device.kind == "cpu" else 1
-    runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
     optimizer = make_optimizer("adam", model.parameters(), 1e-3, ema=ema_decay or None)
-    rng, schedule = host_rng(0), ConstantLR(1e-3)
-    n_warm = 20 * batch_size
+    rng, n_warm = host_rng(0), 20 * batch_size
     warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)
-    train_epoch(runner, optimizer, schedule, warmup, batch_size, rng, 0, None, 0, augment)
+    engine = make_engine(
+        "layers", model, optimizer, warmup, batch_size, ConstantLR(1e-3), total_steps=0,
+        augment=augment, workers=workers, max_batch=batch_size, tune_allocator=tune_allocator,
+    )  # fmt: skip
+    engine.train_epoch(rng, 0, None)
+    engine.split = split  # then the whole split, timed
 
     def epoch() -> None:
-        train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None, 0, augment)
+        engine.train_epoch(rng, 0, None)
 
-    return epoch, runner.close
+    return epoch, engine.close
 
 
 def profile_layers(
@@ -137,9 +136,10 @@ def machine_line(device: Device) -> str:
 
 
 @dataclass
-class Engine:
-    """One way of training: ``epoch()`` one timed pass, ``one_step()`` a single step (for
-    counting launches), ``issued`` the launches per step our code issues (fused engines)."""
+class Timed:
+    """An engine (or PyTorch) as timed here: ``epoch()`` one timed pass, ``one_step()`` a
+    single step (for counting launches), ``issued`` the launches per step our code issues
+    (fused engines)."""
 
     name: str
     epoch: Callable[[], Any]
@@ -148,24 +148,27 @@ class Engine:
     issued: int | None = None
 
 
-def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -> Engine:
+def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -> Timed:
     model = LeNet5(seed=0).to(split.device)
     optimizer = Adam(model.parameters(), lr=1e-3)
     steps = (epochs + 3) * -(-len(split) // batch_size) + 10
-    gemm = "ours" if name == "graph" else "cublas"
-    fused = FusedStep(model, optimizer, split, batch_size, [1e-3] * steps, 0, gemm)
-    issued = fused.launches_per_step()
-    if name == "graph":
-        fused.capture()
+    why: list[str] = []
+    engine = make_engine(
+        name, model, optimizer, split, batch_size, ConstantLR(1e-3), total_steps=steps,
+        count_launches=True, note=why.append,
+    )  # fmt: skip
+    if engine.name != name:
+        engine.close()
+        raise RuntimeError(why[0] if why else f"the {name} engine cannot run here")
     rng = host_rng(0)
-    fused_step.train_epoch_fused(fused, rng, None)  # warm-up
-    epoch = lambda: fused_step.train_epoch_fused(fused, rng, None)  # noqa: E731
-    return Engine(name, epoch, fused.step_once, issued=issued)
+    engine.train_epoch(rng, 0, None)  # warm-up
+    epoch = lambda: engine.train_epoch(rng, 0, None)  # noqa: E731
+    return Timed(name, epoch, engine.fused.step_once, engine.close, issued=engine.issued)
 
 
 def _layers_engine(
     split: DeviceSplit, batch_size: int, args: argparse.Namespace, extras: bool = False
-) -> Engine:
+) -> Timed:
     """The layers; with ``extras``, training as ``--augment`` and ``--ema`` say."""
     augment = parse_augment(args.augment or "none") if extras else None
     ema_decay = args.ema if extras else None
@@ -180,18 +183,18 @@ def _layers_engine(
         forward_backward(model, x, y)
         optimizer.step()
 
-    return Engine("layers+aug" if extras else "layers", epoch, one_step, close)
+    return Timed("layers+aug" if extras else "layers", epoch, one_step, close)
 
 
-def _torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Engine:
+def _torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Timed:
     run = bench_torch.TorchRun(split, batch_size, graph=name == "torch-graph")
     run.epoch(20 * batch_size)  # warm-up
-    return Engine(name, run.epoch, lambda: run.epoch(batch_size))
+    return Timed(name, run.epoch, lambda: run.epoch(batch_size))
 
 
 def engines(
     args: argparse.Namespace, split: DeviceSplit, batch_size: int
-) -> tuple[list[Engine], list[str]]:
+) -> tuple[list[Timed], list[str]]:
     """The engines to time on this device, and one line per engine that could not run."""
     names = ["layers"] + (["layers+aug"] if args.augment or args.ema else [])
     names += ["kernels", "graph"] if split.device.kind == "cuda" else []
@@ -241,27 +244,16 @@ def time_to_accuracy(
     else:
         model = LeNet5(seed=0).to(split.device)
         optimizer = Adam(model.parameters(), lr=RACE_LR)
-        rng = host_rng(0)
-        fused = None
-        if name in ("kernels", "graph"):
-            table = [schedule(s) for s in range(steps)]
-            gemm = "ours" if name == "graph" else "cublas"
-            fused = FusedStep(model, optimizer, split, batch, table, 0, gemm)
-            if name == "graph":
-                fused.capture()
-        runner = DataParallel(model, 1, 2000)
-        step = [0]
+        rng, step = host_rng(0), [0]
+        engine = make_engine(
+            name, model, optimizer, split, batch, schedule, total_steps=steps, max_batch=2000
+        )
 
         def epoch() -> None:
-            if fused is not None:
-                fused_step.train_epoch_fused(fused, rng, None)
-            else:
-                *_, step[0] = train_epoch(
-                    runner, optimizer, schedule, split, batch, rng, step[0], None
-                )
+            *_, step[0] = engine.train_epoch(rng, step[0], None)
 
         def accuracy() -> float:
-            return evaluate(runner, test)[1]
+            return engine.evaluate(test, 2000)[1]
 
     synchronize(split.device)
     setup = time.perf_counter() - start

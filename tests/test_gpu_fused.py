@@ -111,7 +111,6 @@ def test_training_cli_with_our_kernels(tmp_path, flag):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_conv_layers_with_our_im2col_and_col2im_match_the_reference(dtype):
     """``Conv2d`` dispatches to our im2col/col2im kernels when they are on (stride 2, pad 1)."""
-    from lenet_xp import kernels
     from lenet_xp.backend import to_device
     from lenet_xp.layers import Conv2d
 
@@ -119,14 +118,11 @@ def test_conv_layers_with_our_im2col_and_col2im_match_the_reference(dtype):
     g = np.random.default_rng(1).standard_normal((5, 4, 6, 5)).astype(dtype)
     results = []
     for on in (False, True):
-        kernels.set_enabled(on)
-        try:
-            layer = Conv2d(3, 4, 3, 2, 1, rng=np.random.default_rng(2), dtype=dtype).to("cuda")
-            y = layer.forward(to_device(x, "cuda"))
-            grad_x = layer.backward(to_device(g, "cuda"))
-            results.append([asnumpy(a) for a in (y, grad_x, layer.weight.grad, layer.bias.grad)])
-        finally:
-            kernels.set_enabled(False)
+        layer = Conv2d(3, 4, 3, 2, 1, rng=np.random.default_rng(2), dtype=dtype).to("cuda")
+        layer.use_cuda_kernels(on)
+        y = layer.forward(to_device(x, "cuda"))
+        grad_x = layer.backward(to_device(g, "cuda"))
+        results.append([asnumpy(a) for a in (y, grad_x, layer.weight.grad, layer.bias.grad)])
     rtol = {"float32": 1e-5, "float64": 1e-12}[dtype]
     for ours, ref in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))

@@ -39,10 +39,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lenet_xp.backend import Device, device_of, get_array_module, use_device
-from lenet_xp.data.mnist import MEAN, STD
+from lenet_xp.data.mnist import BACKGROUND
 
 #: The background of a normalised MNIST image (a 0 pixel): what samples outside it read.
-BACKGROUND = -MEAN / STD
 
 # ----------------------------------------------------------------------------------------------
 # The spec

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lenet_xp.backend import Device, asnumpy, get_array_module, to_device
-from lenet_xp.data.mnist import MEAN, STD, DataError
+from lenet_xp.data.mnist import BACKGROUND, MEAN, STD, DataError
 
 #: Labels are class indices ``0..NUM_CLASSES-1`` (MNIST's digits).
 NUM_CLASSES = 10
@@ -46,7 +46,7 @@ class DeviceSplit:
             )
             x = self.images[idx]
             if shifts is not None:
-                x = shift_images(x, shifts[0, idx], shifts[1, idx], max_shift, -MEAN / STD)
+                x = shift_images(x, shifts[0, idx], shifts[1, idx], max_shift, BACKGROUND)
             yield x, self.labels[idx]
 
 
@@ -85,7 +85,7 @@ def to_device_split(
     images *= 1.0 / (255.0 * STD)
     images -= MEAN / STD
     if pad_to_32:
-        padded = xp.full(images.shape[:2] + (32, 32), -MEAN / STD, dtype=dtype)
+        padded = xp.full(images.shape[:2] + (32, 32), BACKGROUND, dtype=dtype)
         padded[:, :, 2:30, 2:30] = images
         images = padded
     labels = to_device(labels_u8, device).astype(xp.int64)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lenet_xp.data.mnist import MEAN, STD
+from lenet_xp.data.mnist import BACKGROUND, MEAN, STD
 
 #: Pictures are decoded at most this many pixels on their long side (a phone photo of 4000
 #: pixels is reduced first); the digit ends up 20 pixels tall whatever the picture's size.
@@ -168,7 +168,7 @@ def pad_input(x: np.ndarray, size: int) -> np.ndarray:
     """Normalised inputs ``x (N, 1, 28, 28)`` for a network taking ``size`` x ``size``: as they
     are for 28, padded to 32x32 with the background value (as ``--pad32`` training did) for 32."""
     if size == 32 and x.shape[-1] == 28:
-        return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-MEAN / STD)
+        return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=BACKGROUND)
     return x
 
 

@@ -30,8 +30,11 @@ from tqdm import tqdm
 
 from lenet_xp.storage.fsync import fsync_dir
 
+#: MNIST's pixel mean and standard deviation (pixels in [0, 1]): inputs are ``(x - MEAN) / STD``.
 MEAN = 0.1307
 STD = 0.3081
+#: A blank (0) pixel once normalised: what padding, shifts and distortions fill with.
+BACKGROUND = -MEAN / STD
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"

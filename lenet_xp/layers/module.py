@@ -31,6 +31,9 @@ class Parameter:
 class Module:
     """Base class: children and parameters are found from attributes, in definition order."""
 
+    #: Whether GPU work uses our CUDA kernels (:meth:`use_cuda_kernels`).
+    cuda_kernels = False
+
     training: bool = True
 
     def forward(self, x: Any) -> Any:
@@ -128,6 +131,14 @@ class Module:
         """Multiply-accumulates per image of one forward pass from ``x_shape`` to ``y_shape``
         (``(N, ...)``); 0 unless the layer multiplies by weights (see ``summary``)."""
         return 0
+
+    def use_cuda_kernels(self, on: bool = True) -> Module:
+        """On a GPU, run this module's and its children's convolutions with our CUDA kernels
+        (im2col, col2im) if ``on``, else with array ops (the default); no effect on the CPU."""
+        self.cuda_kernels = on
+        for _, child in self.named_children():
+            child.use_cuda_kernels(on)
+        return self
 
     def summary(self, batch: int = 128) -> str:
         """A table of the layers: output shapes, parameters and MACs per image, with totals

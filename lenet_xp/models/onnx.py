@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lenet_xp.backend import asnumpy
-from lenet_xp.data.mnist import MEAN, STD
+from lenet_xp.data.mnist import BACKGROUND, MEAN, STD
 from lenet_xp.layers import (
     AvgPool2d,
     BatchNorm1d,
@@ -162,7 +162,7 @@ def to_onnx(model: Module, meta: dict | None = None) -> Any:
     pad = (model.input_size - 28) // 2
     if pad:  # the background value, as --pad32 training and predict pad
         pads = g.const("pads", [0, 0, pad, pad, 0, 0, pad, pad], np.int64)
-        x = g.op("Pad", [x, pads, g.const("background", -MEAN / STD)], "padded")
+        x = g.op("Pad", [x, pads, g.const("background", BACKGROUND)], "padded")
     logits = _layer(g, "", model, x)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     g.op("Softmax", ["logits"], "probabilities", axis=1)

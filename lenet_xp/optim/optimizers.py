@@ -48,6 +48,9 @@ class Optimizer:
         #: Weight averaging (``train --ema``; Keras's ``use_ema``): updated after every step,
         #: saved and restored with the rest of the state.
         self.average: ParameterEMA | None = None
+        #: On a GPU, whether updates run as our fused CUDA kernel (where the optimizer has
+        #: one: Adam) rather than array ops; the training engine sets it.
+        self.cuda_kernels = False
 
     @property
     def lr(self) -> float:
@@ -286,7 +289,7 @@ class Adam(Optimizer):
         bias2_sqrt = math.sqrt(1.0 - beta2**step)
         if (
             is_gpu(xp)
-            and kernels.enabled()
+            and self.cuda_kernels
             and _fused_adam_on_gpu(
                 grad, beta1, beta2, step_size, bias2_sqrt, self.eps, data, exp_avg, exp_avg_sq
             )

@@ -26,7 +26,7 @@ from typing import Any
 
 from lenet_xp.backend import asnumpy
 from lenet_xp.data.device_split import DeviceSplit
-from lenet_xp.data.mnist import MEAN, STD
+from lenet_xp.data.mnist import BACKGROUND
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.models.lenet5 import LeNet5
 from lenet_xp.optim.optimizers import Adam
@@ -128,6 +128,7 @@ class FusedStep:
         self._zero = xp.zeros(1, xp.int64)
         self._spaces: dict[int, _Workspace] = {}
         self.graph: Any = None
+        self.issued: int | None = None  # launches per step, if counted (build)
         self.kernels.load(self.dtype)  # a kernel that does not compile fails here
 
     def _views(self, flat: Any) -> list[Any]:
@@ -205,7 +206,7 @@ class FusedStep:
         k, m = self.kernels, self.model
         k.gather_shift(
             self.split.images, self.split.labels, order, self.shifts, batch_index, ws.x, ws.y,
-            -MEAN / STD,
+            BACKGROUND,
         )  # fmt: skip
         b = ws.batch
         pad = m.conv1.padding
@@ -339,11 +340,12 @@ class FusedStep:
 
 def build(
     model: Any, optimizer: Any, split: DeviceSplit, batch_size: int, lr_of_step: Any,
-    max_shift: int, graph: bool,
+    max_shift: int, graph: bool, count_launches: bool = False,
 ) -> tuple[FusedStep | None, str]:  # fmt: skip
     """The fused step for a training run (captured as a graph if ``graph``), or ``None`` and
     the one-line reason why the array-op layers train instead (a kernel that does not compile
-    or capture is recorded as a fallback)."""
+    or capture is recorded as a fallback). ``count_launches``: first count one step's
+    launches into ``issued`` (:meth:`FusedStep.launches_per_step`; that step trains)."""
     from lenet_xp.kernels import record_fallback
 
     reason = supports(model, optimizer)
@@ -359,6 +361,8 @@ def build(
             max_shift,
             "ours" if graph else "cublas",
         )
+        if count_launches:
+            fused.issued = fused.launches_per_step()
         if graph:
             fused.capture()
     except Exception as exc:  # compile, load or capture failed: the layers take over

@@ -73,22 +73,6 @@ def initial_meta(config: dict, rng_state: dict) -> dict:
     }  # fmt: skip
 
 
-def resume_hint(args: Any, checkpoint: Path | None) -> str:
-    """``resume with --resume CHECKPOINT ...`` and the flags a resumed run needs again, or
-    that there is nothing to resume (``checkpoint`` ``None``: the run saved nothing)."""
-    if checkpoint is None:
-        return "nothing was saved, so there is nothing to resume: start again"
-    hint = f"resume with --resume {checkpoint}"
-    if Path(checkpoint).parent != resolve_out(args):
-        hint += f" --out {args.out}"
-    for flag, value in (("--metrics", args.metrics), ("--data-dir", args.data_dir)):
-        if value:
-            hint += f" {flag} {value}"
-    if args.device != "auto":
-        hint += f" --device {args.device}"
-    return hint
-
-
 #: ``tempfile.mkstemp``'s names, as every atomic write here makes them: ``.<target>.`` then
 #: 8 random characters then ``.tmp``.
 _TEMP_NAME = re.compile(rf"\.(?P<target>.+)\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
@@ -231,14 +215,6 @@ class Keeper:
             f"diverged: start again with a lower --lr (now {lr:g}, e.g. --lr {lr / 10:g}); "
             f"{kept}"
         )
-
-
-def resolve_out(args: Any) -> Path:
-    """``args.out``, defaulted (and set) when not given: the folder of the ``--resume``
-    checkpoint, else ``runs/lenet5``."""
-    if args.out is None:
-        args.out = str(Path(args.resume).parent) if args.resume else "runs/lenet5"
-    return Path(args.out)
 
 
 def resume_base(meta: dict, metrics_path: Path) -> dict:
