@@ -245,7 +245,7 @@ def test_a_layer_class_of_the_script_trains_with_workers_or_names_the_fix(tmp_pa
         return
     assert done.returncode == 1 and time.monotonic() - started < 60, done
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("lenet_xp.training.parallel.WorkerError: "), done.stderr
+    assert last.startswith("lenet_xp.training.workers.WorkerError: "), done.stderr
     if form == "unguarded":
         assert "worker process 1 could not start: TrainingError: fit() ran in a worker" in last
         assert 'call fit() under `if __name__ == "__main__":`' in last

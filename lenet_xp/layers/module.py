@@ -28,6 +28,17 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
 
 
+def flat_views(params: list[Parameter], flat: Any) -> list[Any]:
+    """Views of the 1-D array ``flat`` (at least as long as the parameters together) shaped
+    like each of ``params``, in order: how the CPU worker processes share their parameters
+    and gradients and how the fused CUDA step keeps parameters and optimizer state."""
+    views, offset = [], 0
+    for param in params:
+        views.append(flat[offset : offset + param.data.size].reshape(param.data.shape))
+        offset += param.data.size
+    return views
+
+
 class Module:
     """Base class: children and parameters are found from attributes, in definition order."""
 

@@ -28,6 +28,7 @@ from lenet_xp.backend import asnumpy
 from lenet_xp.data.device_split import DeviceSplit
 from lenet_xp.data.mnist import BACKGROUND
 from lenet_xp.kernels.ops import Kernels
+from lenet_xp.layers.module import flat_views
 from lenet_xp.models.lenet5 import LeNet5
 from lenet_xp.optim.optimizers import Adam
 
@@ -104,7 +105,7 @@ class FusedStep:
         self.dtype = params[0].data.dtype
         size = sum(int(p.data.size) for p in params)
         self.flat = {name: xp.zeros(size, self.dtype) for name in ("param", "grad", "m", "v")}
-        views = {name: self._views(flat) for name, flat in self.flat.items()}
+        views = {name: flat_views(params, flat) for name, flat in self.flat.items()}
         steps = optimizer.steps
         for index, param in enumerate(params):
             views["param"][index][...] = param.data
@@ -130,13 +131,6 @@ class FusedStep:
         self.graph: Any = None
         self.issued: int | None = None  # launches per step, if counted (build)
         self.kernels.load(self.dtype)  # a kernel that does not compile fails here
-
-    def _views(self, flat: Any) -> list[Any]:
-        views, offset = [], 0
-        for param in self.model.parameters():
-            views.append(flat[offset : offset + param.data.size].reshape(param.data.shape))
-            offset += param.data.size
-        return views
 
     def _space(self, batch: int) -> _Workspace:
         if batch not in self._spaces:
