@@ -28,8 +28,8 @@ from lenet_xp.backend import (
     use_device,
 )
 from lenet_xp.data.augment import parse_augment
-from lenet_xp.data.device_split import DeviceSplit, to_device_split
-from lenet_xp.data.mnist import DataError, load_mnist, resolve_data_dir
+from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.data.mnist import resolve_data_dir
 from lenet_xp.models import presets
 from lenet_xp.optim.optimizers import Optimizer, make_optimizer
 from lenet_xp.optim.schedules import make_schedule
@@ -49,6 +49,7 @@ from lenet_xp.training.resume import (
     resume_base,
 )
 from lenet_xp.training.runlock import RunLock
+from lenet_xp.training.splits import load_splits
 
 
 class TrainingError(Exception):
@@ -142,31 +143,6 @@ def train(config: TrainConfig, model: Any = None, given: Collection[str] = ()) -
         return Outcome(metrics, config.out_dir, run.metrics_path, run.data_dir, device)
 
 
-def _load_splits(
-    config: TrainConfig, data_dir: str | None, device: Device, size: int
-) -> tuple[DeviceSplit, DeviceSplit | None, DeviceSplit]:
-    """``(train, val or None, test)`` splits on ``device``; ``val`` is the end of the
-    training set when ``config.val_size`` asks for one."""
-
-    def on_device(images: Any, labels: Any) -> DeviceSplit:
-        return to_device_split(images, labels, device, config.dtype, size == 32)
-
-    mnist = load_mnist(data_dir, progress=not config.quiet)
-    n_train = config.limit_train or len(mnist.train_labels)
-    n_test = config.limit_test or len(mnist.test_labels)
-    train_x, train_y = mnist.train_images[:n_train], mnist.train_labels[:n_train]
-    test = on_device(mnist.test_images[:n_test], mnist.test_labels[:n_test])
-    n_val = config.val_size
-    if n_val is None:  # the default: the last twelfth (5,000 of 60,000)
-        n_val = len(train_y) // 12
-    if not n_val:
-        return on_device(train_x, train_y), None, test
-    if not 0 < n_val < len(train_y):
-        raise DataError(f"--val-size {n_val} must be between 1 and {len(train_y) - 1}")
-    val = on_device(train_x[-n_val:], train_y[-n_val:])
-    return on_device(train_x[:-n_val], train_y[:-n_val]), val, test
-
-
 def _prepare(config: TrainConfig, device: Device, model: Any, given: frozenset) -> _Run | Outcome:
     """The run set up: its configuration (a resumed checkpoint's), model, data, optimizer,
     schedule and generator, restored from ``--resume``; an :class:`Outcome` if a resumed
@@ -191,7 +167,7 @@ def _prepare(config: TrainConfig, device: Device, model: Any, given: frozenset) 
     model = presets.build_from_config(stored) if model is None else model
     data_dir = run_data_dir(stored, config.data_dir)  # resumed: the run's own, by default
     stored["data_dir"] = str(resolve_data_dir(data_dir).resolve())  # for evaluate, report
-    splits = _load_splits(config, data_dir, device, model.input_size)
+    splits = load_splits(config, data_dir, device, model.input_size)
     if config.patience and splits[1] is None:
         raise TrainingError("--patience needs a validation split: drop --val-size 0")
     model.to(device)
