@@ -1,5 +1,5 @@
-"""Launches per training step of LeNet-5: the fused step (``--cuda-kernels``, with cuBLAS
-GEMMs; ``--cuda-graph``, with ours) as issued by our code, at batch 128.
+"""Launches per training step of LeNet-5: the fused step (``--engine kernels``, with cuBLAS
+GEMMs; ``--engine graph``, with ours) as issued by our code, at batch 128.
 
     python scripts/count_launches.py            # GPU if usable, else the CPU emulator
 
@@ -43,12 +43,12 @@ def main() -> int:
     labels = xp.arange(batch, dtype=xp.int64) % 10
     split = DeviceSplit(images, labels, device)
     print(f"launches per training step at batch {batch} ({where}):")
-    for flag, gemm in (("--cuda-kernels", "cublas"), ("--cuda-graph", "ours")):
+    for flag, gemm in (("--engine kernels", "cublas"), ("--engine graph", "ours")):
         model = LeNet5(seed=0).to(device)
         fused = FusedStep(
             model, Adam(model.parameters()), split, batch, [1e-3] * 2, 2, gemm, kernels
         )
-        print(f"  {flag:<15} ({gemm} GEMMs): {fused.launches_per_step()}")
+        print(f"  {flag:<16} ({gemm} GEMMs): {fused.launches_per_step()}")
     return 0
 
 

@@ -54,8 +54,7 @@ def write_csv(jsonl: str | Path, csv_path: str | Path | None = None) -> Path:
 def filter_image(weight: Any, scale: int = 4) -> Any:
     """A conv ``weight (out, in, k, k)`` as a greyscale picture ``(H, W)`` float in [0, 1]:
     the mosaic of :func:`lenet_xp.models.feature_maps.filter_mosaic` (0.5: a zero weight; gaps
-    white),
-    each pixel ``scale`` times larger."""
+    white), each pixel ``scale`` times larger."""
     from lenet_xp.models.feature_maps import filter_mosaic
 
     grid = filter_mosaic(asnumpy(weight))
