@@ -12,160 +12,44 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import resource
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from lenet_xp import bench_torch
-from lenet_xp import fused as fused_step
-from lenet_xp.augment import parse_augment
 from lenet_xp.backend import (
     Device,
     DeviceError,
     get_device,
-    host_rng,
-    synchronize,
     tune_host_allocator,
     use_device,
 )
-from lenet_xp.data import DeviceSplit, to_device_split
-from lenet_xp.evaluate import evaluate
-from lenet_xp.functional.loss import softmax_cross_entropy
-from lenet_xp.fused import FusedStep
-from lenet_xp.mnist import DataError, load_mnist
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam, make_optimizer
-from lenet_xp.parallel import DataParallel, forward_backward
-from lenet_xp.schedules import ConstantLR, make_schedule
-from lenet_xp.train import train_epoch
-from lenet_xp.train_args import default_workers
-
-
-def load_train_split(
-    device: Device, data_dir: str | None, limit: int = 60_000
-) -> tuple[DeviceSplit, str]:
-    """MNIST's first ``limit`` training images on ``device``, or random images as many."""
-    try:
-        mnist = load_mnist(data_dir, download=False)
-        images, labels = mnist.train_images[:limit], mnist.train_labels[:limit]
-        return to_device_split(images, labels, device), "MNIST"
-    except DataError:
-        rng = host_rng(0)
-        images = rng.integers(0, 256, (limit, 28, 28), dtype="uint8")
-        labels = rng.integers(0, 10, limit, dtype="uint8")
-        return to_device_split(images, labels, device), "random images (MNIST not found)"
-
-
-def our_epoch(
-    split: DeviceSplit, batch_size: int, workers: int, tune_allocator: bool = True,
-    augment: Any = None, ema_decay: float | None = None,
-) -> tuple[Any, Any]:  # fmt: skip
-    """``(run_one_epoch, close)`` for lenet_xp's training loop (images distorted as
-    ``augment``, an :class:`~lenet_xp.augment.Augment`, and the weights averaged with
-    ``ema_decay``, if given), after a 20-step warm-up."""
-    model = LeNet5(seed=0).to(split.device)
-    workers = workers if split.device.kind == "cpu" else 1
-    runner = DataParallel(model, workers, batch_size, tune_allocator=tune_allocator)
-    optimizer = make_optimizer("adam", model.parameters(), 1e-3, ema=ema_decay or None)
-    rng, schedule = host_rng(0), ConstantLR(1e-3)
-    n_warm = 20 * batch_size
-    warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)
-    train_epoch(runner, optimizer, schedule, warmup, batch_size, rng, 0, None, 0, augment)
-
-    def epoch() -> None:
-        train_epoch(runner, optimizer, schedule, split, batch_size, rng, 0, None, 0, augment)
-
-    return epoch, runner.close
-
-
-def profile_layers(
-    split: DeviceSplit, batch_size: int, steps: int = 30
-) -> list[tuple[str, float, float]]:
-    """Mean milliseconds per step of each layer's forward and backward (device-synchronised)."""
-    model = LeNet5(seed=0).to(split.device)
-    names = [name for name, _ in model.named_children()]
-    layers = model.layers()
-    fwd, bwd = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    x, y = split.images[:batch_size], split.labels[:batch_size]
-
-    def timed(fn: Any, arg: Any) -> tuple[Any, float]:
-        synchronize(split.device)
-        start = time.perf_counter()
-        out = fn(arg)
-        synchronize(split.device)
-        return out, time.perf_counter() - start
-
-    for step in range(steps + 3):
-        h = x
-        for name, layer in zip(names, layers, strict=True):
-            h, dt = timed(layer.forward, h)
-            fwd[name] += dt * (step >= 3)
-        loss, g = softmax_cross_entropy(h, y)
-        for name, layer in zip(reversed(names), reversed(layers), strict=True):
-            g, dt = timed(layer.backward, g)
-            bwd[name] += dt * (step >= 3)
-    return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in names]
-
-
-def timed(fn: Any, device: Device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def peak_memory_mib(device: Device) -> float:
-    """Peak resident set size of this process (CPU), or the CuPy pool's bytes (GPU), in MiB."""
-    if device.kind == "cuda":
-        return device.xp.get_default_memory_pool().total_bytes() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def machine_line(device: Device) -> str:
-    if device.kind == "cuda":
-        props = device.xp.cuda.runtime.getDeviceProperties(device.index)
-        return f"{props['name'].decode()} (CuPy {device.xp.__version__})"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} CPUs, NumPy {device.xp.__version__}"
-
-
-@dataclass
-class Engine:
-    """One way of training: ``epoch()`` one timed pass, ``one_step()`` a single step (for
-    counting launches), ``issued`` the launches per step our code issues (fused engines)."""
-
-    name: str
-    epoch: Callable[[], Any]
-    one_step: Callable[[], Any]
-    close: Callable[[], Any] = lambda: None
-    issued: int | None = None
-
-
-def _fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -> Engine:
-    model = LeNet5(seed=0).to(split.device)
-    optimizer = Adam(model.parameters(), lr=1e-3)
-    steps = (epochs + 3) * -(-len(split) // batch_size) + 10
-    gemm = "ours" if name == "graph" else "cublas"
-    fused = FusedStep(model, optimizer, split, batch_size, [1e-3] * steps, 0, gemm)
-    issued = fused.launches_per_step()
-    if name == "graph":
-        fused.capture()
-    rng = host_rng(0)
-    fused_step.train_epoch_fused(fused, rng, None)  # warm-up
-    epoch = lambda: fused_step.train_epoch_fused(fused, rng, None)  # noqa: E731
-    return Engine(name, epoch, fused.step_once, issued=issued)
+from lenet_xp.benchmarks import torch_reference as bench_torch
+from lenet_xp.benchmarks.timing import (  # noqa: F401  (load_train_split: documented here)
+    RACE_BATCH,
+    RACE_LR,
+    Timed,
+    fused_engine,
+    load_train_split,
+    machine_line,
+    our_epoch,
+    peak_memory_mib,
+    profile_layers,
+    time_to_accuracy,
+    timed,
+    torch_engine,
+)
+from lenet_xp.data.augment import parse_augment
+from lenet_xp.data.device_split import DeviceSplit, to_device_split
+from lenet_xp.data.mnist import DataError, load_mnist
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import Adam
+from lenet_xp.training.config import default_workers
+from lenet_xp.training.parallel import forward_backward
 
 
 def _layers_engine(
     split: DeviceSplit, batch_size: int, args: argparse.Namespace, extras: bool = False
-) -> Engine:
+) -> Timed:
     """The layers; with ``extras``, training as ``--augment`` and ``--ema`` say."""
     augment = parse_augment(args.augment or "none") if extras else None
     ema_decay = args.ema if extras else None
@@ -180,18 +64,12 @@ def _layers_engine(
         forward_backward(model, x, y)
         optimizer.step()
 
-    return Engine("layers+aug" if extras else "layers", epoch, one_step, close)
-
-
-def _torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Engine:
-    run = bench_torch.TorchRun(split, batch_size, graph=name == "torch-graph")
-    run.epoch(20 * batch_size)  # warm-up
-    return Engine(name, run.epoch, lambda: run.epoch(batch_size))
+    return Timed("layers+aug" if extras else "layers", epoch, one_step, close)
 
 
 def engines(
     args: argparse.Namespace, split: DeviceSplit, batch_size: int
-) -> tuple[list[Engine], list[str]]:
+) -> tuple[list[Timed], list[str]]:
     """The engines to time on this device, and one line per engine that could not run."""
     names = ["layers"] + (["layers+aug"] if args.augment or args.ema else [])
     names += ["kernels", "graph"] if split.device.kind == "cuda" else []
@@ -205,73 +83,14 @@ def engines(
             elif name == "layers+aug":
                 built.append(_layers_engine(split, batch_size, args, extras=True))
             elif name in ("kernels", "graph"):
-                built.append(_fused_engine(name, split, batch_size, args.epochs))
+                built.append(fused_engine(name, split, batch_size, args.epochs))
             elif not bench_torch.available():
                 skipped.append(f"{name}: PyTorch is not installed (pip install 'lenet_xp[bench]')")
             else:
-                built.append(_torch_engine(name, split, batch_size))
+                built.append(torch_engine(name, split, batch_size))
         except Exception as exc:  # an engine that cannot run here is reported, not fatal
             skipped.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
     return built, skipped
-
-
-#: The race recipe: batch 128, Adam, cosine decay from 3e-3 over RACE_EPOCHS epochs, no
-#: augmentation, on all 60,000 training images (the README gives what it reaches).
-RACE_BATCH, RACE_LR = 128, 3e-3
-
-
-def time_to_accuracy(
-    name: str, split: DeviceSplit, test: DeviceSplit, target: float, epochs: int
-) -> tuple[float, float, int, float]:
-    """Train engine ``name`` from scratch with the race recipe, testing after each epoch:
-    ``(setup s, training s until test accuracy >= target, epochs, accuracy reached)``;
-    training seconds are ``inf`` if ``epochs`` do not reach ``target``."""
-    batch = RACE_BATCH
-    steps = epochs * -(-len(split) // batch)
-    schedule = make_schedule("cosine", RACE_LR, steps, steps // epochs)
-    start = time.perf_counter()
-    if name.startswith("torch"):
-        run = bench_torch.TorchRun(split, batch, name == "torch-graph", schedule)
-
-        def epoch() -> None:
-            run.epoch()
-
-        def accuracy() -> float:
-            return run.accuracy(test)
-    else:
-        model = LeNet5(seed=0).to(split.device)
-        optimizer = Adam(model.parameters(), lr=RACE_LR)
-        rng = host_rng(0)
-        fused = None
-        if name in ("kernels", "graph"):
-            table = [schedule(s) for s in range(steps)]
-            gemm = "ours" if name == "graph" else "cublas"
-            fused = FusedStep(model, optimizer, split, batch, table, 0, gemm)
-            if name == "graph":
-                fused.capture()
-        runner = DataParallel(model, 1, 2000)
-        step = [0]
-
-        def epoch() -> None:
-            if fused is not None:
-                fused_step.train_epoch_fused(fused, rng, None)
-            else:
-                *_, step[0] = train_epoch(
-                    runner, optimizer, schedule, split, batch, rng, step[0], None
-                )
-
-        def accuracy() -> float:
-            return evaluate(runner, test)[1]
-
-    synchronize(split.device)
-    setup = time.perf_counter() - start
-    seconds, acc = 0.0, 0.0
-    for n_epochs in range(1, epochs + 1):
-        seconds += timed(epoch, split.device)
-        acc = accuracy()
-        if acc >= target:
-            return setup, seconds, n_epochs, acc
-    return setup, math.inf, epochs, acc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """``python -m lenet_xp.export``: a checkpoint to ONNX or to PyTorch-named weights, and back.
 
 * ``--checkpoint PATH --to model.onnx``: the network as an ONNX graph (see
-  :mod:`lenet_xp.export_onnx`; needs ``pip install "lenet_xp[onnx]"``).
+  :mod:`lenet_xp.models.onnx`; needs ``pip install "lenet_xp[onnx]"``).
 * ``--checkpoint PATH --to weights.npz``: the weights under PyTorch's names and layouts, one
   array each, for ``torch_net.load_state_dict({k: torch.from_numpy(v) ...})``.
 * ``--from weights.npz --to ckpt.npz --arch NAME [options]``: such weights (from here or from
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from lenet_xp import presets
 from lenet_xp.backend import asnumpy
-from lenet_xp.checkpoint import CheckpointError, atomic_write, save_checkpoint
-from lenet_xp.evaluate import load_model
-from lenet_xp.export_onnx import ExportError, save_onnx
 from lenet_xp.layers import Module, PartialConv2d
+from lenet_xp.models import presets
+from lenet_xp.models.onnx import ExportError, save_onnx
+from lenet_xp.storage.checkpoint import CheckpointError, atomic_write, save_checkpoint
+from lenet_xp.training.evaluation import load_model
 
 
 def _partial_convs(model: Module, prefix: str = "") -> list[tuple[str, PartialConv2d]]:

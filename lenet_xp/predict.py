@@ -1,7 +1,7 @@
 """``python -m lenet_xp.predict --checkpoint PATH IMAGE...``: read your own digit pictures.
 
 Each picture (any format Pillow reads; dark-on-light or light-on-dark) is prepared the way
-MNIST's digits were (see :mod:`lenet_xp.images`) and classified: one line per picture, or with
+MNIST's digits were (see :mod:`lenet_xp.data.images`) and classified: one line per picture, or with
 ``--json`` one JSON array on stdout holding an object per picture (``file``, ``digit``,
 ``probability``, ``top3``). A picture that cannot be read is one line on stderr and the others
 are still classified; the exit status is then 1. From Python: :func:`predict`.
@@ -19,36 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from lenet_xp.backend import Device, DeviceError, asnumpy, device_of, get_device, use_device
-from lenet_xp.checkpoint import CheckpointError
-from lenet_xp.evaluate import load_model
-from lenet_xp.functional.loss import log_softmax
-from lenet_xp.images import ImageError, denormalise, load_digit, pad_input
+from lenet_xp.backend import Device, DeviceError, asnumpy, get_device, use_device
+from lenet_xp.data.images import ImageError, denormalise, load_digit
+from lenet_xp.data.mnist import MEAN, STD
 from lenet_xp.layers import Module
-from lenet_xp.mnist import MEAN, STD
+from lenet_xp.storage.checkpoint import CheckpointError
+from lenet_xp.training.evaluation import classify, load_model
 
 Images = Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | np.ndarray
-
-
-def classify(model: Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Softmax probabilities ``(N, 10)`` (host, the model's float dtype) of normalised inputs
-    ``x (N, 1, 28, 28)`` (``(pixels - MEAN) / STD``, host) on the model's device, in eval
-    mode (the model's mode is restored after); padded to 32x32 for a 32x32 model."""
-    weight = model.parameters()[0].data
-    device, dtype = device_of(weight), weight.dtype
-    x = pad_input(x, getattr(model, "input_size", 28))
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with use_device(device):
-            xp = device.xp
-            for start in range(0, len(x), batch_size):
-                batch = xp.asarray(x[start : start + batch_size], dtype=dtype)
-                out.append(asnumpy(xp.exp(log_softmax(model.forward(batch)))))
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 10), dtype)
 
 
 def _normalise(images: np.ndarray, size: int) -> np.ndarray:
@@ -84,7 +62,8 @@ def predict(
     host NumPy arrays (probabilities in the model's float dtype, rows summing to 1).
 
     ``images``: picture files (a path or a list of them; prepared as MNIST's digits were, see
-    :mod:`lenet_xp.images`; an unreadable one raises :class:`~lenet_xp.images.ImageError`),
+    :mod:`lenet_xp.data.images`; an unreadable one raises
+    :class:`~lenet_xp.data.images.ImageError`),
     or an array of digits already prepared as MNIST's: ``(N, 28, 28)`` or ``(N, 1, 28, 28)``,
     white on black, ``uint8`` 0-255 or float in [0, 1] (not normalised: this does that). A
     bad array raises ``ValueError``. ``model``: a network (run on its own device) or the path

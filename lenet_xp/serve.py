@@ -1,13 +1,13 @@
 """``python -m lenet_xp.serve --checkpoint PATH``: draw a digit, watch the network read it.
 
-Serves one page (``lenet_xp/static/``: no CDN, no build step, nothing fetched from elsewhere)
+Serves one page (``lenet_xp/web/static/``: no CDN, no build step, nothing fetched from elsewhere)
 and the JSON API behind it, with the standard library's threading HTTP server:
 
 * ``GET /``: the page: draw with a mouse, pen or finger, or open / drop a photo; it shows the
   ten probabilities, the 28x28 picture the network sees and the feature maps of every layer.
 * ``POST /predict`` (``?maps=0``: without feature maps): a picture (PNG, JPEG, ...) or JSON
   ``{"image": 28x28 array}`` -> ``{"digit", "probability", "probabilities", "input",
-  "feature_maps"}``; see :mod:`lenet_xp.serve_api`. Bad requests get a 4xx and
+  "feature_maps"}``; see :mod:`lenet_xp.web.api`. Bad requests get a 4xx and
   ``{"error": "one line"}``.
 * ``GET /info``: the model (``arch``, ``epoch``, ``parameters``, ``input_size``, ``device``).
 
@@ -31,8 +31,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from lenet_xp.backend import DeviceError, get_device, use_device
-from lenet_xp.checkpoint import CheckpointError
-from lenet_xp.serve_api import ApiError, Classifier, body_of, parse_body
+from lenet_xp.storage.checkpoint import CheckpointError
+from lenet_xp.web.api import ApiError, Classifier, body_of, parse_body
 
 PROG = "python -m lenet_xp.serve"
 #: The largest request body accepted by default (a phone photo is a few MB).
@@ -41,7 +41,7 @@ DEFAULT_MAX_BODY_MB = 20.0
 #: megapixels, decodes at 1/2 to 1/8 scale, so to a few megapixels at most). Decoding costs
 #: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency), for 4 pictures at once.
 DEFAULT_MAX_PIXELS = 40_000_000
-#: Static files of the page, by URL path: ``(file in lenet_xp/static, Content-Type)``.
+#: Static files of the page, by URL path: ``(file in lenet_xp/web/static, Content-Type)``.
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -68,7 +68,7 @@ EXPOSED_WARNING = (
 
 def static_files() -> dict[str, tuple[bytes, str]]:
     """The page's files, read once from the installed package: URL path -> (bytes, type)."""
-    folder = resources.files("lenet_xp") / "static"
+    folder = resources.files("lenet_xp.web") / "static"
     return {url: (folder.joinpath(name).read_bytes(), kind) for url, (name, kind) in STATIC.items()}
 
 
@@ -272,7 +272,7 @@ def make_server(
 
     Raises :class:`CheckpointError`, :class:`DeviceError` or ``OSError`` (address in use ...).
     """
-    from lenet_xp.evaluate import load_model
+    from lenet_xp.training.evaluation import load_model
 
     dev = get_device(device)
     with use_device(dev):

@@ -13,8 +13,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from lenet_xp.augment import augment_batch, parse_augment
 from lenet_xp.backend import tune_host_allocator
+from lenet_xp.data.augment import augment_batch, parse_augment
 
 
 def main() -> None:

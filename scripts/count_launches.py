@@ -1,5 +1,5 @@
-"""Launches per training step of LeNet-5: the fused step (``--cuda-kernels``, with cuBLAS
-GEMMs; ``--cuda-graph``, with ours) as issued by our code, at batch 128.
+"""Launches per training step of LeNet-5: the fused step (``--engine kernels``, with cuBLAS
+GEMMs; ``--engine graph``, with ours) as issued by our code, at batch 128.
 
     python scripts/count_launches.py            # GPU if usable, else the CPU emulator
 
@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from lenet_xp.backend import cuda_unavailable_reason, get_device  # noqa: E402
-from lenet_xp.data import DeviceSplit  # noqa: E402
-from lenet_xp.fused import FusedStep  # noqa: E402
+from lenet_xp.data.device_split import DeviceSplit  # noqa: E402
 from lenet_xp.kernels.ops import Kernels  # noqa: E402
-from lenet_xp.model import LeNet5  # noqa: E402
-from lenet_xp.optim import Adam  # noqa: E402
+from lenet_xp.models.lenet5 import LeNet5  # noqa: E402
+from lenet_xp.optim.optimizers import Adam  # noqa: E402
+from lenet_xp.training.fused import FusedStep  # noqa: E402
 
 
 def main() -> int:
@@ -43,12 +43,12 @@ def main() -> int:
     labels = xp.arange(batch, dtype=xp.int64) % 10
     split = DeviceSplit(images, labels, device)
     print(f"launches per training step at batch {batch} ({where}):")
-    for flag, gemm in (("--cuda-kernels", "cublas"), ("--cuda-graph", "ours")):
+    for flag, gemm in (("--engine kernels", "cublas"), ("--engine graph", "ours")):
         model = LeNet5(seed=0).to(device)
         fused = FusedStep(
             model, Adam(model.parameters()), split, batch, [1e-3] * 2, 2, gemm, kernels
         )
-        print(f"  {flag:<15} ({gemm} GEMMs): {fused.launches_per_step()}")
+        print(f"  {flag:<16} ({gemm} GEMMs): {fused.launches_per_step()}")
     return 0
 
 

@@ -206,7 +206,7 @@ print(f"CUDA headers: {inc}")
 print("libs from site-packages: " + ", ".join(os.path.basename(d.abs_path) for d in libs.values()))
 print(f"NVRTC compiled a kernel including cuda_fp16.h and cupy/carray.cuh ({len(ptx)} bytes of PTX)")
 
-# lenet_xp's own CUDA kernels (train --cuda-kernels): their .cu sources must be in the
+# lenet_xp's own CUDA kernels (train --engine kernels): their .cu sources must be in the
 # installed package, and compile.
 try:
     from lenet_xp import kernels

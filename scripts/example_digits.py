@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from lenet_xp.mnist import load_mnist
+from lenet_xp.data.mnist import load_mnist
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 #      failure, so the check cannot pass by skipping (GPU tests: CPU<->GPU parity, every kernel
 #      of ours against the array-op reference, graph replay = eager, no hidden sync),
 #   2. default 10-epoch training runs on cuda with each engine: the array-op layers,
-#      --cuda-kernels (our fused step) and --cuda-graph (that step as one CUDA graph),
+#      --engine kernels (our fused step) and --engine graph (that step as one CUDA graph),
 #   2b. determinism: the same short run twice per engine,
 #   3. the benchmark at batch 128 and 1024 with PyTorch side by side (eager and CUDA graph, if
 #      installed), launches per step, and time to 99 % test accuracy,
@@ -44,7 +44,7 @@ $PY -m pytest -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | ta
 tests_rc=${PIPESTATUS[0]}
 set -e
 
-ENGINES=("layers:--no-cuda-kernels" "kernels:--cuda-kernels" "graph:--cuda-graph")
+ENGINES=("layers:--engine layers" "kernels:--engine kernels" "graph:--engine graph")
 for spec in "${ENGINES[@]}"; do
   name=${spec%%:*} flag=${spec#*:}
   echo "== 2. training, $EPOCHS epochs on $DEVICE, engine $name ($flag)"

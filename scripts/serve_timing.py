@@ -15,7 +15,7 @@ import urllib.request
 from PIL import Image
 
 from lenet_xp import serve
-from lenet_xp.mnist import load_mnist
+from lenet_xp.data.mnist import load_mnist
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""What recording per-layer statistics (``train --stats-every N``, :mod:`lenet_xp.stats`) costs.
+"""What recording per-layer statistics (``train --stats-every N``,
+:mod:`lenet_xp.training.stats`) costs.
 
     LENET_XP_DATA=../shared/datasets/mnist python scripts/stats_overhead.py [--device cpu]
 
@@ -22,14 +23,14 @@ from pathlib import Path
 
 from lenet_xp.backend import get_device, host_rng, synchronize, use_device
 from lenet_xp.bench import load_train_split
-from lenet_xp.data import DeviceSplit
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam
-from lenet_xp.parallel import DataParallel
-from lenet_xp.schedules import ConstantLR
-from lenet_xp.stats import DEFAULT_EVERY, LayerStats
+from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import Adam
+from lenet_xp.optim.schedules import ConstantLR
 from lenet_xp.train import train_epoch
-from lenet_xp.train_args import default_workers
+from lenet_xp.training.config import default_workers
+from lenet_xp.training.parallel import DataParallel
+from lenet_xp.training.stats import DEFAULT_EVERY, LayerStats
 
 BATCH = 128
 

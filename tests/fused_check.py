@@ -1,4 +1,4 @@
-"""One epoch of the fused step (lenet_xp.fused) beside one of the array-op layers.
+"""One epoch of the fused step (lenet_xp.training.fused) beside one of the array-op layers.
 
 Shared by the CPU test (kernels emulated) and the GPU test (kernels compiled by CuPy): the
 same weights, the same permutation and shifts, the same Adam; returns both results.
@@ -7,13 +7,13 @@ same weights, the same permutation and shifts, the same Adam; returns both resul
 import numpy as np
 
 from lenet_xp.backend import asnumpy, get_device, host_rng, to_device
-from lenet_xp.data import DeviceSplit, permutation, random_shifts
-from lenet_xp.fused import FusedStep
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam, AdamW
-from lenet_xp.parallel import DataParallel
-from lenet_xp.schedules import make_schedule
+from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import Adam, AdamW
+from lenet_xp.optim.schedules import make_schedule
 from lenet_xp.train import train_epoch
+from lenet_xp.training.fused import FusedStep
+from lenet_xp.training.parallel import DataParallel
 
 
 def make_split(device: str, dtype: str, n: int = 300, seed: int = 0) -> DeviceSplit:

@@ -1,4 +1,4 @@
-"""Random distortions (lenet_xp.augment): the identity, exactness against shift_images and
+"""Random distortions (lenet_xp.data.augment): the identity, exactness against shift_images and
 scipy, what rotations and translations do to real digits, the counter-based generator's
 statistics, the elastic field's statistics and smoothness, determinism, CPU/GPU agreement,
 parse errors and cost."""
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import DATA, DEVICES, needs_cuda, needs_mnist
 
-from lenet_xp.augment import (
+from lenet_xp.backend import asnumpy, get_device, to_device
+from lenet_xp.data.augment import (
     BACKGROUND,
     NAMED,
     STREAM_AFFINE,
@@ -29,9 +30,8 @@ from lenet_xp.augment import (
     uniforms,
     warp,
 )
-from lenet_xp.backend import asnumpy, get_device, to_device
-from lenet_xp.data import shift_images
-from lenet_xp.mnist import MEAN, STD, load_mnist
+from lenet_xp.data.device_split import shift_images
+from lenet_xp.data.mnist import MEAN, STD, load_mnist
 
 FILL = -MEAN / STD
 assert BACKGROUND == FILL

@@ -5,16 +5,17 @@ import pytest
 from conftest import DATA, needs_mnist
 from reliability_helpers import metrics
 
-from lenet_xp import LeNet5, fused
+from lenet_xp import LeNet5
 from lenet_xp import evaluate as evaluate_cli
 from lenet_xp import train as train_cli
-from lenet_xp.averaging import ParameterEMA
 from lenet_xp.backend import CPU
-from lenet_xp.checkpoint import load_checkpoint
-from lenet_xp.evaluate import evaluate, load_model
 from lenet_xp.layers.module import Parameter
-from lenet_xp.optim import make_optimizer
-from lenet_xp.parallel import DataParallel
+from lenet_xp.optim.averaging import ParameterEMA
+from lenet_xp.optim.optimizers import make_optimizer
+from lenet_xp.storage.checkpoint import load_checkpoint
+from lenet_xp.training import fused
+from lenet_xp.training.evaluation import evaluate, load_model
+from lenet_xp.training.parallel import DataParallel
 
 
 def _params() -> list[Parameter]:

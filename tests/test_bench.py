@@ -6,7 +6,8 @@ import importlib.util
 import pytest
 from conftest import DATA, needs_mnist
 
-from lenet_xp import bench, bench_torch
+from lenet_xp import bench
+from lenet_xp.benchmarks import torch_reference as bench_torch
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 

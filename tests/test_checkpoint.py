@@ -13,15 +13,15 @@ import pytest
 from conftest import DATA, needs_mnist
 
 from lenet_xp import LeNet5, loss_and_grads
-from lenet_xp.checkpoint import (
+from lenet_xp.optim.optimizers import Adam
+from lenet_xp.storage.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     digest,
     load_checkpoint,
     save_checkpoint,
 )
-from lenet_xp.evaluate import load_model
-from lenet_xp.optim import Adam
+from lenet_xp.training.evaluation import load_model
 
 
 def _trained_state():
@@ -82,7 +82,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
         from lenet_xp import LeNet5
-        from lenet_xp.checkpoint import save_checkpoint, CheckpointError
+        from lenet_xp.storage.checkpoint import save_checkpoint, CheckpointError
         try:
             save_checkpoint({str(path)!r}, LeNet5(seed=5).state_dict(), {{}}, {{"epoch": 2}})
         except CheckpointError as e:
@@ -289,7 +289,7 @@ def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_writing_fails(tm
     (here a full disk, raised after some bytes went out) keeps the previous file whole."""
     import errno
 
-    from lenet_xp.checkpoint import atomic_write
+    from lenet_xp.storage.checkpoint import atomic_write
 
     path = tmp_path / "model.onnx"
     atomic_write(path, lambda f: f.write(b"first version"), mode=0o644)

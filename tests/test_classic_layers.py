@@ -26,7 +26,7 @@ from lenet_xp.layers import (
     TrainableSubsampling,
 )
 from lenet_xp.layers.rbf import DIGIT_PICTURES
-from lenet_xp.optim import Adam
+from lenet_xp.optim.optimizers import Adam
 
 TOL = 1e-6
 

@@ -12,13 +12,13 @@ from conftest import DATA, DEVICES, needs_mnist
 from lenet_xp import evaluate as evaluation
 from lenet_xp import export
 from lenet_xp.backend import asnumpy, get_device
-from lenet_xp.checkpoint import load_checkpoint
-from lenet_xp.data import DeviceSplit
-from lenet_xp.evaluate import load_model
-from lenet_xp.export_onnx import IR_VERSION, OPSET, to_onnx
-from lenet_xp.mnist import MEAN, STD, load_mnist
+from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.data.mnist import MEAN, STD, load_mnist
+from lenet_xp.models.onnx import IR_VERSION, OPSET, to_onnx
+from lenet_xp.models.presets import Options, build
 from lenet_xp.predict import predict
-from lenet_xp.presets import Options, build
+from lenet_xp.storage.checkpoint import load_checkpoint
+from lenet_xp.training.evaluation import load_model
 
 onnx = pytest.importorskip("onnx")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
@@ -259,7 +259,7 @@ def test_weights_load_into_torch_and_come_back(arch, options, digits, tmp_path):
     logits; --from turns it back into a checkpoint that evaluate/predict load unchanged."""
     model = random_model(arch, options)
     ckpt, weights, back = tmp_path / "ckpt.npz", tmp_path / "w.npz", tmp_path / "back.npz"
-    from lenet_xp.checkpoint import save_checkpoint
+    from lenet_xp.storage.checkpoint import save_checkpoint
 
     config = {"arch": arch, **options}
     save_checkpoint(ckpt, model.state_dict(), {}, {"config": config, "epoch": 3})
@@ -318,8 +318,8 @@ def test_a_torch_lenet5_imports_and_predicts_the_same(digits, tmp_path, capsys):
 
 # -- errors: one line each ----------------------------------------------------------------
 def test_a_layer_without_an_onnx_form_is_named():
-    from lenet_xp.export_onnx import ExportError
     from lenet_xp.layers import Flatten, Module, Sequential
+    from lenet_xp.models.onnx import ExportError
 
     class Square(Module):
         def forward(self, x):
@@ -334,7 +334,7 @@ def test_a_layer_without_an_onnx_form_is_named():
 def test_bad_inputs_are_one_line_each(tmp_path, capsys):
     classic = build("lenet5-classic")
     ckpt, weights = tmp_path / "c.npz", tmp_path / "w.npz"
-    from lenet_xp.checkpoint import save_checkpoint
+    from lenet_xp.storage.checkpoint import save_checkpoint
 
     save_checkpoint(ckpt, classic.state_dict(), {}, {"config": {"arch": "lenet5-classic"}})
     assert export.main(["--checkpoint", str(ckpt), "--to", str(weights)]) == 0

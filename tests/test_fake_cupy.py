@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import DATA, needs_mnist
 
-from lenet_xp.backend import _cuda_probe_steps, probe_steps
+from lenet_xp.backend.cuda import _cuda_probe_steps, probe_steps
 from lenet_xp.testing import count_synchronizations, cupy_names
 from lenet_xp.testing.fake_cupy import cupy, cupyx, launches, runtime
 from lenet_xp.testing.fake_cupy.namespace import VERSION

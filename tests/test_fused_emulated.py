@@ -1,18 +1,18 @@
-"""The fused training step (lenet_xp.fused) on the CPU, its CUDA kernels run by the emulator
-(lenet_xp/testing/cuda_emulator.py): the whole orchestration, buffer layouts and launch arguments
-checked against the array-op layers, before any GPU sees them. ``test_gpu_fused.py`` runs the
-same comparisons with the kernels compiled for a real GPU.
+"""The fused training step (lenet_xp.training.fused) on the CPU, its CUDA kernels run by the
+emulator (lenet_xp/testing/cuda_emulator.py): the whole orchestration, buffer layouts and launch
+arguments checked against the array-op layers, before any GPU sees them. ``test_gpu_fused.py``
+runs the same comparisons with the kernels compiled for a real GPU.
 """
 
 import numpy as np
 import pytest
 from fused_check import assert_same_training, fused_epoch, make_split, reference_epoch
 
-from lenet_xp.fused import FusedStep, supports
 from lenet_xp.kernels.ops import Kernels
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import SGD, Adam
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import SGD, Adam
 from lenet_xp.testing.cuda_emulator import compiler_available, emulated_function
+from lenet_xp.training.fused import FusedStep, supports
 
 NO_COMPILER = compiler_available()
 pytestmark = pytest.mark.skipif(bool(NO_COMPILER), reason=str(NO_COMPILER))

@@ -57,7 +57,7 @@ def test_an_epoch_never_synchronises(graph):
     cupyx = cupyx_module()
 
     from lenet_xp.backend import host_rng
-    from lenet_xp.data import permutation, random_shifts
+    from lenet_xp.data.device_split import permutation, random_shifts
 
     n = 300 if ON_STAND_IN else 1000  # 2 full batches and a short one at least
     split = make_split("cuda", "float32", n=n)
@@ -111,7 +111,6 @@ def test_training_cli_with_our_kernels(tmp_path, flag):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_conv_layers_with_our_im2col_and_col2im_match_the_reference(dtype):
     """``Conv2d`` dispatches to our im2col/col2im kernels when they are on (stride 2, pad 1)."""
-    from lenet_xp import kernels
     from lenet_xp.backend import to_device
     from lenet_xp.layers import Conv2d
 
@@ -119,14 +118,11 @@ def test_conv_layers_with_our_im2col_and_col2im_match_the_reference(dtype):
     g = np.random.default_rng(1).standard_normal((5, 4, 6, 5)).astype(dtype)
     results = []
     for on in (False, True):
-        kernels.set_enabled(on)
-        try:
-            layer = Conv2d(3, 4, 3, 2, 1, rng=np.random.default_rng(2), dtype=dtype).to("cuda")
-            y = layer.forward(to_device(x, "cuda"))
-            grad_x = layer.backward(to_device(g, "cuda"))
-            results.append([asnumpy(a) for a in (y, grad_x, layer.weight.grad, layer.bias.grad)])
-        finally:
-            kernels.set_enabled(False)
+        layer = Conv2d(3, 4, 3, 2, 1, rng=np.random.default_rng(2), dtype=dtype).to("cuda")
+        layer.use_cuda_kernels(on)
+        y = layer.forward(to_device(x, "cuda"))
+        grad_x = layer.backward(to_device(g, "cuda"))
+        results.append([asnumpy(a) for a in (y, grad_x, layer.weight.grad, layer.bias.grad)])
     rtol = {"float32": 1e-5, "float64": 1e-12}[dtype]
     for ours, ref in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
@@ -166,7 +162,7 @@ def test_evaluate_predict_and_resume_on_cuda(tmp_path, capsys, flag):
     assert "on cuda:0" in out and "test_acc" in out
 
     image = pytest.importorskip("PIL.Image")
-    from lenet_xp.mnist import load_mnist
+    from lenet_xp.data.mnist import load_mnist
 
     digit = load_mnist(DATA, download=False).test_images[0]
     path = tmp_path / "digit.png"

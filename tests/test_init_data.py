@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from lenet_xp.backend import CPU
-from lenet_xp.data import permutation, to_device_split
-from lenet_xp.init import fans, init_bias, init_weight
-from lenet_xp.mnist import MEAN, STD
+from lenet_xp.data.device_split import permutation, to_device_split
+from lenet_xp.data.mnist import MEAN, STD
+from lenet_xp.layers.init import fans, init_bias, init_weight
 
 
 def test_fans():
@@ -60,7 +60,7 @@ def test_readme_api_example_runs():
 
 
 def test_shift_images_translates_each_image_and_fills_background():
-    from lenet_xp.data import shift_images
+    from lenet_xp.data.device_split import shift_images
 
     x = np.arange(2 * 16, dtype=np.float32).reshape(2, 1, 4, 4)
     out = shift_images(x, np.array([1, 0]), np.array([0, -2]), 2, -1.0)
@@ -71,7 +71,7 @@ def test_shift_images_translates_each_image_and_fills_background():
 
 
 def test_augmented_batches_keep_labels_and_pixel_mass():
-    from lenet_xp.data import random_shifts
+    from lenet_xp.data.device_split import random_shifts
 
     images = np.zeros((6, 28, 28), np.uint8)
     images[:, 10:18, 10:18] = 255  # a square well inside the frame

@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from lenet_xp.data import shift_images
+from lenet_xp.data.device_split import shift_images
 from lenet_xp.functional.conv import col2im, im2col, output_size
 from lenet_xp.functional.loss import log_softmax, softmax_cross_entropy
 from lenet_xp.functional.pool import max_pool2d_backward, max_pool2d_forward
 from lenet_xp.kernels import GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
 from lenet_xp.layers.module import Parameter
-from lenet_xp.optim import Adam, AdamW
+from lenet_xp.optim.optimizers import Adam, AdamW
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
 
 _NO_CXX = compiler_available()

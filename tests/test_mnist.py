@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_xp import mnist
-from lenet_xp.mnist import FILES, DataError, download_mnist, load_mnist, read_idx
+from lenet_xp.data import mnist
+from lenet_xp.data.mnist import FILES, DataError, download_mnist, load_mnist, read_idx
 
 REAL_DIR = Path(os.environ.get("LENET_XP_DATA", "/work/shared/datasets/mnist"))
 HAVE_REAL = all((REAL_DIR / f"{n}.gz").is_file() for n in FILES)

@@ -86,7 +86,7 @@ def test_wrong_input_shape_is_a_clear_error():
 
 def test_learns_a_small_synthetic_problem():
     """A few hundred Adam steps drive the loss on 64 fixed random images close to zero."""
-    from lenet_xp.optim import Adam
+    from lenet_xp.optim.optimizers import Adam
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)

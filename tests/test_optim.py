@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lenet_xp.layers.module import Parameter
-from lenet_xp.optim import SGD, Adam, AdamW, Optimizer, make_optimizer
-from lenet_xp.schedules import (
+from lenet_xp.optim.optimizers import SGD, Adam, AdamW, Optimizer, make_optimizer
+from lenet_xp.optim.schedules import (
     ConstantLR,
     CosineLR,
     OneCycleLR,

@@ -29,4 +29,4 @@ def test_the_wheel_carries_every_kernel_source(tmp_path):
     for file in [*SOURCES, "common.cuh"]:
         assert f"lenet_xp/kernels/{file}" in names, file
     for file in ("index.html", "app.js", "style.css"):  # the page lenet_xp.serve serves
-        assert f"lenet_xp/static/{file}" in names, file
+        assert f"lenet_xp/web/static/{file}" in names, file

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from lenet_xp import LeNet5
-from lenet_xp.optim import Adam
-from lenet_xp.parallel import DataParallel, WorkerError, forward_backward
+from lenet_xp.optim.optimizers import Adam
+from lenet_xp.training.parallel import DataParallel, WorkerError, forward_backward
 
 
 def batch(n=37, seed=0):
@@ -95,7 +95,7 @@ def test_each_worker_draws_its_own_dropout_masks():
 def test_workers_distort_their_own_slices_as_one_process_would(workers):
     """With a Distortion, each process gathers its own slice at the whole batch's grid: the
     loss and gradients are one process's on the whole distorted batch."""
-    from lenet_xp.augment import Distortion, parse_augment
+    from lenet_xp.data.augment import Distortion, parse_augment
 
     x, y = batch()
     ids = np.random.default_rng(1).permutation(1000)[: len(y)]
@@ -120,7 +120,7 @@ def test_prefetched_grids_give_the_same_steps_whatever_comes_next():
     steps: the steps are still one process's on each whole distorted batch, when the next
     call brings those ids, when it brings others (the prefetch is dropped), and when an
     evaluation comes in between."""
-    from lenet_xp.augment import Distortion, parse_augment
+    from lenet_xp.data.augment import Distortion, parse_augment
 
     x, y = batch(32)
     order = np.random.default_rng(3).permutation(1000)

@@ -7,9 +7,10 @@ from test_train import DATA, needs_mnist
 from lenet_xp import plots
 from lenet_xp import train as train_cli
 from lenet_xp.backend import CPU
-from lenet_xp.data import to_device_split
-from lenet_xp.evaluate import evaluate, load_model
-from lenet_xp.mnist import load_mnist
+from lenet_xp.data.device_split import to_device_split
+from lenet_xp.data.mnist import load_mnist
+from lenet_xp.reporting.plots import misclassified
+from lenet_xp.training.evaluation import evaluate, load_model
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
@@ -35,7 +36,7 @@ def test_plots_of_a_run(tmp_path, capsys):
     model, _ = load_model(str(tmp_path / "best.npz"), CPU)
     mnist = load_mnist(DATA, download=False)
     test = to_device_split(mnist.test_images, mnist.test_labels, CPU)
-    wrong, predicted = plots.misclassified(model, test, batch_size=3000)
+    wrong, predicted = misclassified(model, test, batch_size=3000)
     _, accuracy, confusion = evaluate(model, test)
     assert len(wrong) == round((1 - accuracy) * len(test)) == confusion.sum() - confusion.trace()
     assert (predicted != mnist.test_labels[wrong]).all()

@@ -9,10 +9,10 @@ from conftest import DATA, DEVICES, needs_mnist
 
 from lenet_xp import predict
 from lenet_xp.backend import get_device
-from lenet_xp.evaluate import load_model
-from lenet_xp.images import ImageError, load_digit, mnist_style
-from lenet_xp.mnist import MEAN, STD, load_mnist
-from lenet_xp.presets import Options, build
+from lenet_xp.data.images import ImageError, load_digit, mnist_style
+from lenet_xp.data.mnist import MEAN, STD, load_mnist
+from lenet_xp.models.presets import Options, build
+from lenet_xp.training.evaluation import load_model
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -23,8 +23,8 @@ from lenet_xp.layers import (
     ReLU,
     Sequential,
 )
-from lenet_xp.model import LeNet5, loss_and_grads
-from lenet_xp.presets import Options, PresetError, build
+from lenet_xp.models.lenet5 import LeNet5, loss_and_grads
+from lenet_xp.models.presets import Options, PresetError, build
 
 COUNTS = {
     "lenet5": 61_706,
@@ -138,7 +138,7 @@ def test_presets_cpu_gpu_parity(name):
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_state_dict_round_trip(name, tmp_path):
-    from lenet_xp.checkpoint import load_checkpoint, save_checkpoint
+    from lenet_xp.storage.checkpoint import load_checkpoint, save_checkpoint
 
     model = build(name, Options(seed=3))
     path = tmp_path / "m.npz"
@@ -225,7 +225,7 @@ def test_lenet5_classic_with_rbf_output_trains_over_two_workers(tmp_path, capsys
     assert train_cli.main(args + ["--quiet", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["test_acc"] > 0.3 and np.isfinite(record["train_loss"])
-    from lenet_xp.checkpoint import load_checkpoint
+    from lenet_xp.storage.checkpoint import load_checkpoint
 
     state, _, meta = load_checkpoint(tmp_path / "last.npz")
     assert meta["config"]["arch"] == "lenet5-classic" and meta["config"]["output"] == "rbf"

@@ -15,8 +15,8 @@ from conftest import DATA, DEVICES, needs_cuda, needs_mnist
 from reliability_helpers import metrics, run_train, train_cmd, wait_until
 
 from lenet_xp import train as train_cli
-from lenet_xp.checkpoint import load_checkpoint
-from lenet_xp.runlock import LOCK_NAME
+from lenet_xp.storage.checkpoint import load_checkpoint
+from lenet_xp.training.runlock import LOCK_NAME
 
 # 192 training images in batches of 16: 12 steps per epoch.
 TINY = ["--limit-train", "224", "--val-size", "32", "--limit-test", "64", "--batch-size", "16"]
@@ -77,7 +77,7 @@ def test_divergence_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_divergence_on_a_gpu_is_caught_within_the_check_interval(tmp_path):
     """On a GPU the running loss is read every ``GPU_CHECK_EVERY`` steps (not every step: that
     would synchronise each one): the run stops by then, the epoch-end checkpoint intact."""
-    from lenet_xp.resume import GPU_CHECK_EVERY
+    from lenet_xp.training.resume import GPU_CHECK_EVERY
 
     flags = ["--device", "cuda", "--data-dir", str(DATA), "--quiet", "--limit-train", "6000"]
     flags += ["--batch-size", "16", "--epochs", "3", "--lr", "1e6", "--schedule", "constant"]

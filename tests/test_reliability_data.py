@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lenet_xp.backend import get_device
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint
-from lenet_xp.data import to_device_split
-from lenet_xp.mnist import DataError, read_idx
+from lenet_xp.data.device_split import to_device_split
+from lenet_xp.data.mnist import DataError, read_idx
+from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
 
 # Each example overwrites the same file in the test's tmp_path: no fixture state to reset.
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

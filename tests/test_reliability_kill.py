@@ -14,7 +14,7 @@ import time
 from conftest import needs_mnist
 from reliability_helpers import metrics, run_train, temp_files, train_cmd
 
-from lenet_xp.checkpoint import load_checkpoint
+from lenet_xp.storage.checkpoint import load_checkpoint
 
 # 128 training images in batches of 16: 8 steps per epoch, 24 in all, each one saved (and
 # best.npz and epoch_NNN.npz at epoch ends), so a random kill often lands in a write.

@@ -14,9 +14,9 @@ from reliability_helpers import metrics
 from lenet_xp import evaluate, plots, report
 from lenet_xp import train as train_cli
 from lenet_xp.backend import asnumpy, host_rng
-from lenet_xp.checkpoint import load_checkpoint
-from lenet_xp.inspect import feature_maps, layer_outputs
-from lenet_xp.presets import build
+from lenet_xp.models.feature_maps import feature_maps, layer_outputs
+from lenet_xp.models.presets import build
+from lenet_xp.storage.checkpoint import load_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")

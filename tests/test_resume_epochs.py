@@ -13,8 +13,8 @@ from conftest import DATA, needs_mnist
 from reliability_helpers import metrics, train_cmd, wait_until
 
 from lenet_xp import train as train_cli
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint
-from lenet_xp.schedules import make_schedule
+from lenet_xp.optim.schedules import make_schedule
+from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
 
 # 192 training images in batches of 16: 12 steps per epoch.
 RUN = ["--limit-train", "224", "--val-size", "32", "--limit-test", "64", "--batch-size", "16"]

@@ -15,7 +15,7 @@ import pytest
 from conftest import DATA, ON_STAND_IN, needs_cuda, needs_mnist
 from reliability_helpers import metrics, run_train, temp_files, train_cmd, wait_until
 
-from lenet_xp.checkpoint import CheckpointError, load_checkpoint
+from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
 
 # 192 training images in batches of 16: 12 steps per epoch, 36 in all.
 RUN = ["--limit-train", "224", "--val-size", "32", "--limit-test", "64", "--batch-size", "16"]

@@ -24,8 +24,8 @@ from conftest import DATA
 from serve_helpers import running_server
 
 from lenet_xp import predict, serve
-from lenet_xp.images import load_digit
-from lenet_xp.mnist import MEAN, STD, load_mnist
+from lenet_xp.data.images import load_digit
+from lenet_xp.data.mnist import MEAN, STD, load_mnist
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -555,7 +555,7 @@ def test_cli_errors_are_one_line(trained_checkpoint, tmp_path, capsys):
 
 
 def test_static_files_are_in_the_package():
-    folder = Path(serve.__file__).parent / "static"
+    folder = Path(serve.__file__).parent / "web" / "static"
     assert {p.name for p in folder.iterdir()} >= {"index.html", "app.js", "style.css"}
     files = serve.static_files()
     assert set(files) == set(serve.STATIC)  # every URL is served, from a file that exists

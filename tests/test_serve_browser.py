@@ -18,8 +18,8 @@ import pytest
 from conftest import DATA
 from serve_helpers import running_server
 
-from lenet_xp.images import digit_from_bytes
-from lenet_xp.mnist import load_mnist
+from lenet_xp.data.images import digit_from_bytes
+from lenet_xp.data.mnist import load_mnist
 
 Image = pytest.importorskip("PIL.Image")
 ImageDraw = pytest.importorskip("PIL.ImageDraw")

@@ -10,11 +10,11 @@ from conftest import DATA, DEVICES, needs_mnist
 
 from lenet_xp import train as train_cli
 from lenet_xp.backend import asnumpy, get_device, host_rng, to_device
-from lenet_xp.inspect import layer_outputs
-from lenet_xp.model import LeNet5
-from lenet_xp.optim import Adam
-from lenet_xp.parallel import forward_backward
-from lenet_xp.stats import LayerStats, read_stats
+from lenet_xp.models.feature_maps import layer_outputs
+from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.optim.optimizers import Adam
+from lenet_xp.training.parallel import forward_backward
+from lenet_xp.training.stats import LayerStats, read_stats
 
 TIMINGS = {"train_seconds", "images_per_second"}
 

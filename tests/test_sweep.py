@@ -17,8 +17,8 @@ from conftest import DATA, needs_mnist
 
 from lenet_xp import sweep
 from lenet_xp import train as train_cli
-from lenet_xp.runlock import RunLock
 from lenet_xp.sweep import asha, places, spec
+from lenet_xp.training.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"""

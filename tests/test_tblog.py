@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, needs_mnist
 
 from lenet_xp import train as train_cli
-from lenet_xp.tblog import LogError, TensorBoardLog, write_csv
+from lenet_xp.training.logs import LogError, TensorBoardLog, write_csv
 
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2", reason="tensorboardX missing")
 Image = pytest.importorskip("PIL.Image")

@@ -115,9 +115,9 @@ def test_confusion_matrix_equals_numpy_bincount(device):
     just enough to fill many cells."""
     from lenet_xp import LeNet5, loss_and_grads
     from lenet_xp.backend import asnumpy, get_device
-    from lenet_xp.data import to_device_split
-    from lenet_xp.mnist import load_mnist
-    from lenet_xp.optim import Adam
+    from lenet_xp.data.device_split import to_device_split
+    from lenet_xp.data.mnist import load_mnist
+    from lenet_xp.optim.optimizers import Adam
 
     dev = get_device(device)
     mnist = load_mnist(DATA, download=False)
@@ -257,7 +257,7 @@ def test_out_of_memory_names_the_batch_size(tmp_path):
 @needs_mnist
 def test_resume_from_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys):
     from lenet_xp import LeNet5
-    from lenet_xp.checkpoint import save_checkpoint
+    from lenet_xp.storage.checkpoint import save_checkpoint
 
     state = LeNet5(seed=0).state_dict()
     state["fc1.weight"] = state["fc1.weight"][:, :300]  # not LeNet-5's shape
@@ -283,7 +283,7 @@ def test_validation_split_chooses_best_and_is_reported(tmp_path):
     assert train_cli.main(args + ["--out", str(tmp_path)]) == 0
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert all(0.5 < r["val_acc"] <= 1 for r in records)
-    from lenet_xp.checkpoint import load_checkpoint
+    from lenet_xp.storage.checkpoint import load_checkpoint
 
     best_epoch = load_checkpoint(tmp_path / "best.npz")[2]["epoch"]
     assert records[best_epoch - 1]["val_acc"] == max(r["val_acc"] for r in records)
@@ -296,7 +296,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
     import signal
     import time
 
-    from lenet_xp.checkpoint import load_checkpoint
+    from lenet_xp.storage.checkpoint import load_checkpoint
 
     cmd = [sys.executable, "-m", "lenet_xp.train", "--device", "cpu", "--data-dir", str(DATA)]
     cmd += ["--epochs", "50", "--limit-train", "3000", "--limit-test", "500", "--workers", "2"]
@@ -376,7 +376,7 @@ def test_nonsense_augment_specs_exit_2_with_one_line(spec, capsys):
 
 @needs_mnist
 def test_recipe_best_sets_its_flags_and_explicit_flags_win(tmp_path):
-    from lenet_xp.checkpoint import load_checkpoint
+    from lenet_xp.storage.checkpoint import load_checkpoint
 
     args = SMALL + ["--recipe", "best", "--epochs", "1", "--limit-test", "200", "--workers", "1"]
     assert train_cli.main(args + ["--out", str(tmp_path)]) == 0

@@ -1,6 +1,6 @@
 """Worker processes never hang a run, and never run the user's script.
 
-A worker is ``kill -9``-ed exactly where :data:`lenet_xp.parallel.PAUSE_ENV` stopped it
+A worker is ``kill -9``-ed exactly where :data:`lenet_xp.training.parallel.PAUSE_ENV` stopped it
 (SIGSTOP: before or after it reads its set-up, at a training step's start, with its gradients
 written but not reported, at the start of the next batch's augmentation grid): the run ends
 within seconds with one line naming the worker and its signal, exit status 1, its last
@@ -22,9 +22,9 @@ import pytest
 from conftest import DATA, needs_mnist
 from reliability_helpers import temp_files, train_cmd, wait_until
 
-from lenet_xp.checkpoint import load_checkpoint
-from lenet_xp.parallel import PAUSE_ENV, STOP_GRACE_S
-from lenet_xp.runlock import RunLock
+from lenet_xp.storage.checkpoint import load_checkpoint
+from lenet_xp.training.parallel import PAUSE_ENV, STOP_GRACE_S
+from lenet_xp.training.runlock import RunLock
 
 # 192 training images in batches of 16: 12 steps per epoch; last.npz every 4 steps.
 RUN = ["--limit-train", "224", "--val-size", "32", "--limit-test", "64", "--batch-size", "16"]
@@ -245,7 +245,7 @@ def test_a_layer_class_of_the_script_trains_with_workers_or_names_the_fix(tmp_pa
         return
     assert done.returncode == 1 and time.monotonic() - started < 60, done
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("lenet_xp.parallel.WorkerError: "), done.stderr
+    assert last.startswith("lenet_xp.training.workers.WorkerError: "), done.stderr
     if form == "unguarded":
         assert "worker process 1 could not start: TrainingError: fit() ran in a worker" in last
         assert 'call fit() under `if __name__ == "__main__":`' in last

@@ -22,7 +22,7 @@ from typing import Any
 
 from lenet_xp.backend import gemm_block, get_array_module
 from lenet_xp.kernels import record_fallback
-from lenet_xp.kernels.ops import gpu_kernels
+from lenet_xp.kernels.ops import Kernels
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -110,10 +110,10 @@ def col2im(
 
 
 def _col2im_gpu(
-    x_cols: Any, x_shape: tuple, kh: int, kw: int, stride: int, padding: int, oh: int, ow: int
-) -> Any:
-    """:func:`col2im` as our gather kernel when it is on, else the reference."""
-    kernels = gpu_kernels(get_array_module(x_cols))
+    x_cols: Any, x_shape: tuple, kh: int, kw: int, stride: int, padding: int, oh: int, ow: int,
+    kernels: Kernels | None,
+) -> Any:  # fmt: skip
+    """:func:`col2im` as our gather kernel of ``kernels``, if given, else the reference."""
     if kernels is not None:
         try:
             grad_x = kernels.col2im(x_cols, x_shape, kh, kw, stride, padding, oh, ow)
@@ -124,14 +124,17 @@ def _col2im_gpu(
 
 
 def conv2d_forward(
-    x: Any, weight: Any, bias: Any | None, stride: int = 1, padding: int = 0
-) -> tuple[Any, tuple]:
+    x: Any, weight: Any, bias: Any | None, stride: int = 1, padding: int = 0,
+    kernels: Kernels | None = None,
+) -> tuple[Any, tuple]:  # fmt: skip
     """Convolve ``x (N, C, H, W)`` with ``weight (OC, C, kh, kw)`` plus ``bias (OC,)``.
 
     Returns ``(y (N, OC, OH, OW), cache)``; ``y`` is a view of batch-innermost memory (see
     the module docstring) and ``cache`` is what :func:`conv2d_backward` needs. On the CPU the
     work runs in blocks of output rows, so each block's ``x_cols`` stays in cache; they are
     rebuilt in the backward pass rather than kept (one block, as on a GPU, is kept).
+    ``kernels``: our CUDA kernels (:func:`lenet_xp.kernels.ops.gpu_kernels`) to build
+    ``x_cols`` with on a GPU; ``None``: array ops.
     """
     xp = get_array_module(x, weight)
     n, c, h, w = x.shape
@@ -140,7 +143,6 @@ def conv2d_forward(
         raise ValueError(f"conv input has {c} channels, weight expects {wc} (x shape {x.shape})")
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     w_mat = weight.reshape(oc, -1)
-    kernels = gpu_kernels(xp)
     if kernels is not None:
         try:
             x_cols = kernels.im2col(x, kh, kw, stride, padding, oh, ow)
@@ -166,12 +168,14 @@ def conv2d_forward(
 
 
 def conv2d_backward(
-    grad_y: Any, cache: tuple, weight: Any, need_grad_x: bool = True
-) -> tuple[Any | None, Any, Any]:
+    grad_y: Any, cache: tuple, weight: Any, need_grad_x: bool = True,
+    kernels: Kernels | None = None,
+) -> tuple[Any | None, Any, Any]:  # fmt: skip
     """Gradients of :func:`conv2d_forward`: returns ``(grad_x, grad_w, grad_b)``.
 
     ``grad_y (N, OC, OH, OW)``; ``grad_x`` is ``None`` when ``need_grad_x`` is false (the
     first layer's input needs no gradient, which saves a GEMM and a col2im per block).
+    ``kernels``: as given to :func:`conv2d_forward` (col2im runs as our kernel).
     """
     xp = get_array_module(grad_y)
     x_pad, kept_cols, x_shape, stride, padding = cache
@@ -186,7 +190,9 @@ def conv2d_backward(
         grad_b = grad_y_mat.sum(axis=1)
         grad_x = None
         if need_grad_x:
-            grad_x = _col2im_gpu(w_mat.T @ grad_y_mat, x_shape, kh, kw, stride, padding, oh, ow)
+            grad_x = _col2im_gpu(
+                w_mat.T @ grad_y_mat, x_shape, kh, kw, stride, padding, oh, ow, kernels
+            )
         return grad_x, grad_w, grad_b
     pad_shape = (c, h + 2 * padding, w + 2 * padding, n)
     grad_pad = xp.zeros(pad_shape, dtype=grad_y.dtype) if need_grad_x else None

@@ -153,19 +153,7 @@ def cupy_function(file: str, expression: str) -> Any:
 
 
 def enabled_by_default() -> bool:
-    """Whether our kernels are on when no flag says otherwise: ``$LENET_XP_CUDA_KERNELS``
-    (``1`` on, else off). Off until ``scripts/gpu_check.sh`` has passed with them on a GPU."""
+    """Whether ``train`` uses our kernels when no flag says otherwise (its default
+    ``--engine``): ``$LENET_XP_CUDA_KERNELS`` (``1`` on, else off). Off until
+    ``scripts/gpu_check.sh`` has passed with them on a GPU."""
     return os.environ.get("LENET_XP_CUDA_KERNELS", "0") == "1"
-
-
-_ENABLED = [enabled_by_default()]
-
-
-def enabled() -> bool:
-    """Whether GPU code uses our kernels (else the array-op reference) in this process."""
-    return _ENABLED[0]
-
-
-def set_enabled(on: bool) -> None:
-    """Turn our kernels on or off for this process (``train --cuda-kernels`` does this)."""
-    _ENABLED[0] = bool(on)

@@ -22,7 +22,6 @@ from lenet_xp.kernels import (
     SOURCES,
     THREADS,
     cupy_function,
-    enabled,
     source_text,
 )
 from lenet_xp.kernels.signatures import (
@@ -263,8 +262,7 @@ def _gpu_kernels(xp: ModuleType) -> Kernels:
 
 
 def gpu_kernels(xp: ModuleType) -> Kernels | None:
-    """The shared :class:`Kernels` of CuPy when our kernels are on and ``xp`` is a GPU
-    namespace; ``None`` otherwise (use the array-op reference)."""
-    if not (enabled() and is_gpu(xp)):
-        return None
-    return _gpu_kernels(xp)
+    """The shared :class:`Kernels` of CuPy when ``xp`` is a GPU namespace; ``None`` on the
+    CPU (the array-op reference). Who asks decides whether to use them (an engine, through
+    :meth:`~lenet_xp.layers.Module.use_cuda_kernels` and ``Optimizer.cuda_kernels``)."""
+    return _gpu_kernels(xp) if is_gpu(xp) else None

@@ -1,10 +1,12 @@
-"""Elementwise activations and ``Flatten``. Each keeps what its backward needs."""
+"""Elementwise activations (their math in :mod:`lenet_xp.functional.activation`) and
+``Flatten``. Each keeps what its backward needs."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from lenet_xp.backend import get_array_module
+from lenet_xp.functional import activation as F
 from lenet_xp.layers.module import Module
 
 
@@ -19,13 +21,11 @@ class ReLU(Module):
         self.inplace = inplace
 
     def forward(self, x: Any) -> Any:
-        xp = get_array_module(x)
-        self._y = xp.maximum(x, 0, out=x if self.inplace else None)
+        self._y = F.relu_forward(x, self.inplace)
         return self._y
 
     def backward(self, grad_y: Any) -> Any:
-        xp = get_array_module(grad_y)
-        return xp.multiply(grad_y, self._y > 0, out=grad_y if self.inplace else None)
+        return F.relu_backward(grad_y, self._y, self.inplace)
 
 
 class LeakyReLU(Module):
@@ -41,40 +41,33 @@ class LeakyReLU(Module):
         self.negative_slope, self.inplace = float(negative_slope), inplace
 
     def forward(self, x: Any) -> Any:
-        xp = get_array_module(x)
-        positive = (x > 0).astype(x.dtype)  # 1 or 0
-        factor = 1 - positive
-        factor *= self.negative_slope
-        factor += positive  # exactly 1 or negative_slope (xp.where is ~5x slower here)
-        self._factor = factor
-        return xp.multiply(x, factor, out=x if self.inplace else None)
+        y, self._factor = F.leaky_relu_forward(x, self.negative_slope, self.inplace)
+        return y
 
     def backward(self, grad_y: Any) -> Any:
-        xp = get_array_module(grad_y)
-        return xp.multiply(grad_y, self._factor, out=grad_y if self.inplace else None)
+        return F.leaky_relu_backward(grad_y, self._factor, self.inplace)
 
 
 class Sigmoid(Module):
     """``1 / (1 + exp(-x))``; ``dy/dx = y (1 - y)``."""
 
     def forward(self, x: Any) -> Any:
-        xp = get_array_module(x)
-        self._y = 0.5 * (xp.tanh(0.5 * x) + 1)  # overflow-free form
+        self._y = F.sigmoid_forward(x)
         return self._y
 
     def backward(self, grad_y: Any) -> Any:
-        return grad_y * self._y * (1 - self._y)
+        return F.sigmoid_backward(grad_y, self._y)
 
 
 class Tanh(Module):
     """``tanh(x)``; ``dy/dx = 1 - y^2``."""
 
     def forward(self, x: Any) -> Any:
-        self._y = get_array_module(x).tanh(x)
+        self._y = F.tanh_forward(x)
         return self._y
 
     def backward(self, grad_y: Any) -> Any:
-        return grad_y * (1 - self._y * self._y)
+        return F.tanh_backward(grad_y, self._y)
 
 
 class LeCunTanh(Module):
@@ -84,11 +77,11 @@ class LeCunTanh(Module):
     slope = 2.0 / 3.0
 
     def forward(self, x: Any) -> Any:
-        self._t = get_array_module(x).tanh(self.slope * x)
-        return self.amplitude * self._t
+        y, self._t = F.scaled_tanh_forward(x, self.amplitude, self.slope)
+        return y
 
     def backward(self, grad_y: Any) -> Any:
-        return grad_y * (self.amplitude * self.slope) * (1 - self._t * self._t)
+        return F.scaled_tanh_backward(grad_y, self._t, self.amplitude, self.slope)
 
 
 class Flatten(Module):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lenet_xp.backend import get_array_module, host_zeros
+from lenet_xp.backend import host_zeros
+from lenet_xp.functional.batchnorm import batch_norm_backward, batch_norm_forward, feature_axes
 from lenet_xp.layers.module import Module, Parameter
 
 
@@ -28,18 +29,13 @@ class _BatchNorm(Module):
         self.num_batches_tracked = host_zeros((), "int64")
         self.eps, self.momentum = eps, momentum
 
-    def _per_feature(self, v: Any) -> Any:
-        """Reshape a ``(F,)`` vector to broadcast against the input."""
-        return v.reshape((1, -1) + (1,) * (self.ndim - 2))
-
     def forward(self, x: Any) -> Any:
         if x.ndim != self.ndim or x.shape[1] != self.weight.shape[0]:
             raise ValueError(
                 f"{type(self).__name__}({self.weight.shape[0]}) got input of shape {x.shape}"
             )
-        xp = get_array_module(x)
-        axes = (0,) + tuple(range(2, x.ndim))
         if self.training:
+            axes = feature_axes(x)
             count = x.size // x.shape[1]
             mean = x.mean(axis=axes)
             var = x.var(axis=axes)
@@ -51,22 +47,16 @@ class _BatchNorm(Module):
             self.num_batches_tracked += 1
         else:
             mean, var = self.running_mean, self.running_var
-        self._inv_std = 1 / xp.sqrt(var + self.eps)
-        self._x_hat = (x - self._per_feature(mean)) * self._per_feature(self._inv_std)
-        self._axes = axes
-        return self._x_hat * self._per_feature(self.weight.data) + self._per_feature(self.bias.data)
+        y, self._x_hat, self._inv_std = batch_norm_forward(
+            x, mean, var, self.weight.data, self.bias.data, self.eps
+        )
+        return y
 
     def backward(self, grad_y: Any) -> Any:
-        axes, x_hat = self._axes, self._x_hat
-        self.weight.grad = (grad_y * x_hat).sum(axis=axes)
-        self.bias.grad = grad_y.sum(axis=axes)
-        grad_x_hat = grad_y * self._per_feature(self.weight.data)
-        scale = self._per_feature(self._inv_std)
-        if not self.training:
-            return grad_x_hat * scale
-        mean_grad = grad_x_hat.mean(axis=axes, keepdims=True)
-        mean_grad_x_hat = (grad_x_hat * x_hat).mean(axis=axes, keepdims=True)
-        return scale * (grad_x_hat - mean_grad - x_hat * mean_grad_x_hat)
+        grad_x, self.weight.grad, self.bias.grad = batch_norm_backward(
+            grad_y, self._x_hat, self._inv_std, self.weight.data, self.training
+        )
+        return grad_x
 
 
 class BatchNorm1d(_BatchNorm):

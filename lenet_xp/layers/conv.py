@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lenet_xp.backend import host_rng
+from lenet_xp.backend import get_array_module, host_rng
 from lenet_xp.functional.conv import conv2d_backward, conv2d_forward
-from lenet_xp.init import init_bias, init_weight
+from lenet_xp.kernels.ops import Kernels, gpu_kernels
+from lenet_xp.layers.init import init_bias, init_weight
 from lenet_xp.layers.module import Module, Parameter
 
 
@@ -39,9 +40,15 @@ class Conv2d(Module):
         self.needs_input_grad = True
         self._cache: Any = None
 
+    def _kernels(self, x: Any) -> Kernels | None:
+        """Our CUDA kernels for ``x``'s device if this layer uses them, else ``None``."""
+        return gpu_kernels(get_array_module(x)) if self.cuda_kernels else None
+
     def forward(self, x: Any) -> Any:
         bias = None if self.bias is None else self.bias.data
-        y, cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+        y, cache = conv2d_forward(
+            x, self.weight.data, bias, self.stride, self.padding, self._kernels(x)
+        )
         self._cache = cache if self.training else None
         return y
 
@@ -52,7 +59,11 @@ class Conv2d(Module):
 
     def backward(self, grad_y: Any) -> Any:
         grad_x, grad_w, grad_b = conv2d_backward(
-            grad_y, self._cache, self.weight.data, need_grad_x=self.needs_input_grad
+            grad_y,
+            self._cache,
+            self.weight.data,
+            need_grad_x=self.needs_input_grad,
+            kernels=self._kernels(grad_y),
         )
         self.weight.grad = grad_w
         if self.bias is not None:

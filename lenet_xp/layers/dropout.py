@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import default_rng, device_of
+from lenet_xp.functional.dropout import dropout_backward, dropout_forward
 from lenet_xp.layers.module import Module
 
 
@@ -34,8 +35,8 @@ class Dropout(Module):
             self._rng_device = device_of(x)
             self._rng = default_rng(self.seed, self._rng_device)
         keep = self._rng.random(x.shape, dtype=x.dtype) >= self.p
-        self._mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
-        return x * self._mask
+        y, self._mask = dropout_forward(x, keep, self.p)
+        return y
 
     def backward(self, grad_y: Any) -> Any:
-        return grad_y if self._mask is None else grad_y * self._mask
+        return grad_y if self._mask is None else dropout_backward(grad_y, self._mask)

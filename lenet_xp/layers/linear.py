@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import host_rng
-from lenet_xp.init import init_bias, init_weight
+from lenet_xp.functional.linear import linear_backward, linear_forward
+from lenet_xp.layers.init import init_bias, init_weight
 from lenet_xp.layers.module import Module, Parameter
 
 
@@ -32,16 +33,16 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"Linear expects (N, {self.weight.shape[1]}) input, got {x.shape}")
         self._x = x if self.training else None
-        y = x @ self.weight.data.T
-        if self.bias is not None:
-            y += self.bias.data
-        return y
+        return linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def macs(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> int:
         return self.weight.shape[0] * self.weight.shape[1]
 
     def backward(self, grad_y: Any) -> Any:
-        self.weight.grad = grad_y.T @ self._x
-        if self.bias is not None:
-            self.bias.grad = grad_y.sum(axis=0)
-        return grad_y @ self.weight.data
+        has_bias = self.bias is not None
+        grad_x, self.weight.grad, grad_b = linear_backward(
+            grad_y, self._x, self.weight.data, has_bias
+        )
+        if has_bias:
+            self.bias.grad = grad_b
+        return grad_x

@@ -28,8 +28,22 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
 
 
+def flat_views(params: list[Parameter], flat: Any) -> list[Any]:
+    """Views of the 1-D array ``flat`` (at least as long as the parameters together) shaped
+    like each of ``params``, in order: how the CPU worker processes share their parameters
+    and gradients and how the fused CUDA step keeps parameters and optimizer state."""
+    views, offset = [], 0
+    for param in params:
+        views.append(flat[offset : offset + param.data.size].reshape(param.data.shape))
+        offset += param.data.size
+    return views
+
+
 class Module:
     """Base class: children and parameters are found from attributes, in definition order."""
+
+    #: Whether GPU work uses our CUDA kernels (:meth:`use_cuda_kernels`).
+    cuda_kernels = False
 
     training: bool = True
 
@@ -129,10 +143,18 @@ class Module:
         (``(N, ...)``); 0 unless the layer multiplies by weights (see ``summary``)."""
         return 0
 
+    def use_cuda_kernels(self, on: bool = True) -> Module:
+        """On a GPU, run this module's and its children's convolutions with our CUDA kernels
+        (im2col, col2im) if ``on``, else with array ops (the default); no effect on the CPU."""
+        self.cuda_kernels = on
+        for _, child in self.named_children():
+            child.use_cuda_kernels(on)
+        return self
+
     def summary(self, batch: int = 128) -> str:
         """A table of the layers: output shapes, parameters and MACs per image, with totals
-        (see :mod:`lenet_xp.summary`)."""
-        from lenet_xp.summary import summarize
+        (see :mod:`lenet_xp.layers.summary`)."""
+        from lenet_xp.layers.summary import summarize
 
         return summarize(self, batch)
 

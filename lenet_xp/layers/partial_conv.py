@@ -16,6 +16,7 @@ from typing import Any
 
 from lenet_xp.backend import device_of, get_array_module, host_rng, host_zeros, to_device
 from lenet_xp.functional.conv import conv2d_backward, conv2d_forward
+from lenet_xp.kernels.ops import Kernels, gpu_kernels
 from lenet_xp.layers.module import Module, Parameter
 from lenet_xp.layers.unit_init import init_biases, init_weights
 
@@ -144,17 +145,27 @@ class PartialConv2d(Module):
             raise ValueError("has non-zero kernels outside the connection table")
         return dense[out_index, in_index]
 
+    def _kernels(self, x: Any) -> Kernels | None:
+        """Our CUDA kernels for ``x``'s device if this layer uses them, else ``None``."""
+        return gpu_kernels(get_array_module(x)) if self.cuda_kernels else None
+
     def forward(self, x: Any) -> Any:
         """``x (N, in_channels, H, W)`` -> ``(N, out_channels, OH, OW)`` (batch-innermost)."""
         dense = self.dense_weight()
-        y, cache = conv2d_forward(x, dense, self.bias.data, self.stride, self.padding)
+        y, cache = conv2d_forward(
+            x, dense, self.bias.data, self.stride, self.padding, self._kernels(x)
+        )
         self._cache = (cache, dense) if self.training else None
         return y
 
     def backward(self, grad_y: Any) -> Any:
         cache, dense = self._cache
         grad_x, grad_dense, grad_b = conv2d_backward(
-            grad_y, cache, dense, need_grad_x=self.needs_input_grad
+            grad_y,
+            cache,
+            dense,
+            need_grad_x=self.needs_input_grad,
+            kernels=self._kernels(grad_y),
         )
         out_index, in_index = self._index_arrays()
         self.weight.grad = grad_dense[out_index, in_index]  # (connections, k, k), a copy

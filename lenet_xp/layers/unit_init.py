@@ -1,6 +1,6 @@
 """Initialisers for layers whose weights do not have a dense ``(out, in, ...)`` shape.
 
-:mod:`lenet_xp.init` reads the fans off a dense weight's shape. LeCun et al. 1998's trainable
+:mod:`lenet_xp.layers.init` reads the fans off a dense weight's shape. LeCun et al. 1998's trainable
 subsampling (one coefficient per map) and partially connected convolution (only some input
 maps per output map) have no such shape, so they pass each weight's fan-in and fan-out
 explicitly: numbers, or host arrays that broadcast against the weight's shape.
@@ -9,10 +9,10 @@ Schemes:
 
 - ``lecun``: LeCun et al. 1998 (section II-B): U(-2.4/F, 2.4/F), ``F`` the fan-in of the unit
   the weight belongs to; biases alike (a bias is a weight on a constant input).
-- ``pytorch``, ``he``, ``glorot``: the formulas of :func:`lenet_xp.init.init_weight` and
-  :func:`lenet_xp.init.init_bias` with the fans given here (``he``, ``glorot``: zero biases).
+- ``pytorch``, ``he``, ``glorot``: the formulas of :func:`lenet_xp.layers.init.init_weight` and
+  :func:`lenet_xp.layers.init.init_bias` with the fans given here (``he``, ``glorot``: zero biases).
 
-Draws come from a host NumPy generator (``backend.host_rng``), as in :mod:`lenet_xp.init`.
+Draws come from a host NumPy generator (``backend.host_rng``), as in :mod:`lenet_xp.layers.init`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import host_zeros
-from lenet_xp.init import INITS
+from lenet_xp.layers.init import INITS
 
 #: Every scheme the layers of this module family accept.
 UNIT_INITS = ("lecun", *INITS)

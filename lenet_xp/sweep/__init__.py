@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lenet_xp.runlock import RunLock, RunLockError
 from lenet_xp.sweep import places
 from lenet_xp.sweep.asha import AshaScheduler
 from lenet_xp.sweep.execute import RUN_FILE, Outcome, read_json
@@ -39,6 +38,7 @@ from lenet_xp.sweep.results import (
     write_summary,
 )
 from lenet_xp.sweep.spec import Run, Sweep, SweepError, SweepFileError, check_device, load
+from lenet_xp.training.runlock import RunLock, RunLockError
 
 __all__ = ["Result", "Sweep", "SweepError", "load", "main", "run"]
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lenet_xp.resume import read_records
 from lenet_xp.sweep.execute import write_stop
 from lenet_xp.sweep.spec import Asha, Run
+from lenet_xp.training.resume import read_records
 
 
 def quantile(values: list[float], q: float) -> float:

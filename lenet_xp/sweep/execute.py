@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lenet_xp.checkpoint import atomic_write
+from lenet_xp.storage.checkpoint import atomic_write
 
 #: Written into a run's folder by the sweep before each attempt: its flags, seed, where it ran.
 RUN_FILE = "run.json"

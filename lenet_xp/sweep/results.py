@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lenet_xp.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from lenet_xp.storage.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from lenet_xp.sweep.execute import RUN_FILE, STOP_FILE, read_json
 from lenet_xp.sweep.spec import Run, Sweep
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lenet_xp import presets
-from lenet_xp.augment import parse_augment
 from lenet_xp.backend import host_rng
-from lenet_xp.train_args import CONFIG_KEYS, RECIPES, build_parser
+from lenet_xp.data.augment import parse_augment
+from lenet_xp.models import presets
+from lenet_xp.training.config import CONFIG_KEYS, RECIPES, build_parser
 
 try:
     import tomllib

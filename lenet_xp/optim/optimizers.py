@@ -1,0 +1,386 @@
+"""Optimizers with ``torch.optim`` semantics: SGD (momentum, Nesterov), Adam and AdamW.
+
+Every update is done in place on ``param.data`` with the array namespace of that array
+(NumPy or CuPy), so parameters keep their identity, device and dtype: float32 stays
+float32 because only Python floats ever meet the arrays. Parameters whose ``grad`` is
+``None`` are skipped, as in PyTorch.
+
+State is plain arrays and numbers in a flat dict (see :meth:`Optimizer.state_dict`), so a
+checkpoint can hold it next to the model's own ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from lenet_xp import kernels
+from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
+from lenet_xp.kernels import record_fallback
+from lenet_xp.layers.module import Parameter
+from lenet_xp.optim.averaging import STATE_PREFIX, ParameterEMA
+
+
+class Optimizer:
+    """Base class: holds the parameters, the learning rate ``lr`` and the step counter.
+
+    Subclasses implement :meth:`_update` for one parameter and name the per-parameter
+    state they keep in ``_array_state`` (arrays shaped like the parameter) and
+    ``_count_state`` (ints).
+    """
+
+    _array_state: tuple[str, ...] = ()
+    _count_state: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Parameter], lr: float) -> None:
+        self.params: list[Parameter] = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        for index, param in enumerate(self.params):
+            if not isinstance(param, Parameter):
+                raise TypeError(f"params[{index}] is a {type(param).__name__}, not a Parameter")
+        self.lr = lr
+        self.steps = 0
+        # One dict per parameter: name -> array (or int); empty until its first update.
+        self.state: list[dict[str, Any]] = [{} for _ in self.params]
+        #: Weight averaging (``train --ema``; Keras's ``use_ema``): updated after every step,
+        #: saved and restored with the rest of the state.
+        self.average: ParameterEMA | None = None
+        #: On a GPU, whether updates run as our fused CUDA kernel (where the optimizer has
+        #: one: Adam) rather than array ops; the training engine sets it.
+        self.cuda_kernels = False
+
+    @property
+    def lr(self) -> float:
+        """Learning rate used by the next :meth:`step` (a schedule may set it every step)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        value = float(value)  # a Python float keeps float32 arrays float32
+        if not value >= 0.0:
+            raise ValueError(f"invalid learning rate {value}: must be >= 0")
+        self._lr = value
+
+    def hyperparameters(self) -> dict[str, float | int]:
+        """The settings (other than ``lr``) that give the state its meaning."""
+        return {}
+
+    def zero_grad(self) -> None:
+        """Forget every gradient (``param.grad = None``); such parameters are not updated."""
+        for param in self.params:
+            param.grad = None
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place; then ``steps += 1``."""
+        for param, state in zip(self.params, self.state, strict=True):
+            if param.grad is None:
+                continue
+            if tuple(param.grad.shape) != tuple(param.data.shape):
+                raise ValueError(
+                    f"gradient shape {tuple(param.grad.shape)} does not match "
+                    f"parameter shape {tuple(param.data.shape)}"
+                )
+            self._update(param.data, param.grad, state)
+        self.steps += 1
+        if self.average is not None:
+            self.average.update()
+
+    def _update(self, data: Any, grad: Any, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # -- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Flat, NumPy-savable state: ``type``, ``steps``, ``lr``, the hyperparameters and
+        ``"<name>.<i>"`` for state ``name`` of ``params[i]`` (copies of the arrays, on the
+        parameter's device and dtype; absent before that parameter's first update), and
+        ``"ema.<key>"`` for the weight average's state if there is one."""
+        flat: dict[str, Any] = {"type": type(self).__name__, "steps": self.steps, "lr": self.lr}
+        flat.update(self.hyperparameters())
+        for index, state in enumerate(self.state):
+            for name, value in state.items():
+                flat[f"{name}.{index}"] = value.copy() if name in self._array_state else value
+        if self.average is not None:
+            average = self.average.state_dict()
+            flat.update({f"{STATE_PREFIX}{k}": v for k, v in average.items()})
+        return flat
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (also after a NumPy save/load round trip).
+
+        Arrays are copied onto each parameter's device and dtype. Raises ``ValueError``
+        (and changes nothing) when the optimizer type, a hyperparameter, a key or a
+        shape does not match this optimizer.
+        """
+        prefix = len(STATE_PREFIX)
+        averaged = {k[prefix:]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
+        if bool(averaged) != (self.average is not None):
+            saved, this = ("holds one", "keeps none") if averaged else ("holds none", "keeps one")
+            raise ValueError(
+                f"optimizer state_dict {saved} of a weight average (--ema); this optimizer {this}"
+            )
+        saved_type = str(state.get("type"))
+        if saved_type != type(self).__name__:
+            raise ValueError(f"optimizer state_dict is for {saved_type}, not {type(self).__name__}")
+        scalar_keys = {"type", "steps", "lr", *self.hyperparameters()}
+        missing = sorted(scalar_keys - set(state))
+        if missing:
+            raise ValueError(f"optimizer state_dict is missing keys {missing}")
+        for name, value in self.hyperparameters().items():
+            if float(state[name]) != float(value):
+                raise ValueError(
+                    f"optimizer state_dict has {name}={float(state[name])}, "
+                    f"but this {type(self).__name__} has {name}={value}"
+                )
+
+        per_param: list[dict[str, Any]] = [{} for _ in self.params]
+        for key, value in state.items():
+            if key in scalar_keys:
+                continue
+            name, _, index_text = key.rpartition(".")
+            if name not in self._array_state + self._count_state or not index_text.isdigit():
+                raise ValueError(f"unexpected key {key!r} in {type(self).__name__} state_dict")
+            index = int(index_text)
+            if index >= len(self.params):
+                raise ValueError(
+                    f"state_dict key {key!r} is for parameter {index}, "
+                    f"but this optimizer has {len(self.params)} parameters"
+                )
+            if name in self._count_state:
+                per_param[index][name] = int(value)
+                continue
+            data = self.params[index].data
+            if tuple(value.shape) != tuple(data.shape):
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(value.shape)}, "
+                    f"expected {tuple(data.shape)}"
+                )
+            copy = get_array_module(data).empty_like(data)
+            copy[...] = to_device(value, device_of(data))
+            per_param[index][name] = copy
+
+        expected = set(self._array_state + self._count_state)
+        for index, found in enumerate(per_param):
+            if found and set(found) != expected:
+                raise ValueError(
+                    f"state_dict has {sorted(found)} for parameter {index}, "
+                    f"expected all of {sorted(expected)} or none"
+                )
+        if self.average is not None:
+            self.average.load_state_dict(averaged)  # checks before it changes anything
+        self.state = per_param
+        self.steps = int(state["steps"])
+        self.lr = float(state["lr"])
+
+
+def _check_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0.0:
+            raise ValueError(f"invalid {name} {value}: must be >= 0")
+
+
+class SGD(Optimizer):
+    """``torch.optim.SGD``: with ``g = grad + weight_decay * p``,
+
+    ``buf = g`` at the first step, then ``buf = momentum * buf + (1 - dampening) * g``;
+    the direction is ``g + momentum * buf`` (Nesterov) or ``buf`` (or ``g`` without
+    momentum), and ``p -= lr * direction``. State: ``momentum_buffer`` (like ``p``).
+    """
+
+    _array_state = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        dampening: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr)
+        _check_non_negative(momentum=momentum, weight_decay=weight_decay, dampening=dampening)
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):
+            raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = float(weight_decay)
+        self.dampening = float(dampening)
+
+    def hyperparameters(self) -> dict[str, float | int]:
+        return {
+            "momentum": self.momentum,
+            "nesterov": int(self.nesterov),
+            "weight_decay": self.weight_decay,
+            "dampening": self.dampening,
+        }
+
+    def _update(self, data: Any, grad: Any, state: dict[str, Any]) -> None:
+        xp = get_array_module(data)
+        if self.weight_decay:
+            grad = grad + self.weight_decay * data  # a new array: p.grad is left as it was
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = xp.empty_like(data)
+                buf[...] = grad
+            else:
+                buf *= self.momentum
+                buf += grad if self.dampening == 0.0 else (1.0 - self.dampening) * grad
+            grad = grad + self.momentum * buf if self.nesterov else buf
+        data -= self.lr * grad
+
+
+class Adam(Optimizer):
+    """``torch.optim.Adam`` (no amsgrad): with ``g = grad + weight_decay * p`` and ``t``
+    the parameter's step count (from 1),
+
+    ``m = beta1 * m + (1 - beta1) * g``, ``v = beta2 * v + (1 - beta2) * g * g``,
+    ``p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)``.
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), like ``p``, and ``step`` (t, an int).
+    """
+
+    _array_state = ("exp_avg", "exp_avg_sq")
+    _count_state = ("step",)
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr)
+        beta1, beta2 = (float(beta) for beta in betas)
+        for index, beta in enumerate((beta1, beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"invalid beta parameter at index {index}: {beta} not in [0, 1)")
+        _check_non_negative(eps=eps, weight_decay=weight_decay)
+        self.betas = (beta1, beta2)
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+
+    def hyperparameters(self) -> dict[str, float | int]:
+        beta1, beta2 = self.betas
+        return {"beta1": beta1, "beta2": beta2, "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def _update(self, data: Any, grad: Any, state: dict[str, Any]) -> None:
+        xp = get_array_module(data)
+        beta1, beta2 = self.betas
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(data)
+            state["exp_avg_sq"] = xp.zeros_like(data)
+        if self.weight_decay:
+            if self._decoupled:
+                data *= 1.0 - self.lr * self.weight_decay
+            else:
+                grad = grad + self.weight_decay * data
+        state["step"] += 1
+        step = state["step"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+        step_size = self.lr / (1.0 - beta1**step)
+        bias2_sqrt = math.sqrt(1.0 - beta2**step)
+        if (
+            is_gpu(xp)
+            and self.cuda_kernels
+            and _fused_adam_on_gpu(
+                grad, beta1, beta2, step_size, bias2_sqrt, self.eps, data, exp_avg, exp_avg_sq
+            )
+        ):
+            return
+        exp_avg *= beta1
+        exp_avg += (1.0 - beta1) * grad
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1.0 - beta2) * grad * grad
+        denom = xp.sqrt(exp_avg_sq)  # the one scratch array of the update
+        denom /= bias2_sqrt
+        denom += self.eps
+        xp.divide(exp_avg, denom, out=denom)
+        denom *= step_size
+        data -= denom
+
+
+@functools.cache
+def _adam_kernel() -> Any:
+    """The whole Adam update of one parameter as one CUDA kernel (the same formulas as the
+    array code in :meth:`Adam._update`, which needs a dozen launches)."""
+    return cuda_elementwise(
+        "T grad, T beta1, T beta2, T step_size, T bias2_sqrt, T eps",
+        "T param, T m, T v",
+        """
+        m = beta1 * m + (1 - beta1) * grad;
+        v = beta2 * v + (1 - beta2) * grad * grad;
+        param -= step_size * m / (sqrt(v) / bias2_sqrt + eps);
+        """,
+        "lenet_xp_adam",
+    )
+
+
+def _fused_adam_on_gpu(*args: Any) -> bool:
+    """Run :func:`_adam_kernel`; ``False`` if it cannot be compiled or launched here, so the
+    caller falls back to the array code. The failure is recorded (one line on stderr, and in
+    :func:`lenet_xp.kernels.fallbacks`, which the tests check) and not retried."""
+    if kernels.fell_back("adam"):
+        return False
+    try:
+        _adam_kernel()(*args)
+    except Exception as exc:  # a compiler or driver problem: keep training, say so once
+        record_fallback("adam", " ".join(f"{type(exc).__name__}: {exc}".split()))
+        return False
+    return True
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW``: decoupled weight decay ``p *= 1 - lr * weight_decay``, then
+    the :class:`Adam` step with the raw gradient."""
+
+    _decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+
+
+def make_optimizer(
+    name: str,
+    params: Iterable[Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    ema: float | None = None,
+) -> Optimizer:
+    """Build an optimizer by name: ``sgd`` (SGD with ``momentum``; 0 gives plain SGD),
+    ``nesterov`` (SGD with Nesterov ``momentum``), ``adam`` (L2 ``weight_decay``) or
+    ``adamw`` (decoupled ``weight_decay``, used as given here, 0 included); with ``ema`` (a
+    decay in (0, 1)) it also keeps a :class:`~lenet_xp.optim.averaging.ParameterEMA` of the
+    weights as ``optimizer.average``."""
+    key = name.strip().lower()
+    if key == "sgd":
+        optimizer = SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
+    elif key == "nesterov":
+        optimizer = SGD(params, lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    elif key == "adam":
+        optimizer = Adam(params, lr, weight_decay=weight_decay)
+    elif key == "adamw":
+        optimizer = AdamW(params, lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if ema:
+        optimizer.average = ParameterEMA(optimizer.params, ema)
+    return optimizer

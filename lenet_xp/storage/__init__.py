@@ -1,0 +1,2 @@
+"""Files that survive a crash: checkpoints written atomically (:mod:`.checkpoint`) and
+directory fsync (:mod:`.fsync`)."""

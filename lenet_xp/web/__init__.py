@@ -1,0 +1,2 @@
+"""The drawing page of ``python -m lenet_xp.serve``: its JSON API (:mod:`.api`) and the
+page's files (``static/``)."""
