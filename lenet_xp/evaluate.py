@@ -23,7 +23,7 @@ from lenet_xp.presets import PresetError, build_from_config
 
 
 def evaluate(
-    model: Module | DataParallel, split: DeviceSplit, batch_size: int = 2000
+    model: Module | DataParallel | Any, split: DeviceSplit, batch_size: int = 2000
 ) -> tuple[float, float, Any]:
     """``(mean loss, accuracy, confusion (10, 10) host int64)`` of ``model`` on ``split``.
 
@@ -32,7 +32,7 @@ def evaluate(
     """
     xp = split.device.xp
     model.eval()
-    network = model.model if isinstance(model, DataParallel) else model  # its loss
+    network = model if isinstance(model, Module) else model.model  # its loss (a runner's model)
     loss_sum = xp.zeros((), dtype=xp.float64)
     confusion = xp.zeros(100, dtype=xp.int64)
     cells = xp.arange(100)

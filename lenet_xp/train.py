@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Collection
@@ -32,6 +33,10 @@ from lenet_xp.backend import (
 )
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_split
+from lenet_xp.distributed.comm import DistributedError, World
+from lenet_xp.distributed.comm import world as mpi_world
+from lenet_xp.distributed.engine import AgreedStop, RankParallel
+from lenet_xp.distributed.launch import SilentLog, broadcast_state, check_launch, reader_base
 from lenet_xp.evaluate import evaluate, run_data_dir
 from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
 from lenet_xp.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
@@ -165,13 +170,29 @@ def run(args: argparse.Namespace, model: Any = None, given: Collection[str] = ()
             "fit() ran in a worker process, which imports your script to rebuild a layer "
             'class defined there: call fit() under `if __name__ == "__main__":`'
         )
+    world = mpi_world()
     device = get_device(args.device, announce=args.device == "auto" and not args.quiet)
     if device.kind == "cpu":
         tune_host_allocator()
+    # -- distributed (issue 22): one of N MPI ranks; rank 0 alone writes (and locks --out)
+    if world is not None:
+        check_launch(world, vars(args), args.batch_size)
+        if device.kind != "cpu":
+            raise DistributedError(
+                f"training over MPI ranks runs on the CPU for now, not on {device}: "
+                "add --device cpu (the NCCL path for GPUs is docs/distributed.md's next step)"
+            )
+        args.quiet = args.quiet or not world.is_writer
+    locked = world is None or world.is_writer
+    # -- end distributed
     enabled = kernels.enabled()
     try:
-        with use_device(device), StopSignals() as signals, RunLock(resolve_out(args)):
-            return _run(args, device, model, signals, frozenset(given))
+        with (
+            use_device(device),
+            StopSignals() as signals,
+            RunLock(resolve_out(args)) if locked else nullcontext(),
+        ):
+            return _run(args, device, model, signals, frozenset(given), world)
     finally:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
 
@@ -242,10 +263,12 @@ def _nothing_left(meta: dict, config: dict) -> str | None:
 
 
 def _run(
-    args: argparse.Namespace, device: Device, model: Any, signals: StopSignals, given: frozenset
-) -> dict:
+    args: argparse.Namespace, device: Device, model: Any, signals: StopSignals, given: frozenset,
+    world: World | None = None,
+) -> dict:  # fmt: skip
     """:func:`run` on the resolved ``device``, inside :func:`use_device`, holding ``--out``'s
-    lock; ``signals``: the SIGINT/SIGTERM handlers; ``given``: the options set by the user."""
+    lock; ``signals``: the SIGINT/SIGTERM handlers; ``given``: the options set by the user;
+    ``world``: the MPI ranks this process is one of (``None``: it trains alone)."""
     config = {key: getattr(args, key) for key in CONFIG_KEYS}
     if model is not None:
         config["arch"] = "custom"  # built in Python: the CLIs cannot rebuild it
@@ -286,6 +309,9 @@ def _run(
     start_epoch, step, best = 1, 0, Best(config.get("patience"), config["epochs"])
     if resume_state:
         start_epoch, step = _restore(resume_state, args.resume, model, optimizer, rng, best)
+    writer = world is None or world.is_writer  # distributed (issue 22): rank 0 alone writes
+    if world is not None:
+        broadcast_state(world, model, optimizer)
     position = EpochPosition.from_meta(meta, steps_per_epoch, args.resume) if resume_state else None
     if resume_state and not args.quiet and (note := inexact_resume_note(config)):
         print(f"note: {note}", file=sys.stderr)
@@ -294,40 +320,57 @@ def _run(
 
     out = Path(args.out)
     metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    if writer:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
     if args.report:
         report.require_matplotlib()  # now, not after the training
-    log = tblog.RunLog(
-        model, metrics_path, out, args.stats_every, args.tensorboard, start_epoch, step
-    )  # metrics.csv, stats.jsonl, TensorBoard
-    remove_stale_temps(out, metrics_path)  # a killed run's; this run holds the lock
+    log = (
+        tblog.RunLog(
+            model, metrics_path, out, args.stats_every, args.tensorboard, start_epoch, step
+        )  # metrics.csv, stats.jsonl, TensorBoard
+        if writer
+        else SilentLog()
+    )
+    if writer:
+        remove_stale_temps(out, metrics_path)  # a killed run's; this run holds the lock
     if resume_state:  # metrics.jsonl as the checkpoint has it, whenever the last run stopped
-        base = resume_base(resume_state[2], metrics_path)
+        meta = resume_state[2]
+        base = resume_base(meta, metrics_path) if writer else reader_base(meta)
         base["config"] = config  # its mid-epoch checkpoints keep a changed --epochs too
     else:
         base = initial_meta(config, rng.bit_generator.state)
-    metrics_file = open(metrics_path, "a" if resume_state else "w")  # noqa: SIM115
+    metrics_file = open(  # noqa: SIM115
+        metrics_path if writer else os.devnull, "a" if resume_state else "w"
+    )
+    agreed = AgreedStop() if world is not None else None  # the stop all ranks act on
     keeper = Keeper(
-        out, model, optimizer, signals, base, device.kind, args.save_every, steps_per_epoch,
-        hint=lambda checkpoint: resume_hint(args, checkpoint),
-        latest=Path(args.resume) if args.resume else None,
+        out, model, optimizer, agreed or signals, base, device.kind, args.save_every,
+        steps_per_epoch, hint=lambda checkpoint: resume_hint(args, checkpoint),
+        latest=Path(args.resume) if args.resume else None, writes=writer,
     )  # fmt: skip
     workers = config.get("workers", 1) if device.kind == "cpu" else 1
+    if world is not None and "workers" not in given:
+        workers = 1  # the ranks are the processes; --workers splits a rank's slice further
     max_batch = max(config["batch_size"], args.eval_batch_size)
     total_steps = config["epochs"] * steps_per_epoch
     augment = parse_augment(config.get("augment", "none"))
     record: dict = {}
     runner = None
     try:
-        runner = DataParallel(
-            model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
-        )
+        if world is not None:
+            runner = RankParallel(world, model, workers, max_batch, signals, agreed)
+        else:
+            runner = DataParallel(
+                model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
+            )
         fused, engine = _engine(
             args, device, model, optimizer, train, config, schedule, total_steps, augment, position
         )
         for epoch in range(start_epoch, config["epochs"] + 1):
             lr = schedule(step - (position.batch if position else 0))  # the epoch's first step's
             synchronize(device)  # the last epoch's evaluation is not this epoch's time
+            if world is not None:  # a stop asked for during the evaluation: on every rank
+                runner.agree_stop(epoch)
             keeper.begin_epoch(epoch, position)  # a stop asked for now stops; starts the clock
             bar = _progress_bar(len(train), epoch, config["epochs"], args.quiet)
             if fused is not None:
@@ -374,6 +417,8 @@ def _run(
             }  # fmt: skip
             if val is not None:
                 record["val_loss"], record["val_acc"] = val_loss, val_acc
+            if world is not None:
+                record["ranks"] = world.size
             improved, stop = best.update(
                 epoch, record["val_acc"] if val is not None else -train_loss
             )
@@ -411,7 +456,7 @@ def _run(
             runner.close()
         metrics_file.close()
         log.close()
-    if args.report:
+    if args.report and writer:
         page = report.write_report(out, metrics=metrics_path, data_dir=data_dir, device=device)
         if not args.quiet:
             print(f"report: {page}", flush=True)
@@ -519,30 +564,51 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # A diverging run overflows; it is reported once, as a NaN/inf loss, not per operation.
     warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
+    # -- distributed (issue 22): rank 0 speaks for the ranks; each rank's end waits (bounded)
+    # for the others', so one that failed alone ends the job instead of leaving it waiting.
+    try:
+        world = mpi_world()
+    except DistributedError as exc:
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        return 1
+    status = _main(args, argv, world)
+    if world is not None:
+        world.finish(status)
+    return status
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, world: World | None) -> int:
+    """:func:`main` once the flags are parsed: train, and turn the errors into one line and
+    an exit status (said by rank 0 alone for the errors all ranks meet together)."""
+    prog, alone = "lenet_xp.train", world is None or world.is_writer
+    if not alone:
+        prog += f" (rank {world.rank} of {world.size})"
     try:
         run(args, given=given_options(argv))
     except (
         DataError, DeviceError, CheckpointError, TrainingError, WorkerError, RunLockError,
-        DivergedError, report.ReportError, tblog.LogError,
+        DivergedError, report.ReportError, tblog.LogError, DistributedError,
     ) as exc:  # fmt: skip
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        if alone or not isinstance(exc, DistributedError):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except presets.PresetError as exc:
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
         print(
-            f"lenet_xp.train: error: out of memory at --batch-size {args.batch_size}; "
+            f"{prog}: error: out of memory at --batch-size {args.batch_size}; "
             f"lower it (e.g. --batch-size {max(1, args.batch_size // 2)})",
             file=sys.stderr,
         )
         return 1
     except OSError as exc:  # e.g. --out or --metrics not writable
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (lenet_xp.interrupt)
         message, status = exit_message(exc, resume_hint(args, args.resume))
-        print(f"lenet_xp.train: {message}", file=sys.stderr)
+        if alone:
+            print(f"{prog}: {message}", file=sys.stderr)
         return status
     return 0
 

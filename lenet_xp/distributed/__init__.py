@@ -1,0 +1,11 @@
+"""Data-parallel training over MPI ranks (``mpiexec -n N python -m lenet_xp.train ...``).
+
+- :mod:`~lenet_xp.distributed.comm`: whether this process is one of several MPI ranks, and
+  the :class:`~lenet_xp.distributed.comm.World` it belongs to (mpi4py's ``COMM_WORLD``).
+- :mod:`~lenet_xp.distributed.engine`: :class:`~lenet_xp.distributed.engine.RankParallel`,
+  which runs this rank's slice of every global batch and sums the gradients, the loss, the
+  correct count and the stop flag with one all-reduce of one flat buffer per step.
+- :mod:`~lenet_xp.distributed.launch`: the checks and set-up a run does once at its start.
+
+See docs/distributed.md.
+"""

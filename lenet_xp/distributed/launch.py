@@ -1,0 +1,88 @@
+"""What a run does once per rank: check that the ranks were launched alike, take rank 0's
+parameters and optimizer state, and keep the writing to rank 0."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from lenet_xp.distributed.comm import DistributedError, World
+
+#: Packages whose versions must match across ranks (they decide the numbers).
+_PACKAGES = ("lenet_xp", "numpy", "mpi4py")
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def check_launch(world: World, options: dict[str, Any], batch_size: int) -> None:
+    """:class:`DistributedError` (one line, the same on every rank) unless every rank runs
+    with rank 0's ``options`` (the parsed flags) and package versions, and the global
+    ``batch_size`` gives every rank at least one image."""
+    mine = (sorted((k, repr(v)) for k, v in options.items()), _versions())
+    launches = world.allgather(mine)
+    for rank, (flags, versions) in enumerate(launches):
+        for what, theirs, first in (("flags", flags, launches[0][0]),
+                                    ("versions", versions, launches[0][1])):  # fmt: skip
+            if theirs != first:
+                differs = _first_difference(dict(first), dict(theirs))
+                raise DistributedError(
+                    f"rank {rank} was launched with other {what} than rank 0 ({differs}): "
+                    "start every rank with the same command and environment"
+                )
+    if batch_size < world.size:
+        raise DistributedError(
+            f"--batch-size {batch_size} is the global batch, split over {world.size} ranks: "
+            f"it must be at least {world.size} (or launch fewer ranks)"
+        )
+
+
+def _first_difference(first: dict, theirs: dict) -> str:
+    for key in sorted(set(first) | set(theirs)):
+        if first.get(key) != theirs.get(key):
+            return f"{key}: {first.get(key)} on rank 0, {theirs.get(key)} there"
+    return "?"
+
+
+def broadcast_state(world: World, model: Any, optimizer: Any) -> None:
+    """Every rank takes rank 0's parameters and optimizer state (at the start, and after a
+    resume), so the ranks start as one model whatever each one built or read."""
+    state = world.broadcast((model.state_dict(), optimizer.state_dict()))
+    if not world.is_writer:
+        model.load_state_dict(state[0])
+        optimizer.load_state_dict(state[1])
+
+
+class SilentLog:
+    """The :class:`~lenet_xp.tblog.RunLog` of a rank that does not write (ranks above 0)."""
+
+    def after_step(self) -> None:
+        pass
+
+    def end_epoch(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def reader_base(meta: dict) -> dict:
+    """As :func:`~lenet_xp.resume.resume_base`, for a rank that writes no metrics file."""
+    base = {key: value for key, value in meta.items() if key != "mid_epoch"}
+    base["history"] = list(meta.get("history") or [])
+    return base
+
+
+def say(world: World | None, message: str) -> None:
+    """Print ``message`` to stderr from rank 0 only (or from a run without ranks)."""
+    if world is None or world.is_writer:
+        print(message, file=sys.stderr)
