@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Collection
 from contextlib import nullcontext
@@ -183,6 +184,7 @@ def run(args: argparse.Namespace, model: Any = None, given: Collection[str] = ()
                 "add --device cpu (the NCCL path for GPUs is docs/distributed.md's next step)"
             )
         args.quiet = args.quiet or not world.is_writer
+    out = resolve_out(args)  # on every rank: their messages and checkpoints name it
     locked = world is None or world.is_writer
     # -- end distributed
     enabled = kernels.enabled()
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace, model: Any = None, given: Collection[str] = ()
         with (
             use_device(device),
             StopSignals() as signals,
-            RunLock(resolve_out(args)) if locked else nullcontext(),
+            RunLock(out) if locked else nullcontext(),
         ):
             return _run(args, device, model, signals, frozenset(given), world)
     finally:
@@ -571,9 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedError as exc:
         print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
         return 1
-    status = _main(args, argv, world)
-    if world is not None:
-        world.finish(status)
+    if world is None:
+        return _main(args, argv, world)
+    try:
+        status = _main(args, argv, world)
+    except BaseException:  # a bug on one rank: say it, and end every rank (none is left waiting)
+        traceback.print_exc()
+        world.abort(1)
+    world.finish(status)
     return status
 
 

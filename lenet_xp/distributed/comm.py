@@ -8,6 +8,7 @@ plain ``python -m lenet_xp.train`` never imports mpi4py.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -77,8 +78,13 @@ class World:
         deadline = time.monotonic() + FINISH_GRACE_S
         while not request.Test():
             if time.monotonic() > deadline:
-                self.comm.Abort(status or 1)
+                self.abort(status)
             time.sleep(0.01)
+
+    def abort(self, status: int) -> None:
+        """End every rank of the job now, with exit status ``status`` (at least 1)."""
+        sys.stderr.flush()
+        self.comm.Abort(status or 1)
 
 
 def world() -> World | None:
