@@ -69,11 +69,12 @@ def single(tmp_path_factory) -> list[dict]:
     return metrics(out / "metrics.jsonl")
 
 
-def test_two_ranks_train_the_single_process_run(single, tmp_path):
-    done = run_ranks(2, *RUN, "--out", str(tmp_path))
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_train_the_single_process_run(single, tmp_path, ranks):
+    done = run_ranks(ranks, *RUN, "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     records = metrics(tmp_path / "metrics.jsonl")
-    assert [r["ranks"] for r in records] == [2, 2]
+    assert [r["ranks"] for r in records] == [ranks, ranks]
     same_run(records, single)
     # rank 0 alone wrote: one metrics file, the checkpoints, no other rank's files
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -184,3 +185,39 @@ def test_ranks_launched_with_other_flags_is_one_line(tmp_path):
         "lenet_xp.train: error: rank 1 was launched with other flags than rank 0 (lr: 0.01 on "
         "rank 0, 0.02 there): start every rank with the same command and environment"
     ]
+
+
+#: Under mpiexec -n 2: rank 1 changes one weight, then both ranks compare their parameters.
+DIVERGED = """
+import sys
+from lenet_xp.backend import get_device
+from lenet_xp.distributed.comm import DistributedError, world
+from lenet_xp.distributed.engine import AgreedStop, RankParallel
+from lenet_xp.interrupt import StopSignals
+from lenet_xp.presets import build_from_config
+
+ranks = world()
+model = build_from_config({"arch": "lenet5", "seed": 0, "dtype": "float64"}).to(get_device("cpu"))
+runner = RankParallel(ranks, model, 1, 16, StopSignals(), AgreedStop())
+runner.agree_stop(1)  # the same weights: passes
+if ranks.rank == 1 and sys.argv[1] == "perturb":
+    model.parameters()[0].data[0, 0, 0, 0] += 1e-12
+try:
+    runner.agree_stop(2)
+except DistributedError as exc:
+    print(f"rank {ranks.rank}: {exc}")
+runner.close()
+"""
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_ranks_holding_other_parameters_are_found(perturb):
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-c", DIVERGED, "perturb" if perturb else "no"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    said = sorted(done.stdout.splitlines())
+    if not perturb:
+        assert said == []
+    else:
+        why = "rank 1's parameters differ from rank 0's before epoch 2"
+        assert len(said) == 2 and all(why in line for line in said), said

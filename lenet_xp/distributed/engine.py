@@ -57,6 +57,11 @@ class RankParallel:
         agreed: AgreedStop,
     ) -> None:  # fmt: skip
         self.world, self.model, self.signals, self.agreed = world, model, signals, agreed
+        from threadpoolctl import threadpool_limits
+
+        # One core per process, as --workers does: ranks sharing a node's cores with
+        # several BLAS threads each oversubscribe it (restored by close).
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.local = DataParallel(
             model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
         )
@@ -73,6 +78,7 @@ class RankParallel:
 
     def close(self) -> None:
         self.local.close()
+        self._blas_limit.restore_original_limits()
 
     def _own(self, n: int) -> slice:
         return slice_of(n, self.world.rank, self.world.size)
