@@ -37,7 +37,13 @@ from lenet_xp.data import DeviceSplit, permutation, random_shifts, to_device_spl
 from lenet_xp.distributed.comm import DistributedError, World
 from lenet_xp.distributed.comm import world as mpi_world
 from lenet_xp.distributed.engine import AgreedStop, RankParallel
-from lenet_xp.distributed.launch import SilentLog, broadcast_state, check_launch, reader_base
+from lenet_xp.distributed.launch import (
+    SilentLog,
+    broadcast_state,
+    check_launch,
+    held_together,
+    reader_base,
+)
 from lenet_xp.evaluate import evaluate, run_data_dir
 from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
 from lenet_xp.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
@@ -185,18 +191,25 @@ def run(args: argparse.Namespace, model: Any = None, given: Collection[str] = ()
             )
         args.quiet = args.quiet or not world.is_writer
     out = resolve_out(args)  # on every rank: their messages and checkpoints name it
-    locked = world is None or world.is_writer
     # -- end distributed
     enabled = kernels.enabled()
     try:
         with (
             use_device(device),
             StopSignals() as signals,
-            RunLock(out) if locked else nullcontext(),
+            _run_lock(out, world),
         ):
             return _run(args, device, model, signals, frozenset(given), world)
     finally:
         kernels.set_enabled(enabled)  # --cuda-kernels holds for this run only
+
+
+def _run_lock(out: Path, world: World | None) -> Any:
+    """``--out``'s run lock: held by rank 0 alone in a run over MPI ranks (which all fail
+    together if it cannot be had)."""
+    if world is None:
+        return RunLock(out)
+    return held_together(world, RunLock(out) if world.is_writer else nullcontext())
 
 
 @dataclass

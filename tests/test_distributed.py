@@ -20,6 +20,8 @@ from conftest import needs_mnist
 from reliability_helpers import metrics, train_cmd, wait_until
 
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
+from lenet_xp.distributed.comm import FINISH_GRACE_S
+from lenet_xp.runlock import RunLock
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 try:
@@ -221,3 +223,16 @@ def test_ranks_holding_other_parameters_are_found(perturb):
     else:
         why = "rank 1's parameters differ from rank 0's before epoch 2"
         assert len(said) == 2 and all(why in line for line in said), said
+
+
+def test_an_out_in_use_stops_every_rank_with_one_line(tmp_path):
+    with RunLock(tmp_path):  # another run holds --out
+        started = time.monotonic()
+        done = run_ranks(2, *RUN, "--out", str(tmp_path), timeout=120)
+        assert time.monotonic() - started < FINISH_GRACE_S  # not by the end's abort
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"lenet_xp.train: error: --out {tmp_path} is in use by another training run "
+        f"(pid {os.getpid()}); wait for it to finish, stop it, or choose another --out"
+    ]
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib import metadata
 from typing import Any
 
 from lenet_xp.distributed.comm import DistributedError, World
+from lenet_xp.runlock import RunLockError
 
 #: Packages whose versions must match across ranks (they decide the numbers).
 _PACKAGES = ("lenet_xp", "numpy", "mpi4py")
@@ -51,6 +54,25 @@ def _first_difference(first: dict, theirs: dict) -> str:
         if first.get(key) != theirs.get(key):
             return f"{key}: {first.get(key)} on rank 0, {theirs.get(key)} there"
     return "?"
+
+
+@contextmanager
+def held_together(world: World, lock: AbstractContextManager) -> Iterator[None]:
+    """Hold ``lock`` (rank 0's run lock; nothing on the other ranks) for the run, or fail on
+    every rank with rank 0's line (:class:`DistributedError`), not on rank 0 alone while the
+    others wait for it."""
+    try:
+        lock.__enter__()
+        failure = None
+    except RunLockError as exc:
+        failure = str(exc)
+    failures = world.allgather(failure)
+    if failures[0] is not None:
+        raise DistributedError(failures[0])
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def broadcast_state(world: World, model: Any, optimizer: Any) -> None:
