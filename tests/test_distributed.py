@@ -217,12 +217,9 @@ def test_ranks_holding_other_parameters_are_found(perturb):
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-c", DIVERGED, "perturb" if perturb else "no"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    said = sorted(done.stdout.splitlines())
-    if not perturb:
-        assert said == []
-    else:
-        why = "rank 1's parameters differ from rank 0's before epoch 2"
-        assert len(said) == 2 and all(why in line for line in said), said
+    why = "rank 1's parameters differ from rank 0's before epoch 2"
+    # both ranks say it (their lines may interleave in mpiexec's output), or neither does
+    assert done.stdout.count(why) == (2 if perturb else 0), done.stdout
 
 
 def test_an_out_in_use_stops_every_rank_with_one_line(tmp_path):
