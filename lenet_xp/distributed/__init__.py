@@ -6,6 +6,7 @@
   which runs this rank's slice of every global batch and sums the gradients, the loss, the
   correct count and the stop flag with one all-reduce of one flat buffer per step.
 - :mod:`~lenet_xp.distributed.launch`: the checks and set-up a run does once at its start.
+- :mod:`~lenet_xp.distributed.bench`: ``--workers N`` against ``mpiexec -n N``, measured.
 
 See docs/distributed.md.
 """

@@ -4,7 +4,6 @@ parameters and optimizer state, and keep the writing to rank 0."""
 from __future__ import annotations
 
 import platform
-import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from importlib import metadata
@@ -102,9 +101,3 @@ def reader_base(meta: dict) -> dict:
     base = {key: value for key, value in meta.items() if key != "mid_epoch"}
     base["history"] = list(meta.get("history") or [])
     return base
-
-
-def say(world: World | None, message: str) -> None:
-    """Print ``message`` to stderr from rank 0 only (or from a run without ranks)."""
-    if world is None or world.is_writer:
-        print(message, file=sys.stderr)
