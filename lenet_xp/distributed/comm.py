@@ -55,13 +55,6 @@ class World:
         """Sum ``buffer`` (a contiguous host array) over the ranks, in place."""
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
-    def allgather_rows(self, part: Any, counts: list[int], out: Any) -> None:
-        """Gather each rank's ``part (counts[rank], ...)`` into ``out (sum(counts), ...)`` in
-        rank order, on every rank."""
-        row = int(out[:1].size) if out.shape[0] else 0
-        sizes = [count * row for count in counts]
-        self.comm.Allgatherv(part, [out, sizes])
-
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (any picklable object), in rank order."""
         return self.comm.allgather(value)

@@ -5,18 +5,20 @@ from the run's seed, so its slice of a step is a function of (seed, epoch, step,
 alone. Rank ``r`` of ``N`` takes images ``[n*r//N, n*(r+1)//N)`` of a batch of ``n`` (as
 ``--workers`` slices a batch), runs them (through its own :class:`~lenet_xp.parallel.
 DataParallel`: ``--workers`` within a rank), and writes into one flat float64 buffer its
-slice-size-weighted gradients, loss and correct count, and its stop request; one
-``MPI.Allreduce`` of that buffer per step gives every rank the same sums, so every rank takes
-the same optimizer step and the same decision to stop (:class:`AgreedStop`).
+slice-size-weighted gradients, loss and correct count, and its stop request; one all-reduce
+of that buffer per step (``MPI.Allreduce`` of a host buffer on the CPU, NCCL's on the device
+on a GPU: :mod:`~lenet_xp.distributed.nccl`) gives every rank the same sums, so every rank
+takes the same optimizer step and the same decision to stop (:class:`AgreedStop`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import signal
+from collections.abc import Callable
 from typing import Any
 
-from lenet_xp.backend import host_zeros
+from lenet_xp.backend import asnumpy, get_array_module
 from lenet_xp.distributed.comm import DistributedError, World
 from lenet_xp.interrupt import StopSignals
 from lenet_xp.parallel import DataParallel
@@ -50,11 +52,12 @@ class RankParallel:
     :class:`~lenet_xp.parallel.DataParallel` (``train``, ``eval``, ``forward``,
     ``forward_backward``, ``close``), given whole global batches. ``workers``: processes
     within this rank; ``signals``: this process's SIGINT/SIGTERM; ``agreed``: the stop all
-    ranks act on."""
+    ranks act on; ``reduce(buffer)``: sums a contiguous array of the model's device over the
+    ranks in place (default: ``world.allreduce_sum``, host arrays)."""
 
     def __init__(
         self, world: World, model: Any, workers: int, max_batch: int, signals: StopSignals,
-        agreed: AgreedStop,
+        agreed: AgreedStop, reduce: Callable[[Any], None] | None = None,
     ) -> None:  # fmt: skip
         self.world, self.model, self.signals, self.agreed = world, model, signals, agreed
         from threadpoolctl import threadpool_limits
@@ -65,10 +68,12 @@ class RankParallel:
         self.local = DataParallel(
             model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
         )
+        self.reduce = reduce or world.allreduce_sum
         params = model.parameters()
+        xp = self.xp = get_array_module(params[0].data)
         self._sizes = [int(p.data.size) for p in params]
-        self._buffer = host_zeros(sum(self._sizes) + 4, "float64")
-        self._logits = host_zeros((max_batch, 10), str(params[0].data.dtype))
+        self._buffer = xp.zeros(sum(self._sizes) + 4, dtype=xp.float64)
+        self._logits = xp.zeros((max_batch, 10), dtype=params[0].data.dtype)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -96,7 +101,7 @@ class RankParallel:
         gradient in ``param.grad``, and the returned ``(loss, n_correct)`` are the batch's."""
         n, own = x.shape[0], self._own(x.shape[0])
         buffer, params = self._buffer, self.model.parameters()
-        buffer[:] = 0.0
+        buffer.fill(0)
         if own.stop > own.start:
             ahead = None if next_ids is None else next_ids[self._own(next_ids.shape[0])]
             part_ids = None if ids is None else ids[own]
@@ -109,26 +114,29 @@ class RankParallel:
                     buffer[offset : offset + size] = param.grad.ravel()
                     buffer[offset : offset + size] *= weight
                 offset += size
-            buffer[_LOSS], buffer[_CORRECT] = float(loss) * weight, int(correct)
+            buffer[_LOSS] = loss * weight  # 0-d arrays of the device: no host read
+            buffer[_CORRECT] = correct
         self._put_stop()
-        self.world.allreduce_sum(buffer)
+        self.reduce(buffer)
         offset = 0
         for param, size in zip(params, self._sizes, strict=True):
             if param.grad is not None:
                 param.grad[...] = buffer[offset : offset + size].reshape(param.grad.shape)
             offset += size
-        self.agreed.merge(buffer[_STOPS], buffer[_SIGNALS])
-        return buffer[_LOSS].copy(), int(buffer[_CORRECT])
+        stops = asnumpy(buffer[_STOPS:])  # the step's one host read (free on the CPU)
+        self.agreed.merge(float(stops[0]), float(stops[1]))
+        return buffer[_LOSS].copy(), buffer[_CORRECT].astype(self.xp.int64)
 
     def forward(self, x: Any) -> Any:
-        """Logits of ``x (n, ...)``: each rank computes its slice, gathered on every rank."""
-        n = x.shape[0]
-        counts = [s.stop - s.start for s in (slice_of(n, r, self.world.size) for r in
-                  range(self.world.size))]  # fmt: skip
-        own = self._own(n)
-        part = self.local.forward(x[own]) if own.stop > own.start else self._logits[:0]
+        """Logits of ``x (n, ...)``: each rank computes its slice into zeros, and the sum over
+        the ranks (the same all-reduce as the gradients; adding zeros is exact) holds them
+        all, on every rank."""
+        n, own = x.shape[0], self._own(x.shape[0])
         logits = self._logits[:n]
-        self.world.allgather_rows(part.astype(logits.dtype, copy=False), counts, logits)
+        logits.fill(0)
+        if own.stop > own.start:
+            logits[own] = self.local.forward(x[own])
+        self.reduce(logits)
         return logits.copy()
 
     def agree_stop(self, epoch: int) -> None:
@@ -137,7 +145,7 @@ class RankParallel:
         (:class:`DistributedError` naming the first that does not)."""
         digest = hashlib.sha256()
         for param in self.model.parameters():
-            digest.update(param.data.tobytes())
+            digest.update(asnumpy(param.data).tobytes())
         requested = self.signals.requested
         stops = self.world.allgather((requested, digest.hexdigest()))
         asked = [signum for signum, _ in stops if signum is not None]
