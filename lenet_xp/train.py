@@ -44,6 +44,7 @@ from lenet_xp.distributed.launch import (
     held_together,
     reader_base,
 )
+from lenet_xp.distributed.nccl import NcclSum
 from lenet_xp.evaluate import evaluate, run_data_dir
 from lenet_xp.interrupt import Interrupted, StopSignals, exit_message
 from lenet_xp.mnist import MEAN, STD, DataError, load_mnist, resolve_data_dir
@@ -184,11 +185,8 @@ def run(args: argparse.Namespace, model: Any = None, given: Collection[str] = ()
     # -- distributed (issue 22): one of N MPI ranks; rank 0 alone writes (and locks --out)
     if world is not None:
         check_launch(world, vars(args), args.batch_size)
-        if device.kind != "cpu":
-            raise DistributedError(
-                f"training over MPI ranks runs on the CPU for now, not on {device}: "
-                "add --device cpu (the NCCL path for GPUs is docs/distributed.md's next step)"
-            )
+        if device.kind == "cuda":  # one GPU per rank: its local rank's
+            device = get_device(f"cuda:{world.local_rank}")
         args.quiet = args.quiet or not world.is_writer
     out = resolve_out(args)  # on every rank: their messages and checkpoints name it
     # -- end distributed
@@ -373,14 +371,20 @@ def _run(
     runner = None
     try:
         if world is not None:
-            runner = RankParallel(world, model, workers, max_batch, signals, agreed)
+            reduce = NcclSum(world) if device.kind == "cuda" else None  # else MPI, host
+            runner = RankParallel(world, model, workers, max_batch, signals, agreed, reduce)
         else:
             runner = DataParallel(
                 model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
             )
-        fused, engine = _engine(
-            args, device, model, optimizer, train, config, schedule, total_steps, augment, position
-        )
+        fused, engine = (
+            _engine(
+                args, device, model, optimizer, train, config, schedule, total_steps, augment,
+                position,
+            )
+            if world is None  # the fused CUDA step does not all-reduce yet: ranks use layers
+            else (None, "layers")
+        )  # fmt: skip
         for epoch in range(start_epoch, config["epochs"] + 1):
             lr = schedule(step - (position.batch if position else 0))  # the epoch's first step's
             synchronize(device)  # the last epoch's evaluation is not this epoch's time
@@ -593,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:  # a bug on one rank: say it, and end every rank (none is left waiting)
         traceback.print_exc()
         world.abort(1)
+        return 1  # Abort ends this process too, but not always at once
     world.finish(status)
     return status
 

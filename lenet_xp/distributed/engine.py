@@ -101,7 +101,7 @@ class RankParallel:
         gradient in ``param.grad``, and the returned ``(loss, n_correct)`` are the batch's."""
         n, own = x.shape[0], self._own(x.shape[0])
         buffer, params = self._buffer, self.model.parameters()
-        buffer.fill(0)
+        buffer[...] = 0
         if own.stop > own.start:
             ahead = None if next_ids is None else next_ids[self._own(next_ids.shape[0])]
             part_ids = None if ids is None else ids[own]
@@ -133,7 +133,7 @@ class RankParallel:
         all, on every rank."""
         n, own = x.shape[0], self._own(x.shape[0])
         logits = self._logits[:n]
-        logits.fill(0)
+        logits[...] = 0
         if own.stop > own.start:
             logits[own] = self.local.forward(x[own])
         self.reduce(logits)

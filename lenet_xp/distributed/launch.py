@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager, contextmanager
 from importlib import metadata
 from typing import Any
 
+from lenet_xp.backend import asnumpy
 from lenet_xp.distributed.comm import DistributedError, World
 from lenet_xp.runlock import RunLockError
 
@@ -77,10 +78,17 @@ def held_together(world: World, lock: AbstractContextManager) -> Iterator[None]:
 def broadcast_state(world: World, model: Any, optimizer: Any) -> None:
     """Every rank takes rank 0's parameters and optimizer state (at the start, and after a
     resume), so the ranks start as one model whatever each one built or read."""
-    state = world.broadcast((model.state_dict(), optimizer.state_dict()))
+    state = world.broadcast(
+        (_on_host(model.state_dict()), _on_host(optimizer.state_dict()))
+    )  # host copies: a rank's GPU arrays would unpickle onto rank 0's device
     if not world.is_writer:
         model.load_state_dict(state[0])
         optimizer.load_state_dict(state[1])
+
+
+def _on_host(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its device arrays copied to the host (NumPy)."""
+    return {k: asnumpy(v) if hasattr(v, "shape") else v for k, v in state.items()}
 
 
 class SilentLog:
