@@ -1,8 +1,9 @@
 """MPI data-parallel training through the real CLI under ``mpiexec`` (the ``mpi`` extra: mpi4py
-and the MPICH wheel): 2 ranks train the single process's run (float64, to 1e-9); SIGTERM to
-one rank stops both at one step, rank 0 saves, and resuming (with 2 ranks, or 1 process) ends
+and the MPICH wheel): 2 and 4 ranks train the single process's run (float64, to 1e-9); SIGTERM
+to one rank stops all at one step, rank 0 saves, and resuming (with 2 ranks, or 1 process) ends
 with the uninterrupted run's metrics; ``kill -9`` of one rank ends the job within seconds with
-the last checkpoint intact; a mismatched launch is one line."""
+the last checkpoint intact; a mismatched launch is one line. On two GPUs (or the CuPy
+stand-in's two, ``LENET_XP_FAKE_CUDA=2``): one rank per GPU, the all-reduce through NCCL."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_mnist
+from conftest import needs_mnist, needs_two_gpus
 from reliability_helpers import metrics, train_cmd, wait_until
 
 from lenet_xp.checkpoint import CheckpointError, load_checkpoint
@@ -233,3 +234,18 @@ def test_an_out_in_use_stops_every_rank_with_one_line(tmp_path):
         f"(pid {os.getpid()}); wait for it to finish, stop it, or choose another --out"
     ]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@needs_two_gpus
+def test_two_gpu_ranks_train_the_single_gpu_run(tmp_path):
+    """One rank per GPU (cuda:0, cuda:1 by local rank), the all-reduce through NCCL (on the
+    stand-in: its communicator, over MPI): the single-GPU run's metrics."""
+    on_gpu = [*RUN, "--device", "cuda", "--no-cuda-kernels", "--no-cuda-graph"]
+    cmd = train_cmd(*on_gpu, "--out", str(tmp_path / "one"))
+    alone = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    done = run_ranks(2, *on_gpu, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr
+    records = metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["device"] for r in records] == ["cuda:0", "cuda:0"]  # rank 0's
+    same_run(records, metrics(tmp_path / "one" / "metrics.jsonl"), tol=1e-7)

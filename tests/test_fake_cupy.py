@@ -282,3 +282,22 @@ def test_a_graph_needs_every_buffer_it_touches_kept_alive():
     out["y"] = None  # ... and freed: the pool may give the memory to anyone now
     with pytest.raises(runtime.CUDARuntimeError, match="freed after capture"):
         graph.launch()
+
+
+def test_nccl_all_reduce_sums_device_buffers_and_is_refused_inside_a_capture():
+    """The stand-in's ``cupy.cuda.nccl`` (MPI underneath; one process here: a sum over one
+    rank): device buffers by pointer, in place; refused in a capture, which it cannot hold."""
+    pytest.importorskip("mpi4py")
+    from lenet_xp.testing.fake_cupy import nccl
+
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    buffer = cupy.arange(6, dtype=np.float64)
+    pointer, stream = buffer.data.ptr, cupy.cuda.get_current_stream().ptr
+    comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream)
+    assert buffer.get().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(RuntimeError, match="another type"):
+        comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream)
+    with pytest.raises(runtime.CUDARuntimeError, match="StreamCaptureUnsupported"):
+        capture(
+            lambda: comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream)
+        )
