@@ -8,6 +8,7 @@ The flags are :class:`~lenet_xp.training.config.TrainConfig`'s fields; the loop 
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from collections.abc import Collection
 from typing import Any
@@ -26,6 +27,8 @@ from lenet_xp.training.config import (
     build_parser,
     parse_flags,
 )
+from lenet_xp.training.distributed.comm import DistributedError, World
+from lenet_xp.training.distributed.comm import world as mpi_world
 from lenet_xp.training.engines import train_epoch
 from lenet_xp.training.interrupt import exit_message
 from lenet_xp.training.loop import TrainingError, train
@@ -53,7 +56,7 @@ def run(config: TrainConfig, model: Any = None, given: Collection[str] = ()) -> 
     if config.report:
         report.require_matplotlib()  # now, not after the training
     outcome = train(config, model, given)
-    if config.report and outcome.trained:
+    if config.report and outcome.trained and outcome.writes:
         page = report.write_report(
             outcome.out, metrics=outcome.metrics_path, data_dir=outcome.data_dir,
             device=outcome.device,
@@ -82,30 +85,57 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # A diverging run overflows; it is reported once, as a NaN/inf loss, not per operation.
     warnings.filterwarnings("ignore", r"(overflow|invalid value)", RuntimeWarning)
+    # Over MPI ranks (mpiexec -n N): rank 0 speaks for the ranks; each rank's end waits
+    # (bounded) for the others', so one that failed alone ends the job instead of hanging it.
+    try:
+        ranks = mpi_world()
+    except DistributedError as exc:
+        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        return 1
+    if ranks is None:
+        return _main(config, given, ranks)
+    try:
+        status = _main(config, given, ranks)
+    except BaseException:  # a bug on one rank: say it, and end every rank (none is left waiting)
+        traceback.print_exc()
+        ranks.abort(1)
+        return 1  # Abort ends this process too, but not always at once
+    ranks.finish(status)
+    return status
+
+
+def _main(config: TrainConfig, given: Collection[str], ranks: World | None) -> int:
+    """:func:`main` once the flags are parsed: train, and turn the errors into one line and
+    an exit status (said by rank 0 alone for the errors all ranks meet together)."""
+    prog, alone = "lenet_xp.train", ranks is None or ranks.is_writer
+    if not alone:
+        prog += f" (rank {ranks.rank} of {ranks.size})"
     try:
         run(config, given=given)
     except (
         DataError, DeviceError, CheckpointError, TrainingError, WorkerError, RunLockError,
-        DivergedError, report.ReportError, logs.LogError,
+        DivergedError, report.ReportError, logs.LogError, DistributedError,
     ) as exc:  # fmt: skip
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        if alone or not isinstance(exc, DistributedError):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except presets.PresetError as exc:
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
         print(
-            f"lenet_xp.train: error: out of memory at --batch-size {config.batch_size}; "
+            f"{prog}: error: out of memory at --batch-size {config.batch_size}; "
             f"lower it (e.g. --batch-size {max(1, config.batch_size // 2)})",
             file=sys.stderr,
         )
         return 1
     except OSError as exc:  # e.g. --out or --metrics not writable
-        print(f"lenet_xp.train: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (lenet_xp.training.interrupt)
         message, status = exit_message(exc, config.resume_hint(config.resume))
-        print(f"lenet_xp.train: {message}", file=sys.stderr)
+        if alone:
+            print(f"{prog}: {message}", file=sys.stderr)
         return status
     return 0
 

@@ -3,6 +3,7 @@
 #   1. the whole test suite with LENET_XP_REQUIRE_CUDA=1: every "no usable GPU" skip is a
 #      failure, so the check cannot pass by skipping (GPU tests: CPU<->GPU parity, every kernel
 #      of ours against the array-op reference, graph replay = eager, no hidden sync),
+#      and, on a host with two GPUs and the mpi-cuda12 extra, two MPI ranks through NCCL),
 #   2. default 10-epoch training runs on cuda with each engine: the array-op layers,
 #      --engine kernels (our fused step) and --engine graph (that step as one CUDA graph),
 #   2b. determinism: the same short run twice per engine,

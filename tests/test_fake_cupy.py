@@ -315,3 +315,22 @@ def test_the_training_cli_runs_on_the_stand_in(tmp_path):
     assert records["cuda"]["device"] == "cuda:0" and records["cpu"]["device"] == "cpu"
     assert records["cuda"]["test_acc"] == pytest.approx(records["cpu"]["test_acc"], abs=2e-3)
     assert records["cuda"]["train_loss"] == pytest.approx(records["cpu"]["train_loss"], rel=1e-4)
+
+
+def test_nccl_all_reduce_sums_device_buffers_and_is_refused_inside_a_capture():
+    """The stand-in's ``cupy.cuda.nccl`` (MPI underneath; one process here: a sum over one
+    rank): device buffers by pointer, in place; refused in a capture, which it cannot hold."""
+    pytest.importorskip("mpi4py")
+    from lenet_xp.testing.fake_cupy import nccl
+
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    buffer = cupy.arange(6, dtype=np.float64)
+    pointer, stream = buffer.data.ptr, cupy.cuda.get_current_stream().ptr
+    comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream)
+    assert buffer.get().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(RuntimeError, match="another type"):
+        comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream)
+    with pytest.raises(runtime.CUDARuntimeError, match="StreamCaptureUnsupported"):
+        capture(
+            lambda: comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream)
+        )

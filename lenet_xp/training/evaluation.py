@@ -32,7 +32,7 @@ def evaluate(
     """
     xp = split.device.xp
     model.eval()
-    network = model.model if isinstance(model, DataParallel) else model  # its loss
+    network = model if isinstance(model, Module) else model.model  # its loss (a runner's model)
     loss_sum = xp.zeros((), dtype=xp.float64)
     confusion = xp.zeros(100, dtype=xp.int64)
     cells = xp.arange(100)

@@ -10,11 +10,13 @@ device and read once per epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Collection
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,18 @@ from lenet_xp.optim.schedules import make_schedule
 from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
 from lenet_xp.training import logs
 from lenet_xp.training.config import TrainConfig
-from lenet_xp.training.engines import Engine, make_engine
+from lenet_xp.training.distributed.comm import World
+from lenet_xp.training.distributed.comm import world as mpi_world
+from lenet_xp.training.distributed.engine import AgreedStop, RankParallel
+from lenet_xp.training.distributed.launch import (
+    SilentLog,
+    broadcast_state,
+    check_launch,
+    held_together,
+    reader_base,
+)
+from lenet_xp.training.distributed.nccl import NcclSum
+from lenet_xp.training.engines import Engine, LayersEngine, make_engine
 from lenet_xp.training.evaluation import run_data_dir
 from lenet_xp.training.interrupt import Interrupted, StopSignals
 from lenet_xp.training.parallel import WorkerError, in_worker
@@ -87,6 +100,7 @@ class Outcome:
     data_dir: str | None
     device: Device
     trained: bool = True
+    writes: bool = True  # False: a rank above 0 of a run over MPI ranks (rank 0 writes)
 
 
 @dataclass
@@ -111,6 +125,15 @@ class _Run:
     log: Any = None
     metrics_file: Any = None
     metrics_path: Path = field(default_factory=Path)
+    ranks: World | None = None  # the MPI ranks this process is one of (None: it trains alone)
+    agreed: AgreedStop | None = None  # over ranks: the stop they all act on
+    signals: StopSignals | None = None  # this process's SIGINT/SIGTERM
+    given: frozenset = frozenset()  # the options the user set
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes checkpoints, metrics and logs (rank 0 alone does)."""
+        return self.ranks is None or self.ranks.is_writer
 
     @property
     def steps_per_epoch(self) -> int:
@@ -131,19 +154,37 @@ def train(config: TrainConfig, model: Any = None, given: Collection[str] = ()) -
             "fit() ran in a worker process, which imports your script to rebuild a layer "
             'class defined there: call fit() under `if __name__ == "__main__":`'
         )
+    ranks = mpi_world()
     device = get_device(config.device, announce=config.device == "auto" and not config.quiet)
+    if ranks is not None:  # checked alike on every rank; rank 0 alone prints and writes
+        check_launch(ranks, dataclasses.asdict(config), config.batch_size)
+        if device.kind == "cuda":  # one GPU per rank: its local rank's
+            device = get_device(f"cuda:{ranks.local_rank}")
+        config = dataclasses.replace(config, quiet=config.quiet or not ranks.is_writer)
     if device.kind == "cpu":
         tune_host_allocator()
-    with use_device(device), StopSignals() as signals, RunLock(config.out_dir):
-        run = _prepare(config, device, model, frozenset(given))
+    with use_device(device), StopSignals() as signals, _run_lock(config.out_dir, ranks):
+        run = _prepare(config, device, model, frozenset(given), ranks)
         if isinstance(run, Outcome):
             return run
         _open_outputs(run, signals)
         metrics = _train_epochs(run)
-        return Outcome(metrics, config.out_dir, run.metrics_path, run.data_dir, device)
+        return Outcome(
+            metrics, config.out_dir, run.metrics_path, run.data_dir, device, writes=run.writes
+        )
 
 
-def _prepare(config: TrainConfig, device: Device, model: Any, given: frozenset) -> _Run | Outcome:
+def _run_lock(out: Path, ranks: World | None) -> AbstractContextManager:
+    """``--out``'s run lock: held by rank 0 alone in a run over MPI ranks (which all fail
+    together if it cannot be had)."""
+    if ranks is None:
+        return RunLock(out)
+    return held_together(ranks, RunLock(out) if ranks.is_writer else nullcontext())
+
+
+def _prepare(
+    config: TrainConfig, device: Device, model: Any, given: frozenset, ranks: World | None = None
+) -> _Run | Outcome:
     """The run set up: its configuration (a resumed checkpoint's), model, data, optimizer,
     schedule and generator, restored from ``--resume``; an :class:`Outcome` if a resumed
     run has nothing left to train."""
@@ -182,10 +223,12 @@ def _prepare(config: TrainConfig, device: Device, model: Any, given: frozenset) 
     schedule = make_schedule(config.schedule, config.lr, total_steps, steps_per_epoch)
     run = _Run(
         config, stored, device, model, optimizer, schedule, splits, data_dir,
-        host_rng(config.seed), Best(config.patience, config.epochs),
+        host_rng(config.seed), Best(config.patience, config.epochs), ranks=ranks, given=given,
     )  # fmt: skip
     if state is not None:
         _restore(run, state)
+    if ranks is not None:  # every rank starts from rank 0's parameters and optimizer state
+        broadcast_state(ranks, model, optimizer)
     return run
 
 
@@ -239,30 +282,36 @@ def _replanned(meta: dict, config: dict, step: int, lr: float) -> str:
 def _open_outputs(run: _Run, signals: StopSignals) -> None:
     """``metrics.jsonl`` (appended to when resuming), the other logs, and the keeper of
     checkpoints (epoch ends, ``--save-every``, stop requests from ``signals``)."""
-    config, out = run.config, run.config.out_dir
+    config, out, writes = run.config, run.config.out_dir, run.writes
     run.metrics_path = Path(config.metrics) if config.metrics else out / "metrics.jsonl"
-    run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    run.log = logs.RunLog(
-        run.model,
-        run.metrics_path,
-        out,
-        config.stats_every,
-        config.tensorboard,
-        run.start_epoch,
-        run.step,
-    )  # fmt: skip  (metrics.csv, stats.jsonl, TensorBoard)
-    remove_stale_temps(out, run.metrics_path)  # a killed run's; this run holds the lock
+    if writes:
+        run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        run.log = logs.RunLog(
+            run.model,
+            run.metrics_path,
+            out,
+            config.stats_every,
+            config.tensorboard,
+            run.start_epoch,
+            run.step,
+        )  # fmt: skip  (metrics.csv, stats.jsonl, TensorBoard)
+        remove_stale_temps(out, run.metrics_path)  # a killed run's; this run holds the lock
+    else:
+        run.log = SilentLog()
     if run.resumed:  # metrics.jsonl as the checkpoint has it, whenever the last run stopped
-        base = resume_base(run.resumed, run.metrics_path)
+        base = resume_base(run.resumed, run.metrics_path) if writes else reader_base(run.resumed)
         base["config"] = run.stored  # its mid-epoch checkpoints keep a changed --epochs too
     else:
         base = initial_meta(run.stored, run.rng.bit_generator.state)
-    run.metrics_file = open(run.metrics_path, "a" if run.resumed else "w")  # noqa: SIM115
+    metrics_target = run.metrics_path if writes else os.devnull
+    run.metrics_file = open(metrics_target, "a" if run.resumed else "w")  # noqa: SIM115
+    run.agreed = AgreedStop() if run.ranks is not None else None
     run.keeper = Keeper(
-        out, run.model, run.optimizer, signals, base, run.device.kind, config.save_every,
-        run.steps_per_epoch, hint=config.resume_hint,
-        latest=Path(config.resume) if config.resume else None,
+        out, run.model, run.optimizer, run.agreed or signals, base, run.device.kind,
+        config.save_every, run.steps_per_epoch, hint=config.resume_hint,
+        latest=Path(config.resume) if config.resume else None, writes=writes,
     )  # fmt: skip
+    run.signals = signals
 
 
 def _train_epochs(run: _Run) -> dict:
@@ -298,6 +347,8 @@ def _engine(run: _Run, keeper: Keeper) -> Engine:
             print(f"note: {line}", file=sys.stderr)
 
     workers = run.stored.get("workers", 1) if run.device.kind == "cpu" else 1
+    if run.ranks is not None:
+        return _rank_engine(run, workers, note)
     engine = make_engine(
         config.engine, run.model, run.optimizer, run.splits[0], config.batch_size,
         run.schedule, total_steps=config.epochs * run.steps_per_epoch, shift=config.shift,
@@ -313,12 +364,36 @@ def _engine(run: _Run, keeper: Keeper) -> Engine:
     return engine
 
 
+def _rank_engine(run: _Run, workers: int, note: Any) -> Engine:
+    """The layers over MPI ranks: each rank its slice of every batch, one all-reduce a step
+    (NCCL's on GPUs, MPI's of a host buffer on CPUs); ``--workers`` splits a rank's slice
+    further only when given (the ranks are the processes)."""
+    config = run.config
+    if config.engine != "layers":
+        note(f"--engine {config.engine} does not all-reduce yet: MPI ranks train with the layers")
+    run.model.use_cuda_kernels(False)
+    run.optimizer.cuda_kernels = False
+    if "workers" not in run.given:
+        workers = 1
+    reduce = NcclSum(run.ranks) if run.device.kind == "cuda" else None  # None: MPI, on the host
+    runner = RankParallel(
+        run.ranks, run.model, workers, max(config.batch_size, config.eval_batch_size),
+        run.signals, run.agreed, reduce,
+    )  # fmt: skip
+    return LayersEngine(
+        runner, run.optimizer, run.schedule, run.splits[0], config.batch_size, config.shift,
+        parse_augment(config.augment),
+    )  # fmt: skip
+
+
 def _epoch(run: _Run, engine: Engine, epoch: int) -> tuple[dict, bool]:
     """Train epoch ``epoch``, test, save and log it: ``(its metrics, stop early now)``."""
     config, keeper, (train_split, val, test) = run.config, run.keeper, run.splits
     position = run.position
     lr = run.schedule(run.step - (position.batch if position else 0))  # its first step's
     synchronize(run.device)  # the last epoch's evaluation is not this epoch's time
+    if run.ranks is not None:  # a stop asked for during the evaluation: on every rank
+        engine.runner.agree_stop(epoch)
     keeper.begin_epoch(epoch, position)  # a stop asked for now stops; starts the clock
     bar = _progress_bar(len(train_split), epoch, config.epochs, config.quiet)
     train_loss, train_acc, run.step = engine.train_epoch(
@@ -347,6 +422,8 @@ def _epoch(run: _Run, engine: Engine, epoch: int) -> tuple[dict, bool]:
     }  # fmt: skip
     if val is not None:
         record["val_loss"], record["val_acc"] = val_loss, val_acc
+    if run.ranks is not None:
+        record["ranks"] = run.ranks.size
     stop = _end_epoch(run, record, -train_loss if val is None else val_acc)
     return record, stop
 

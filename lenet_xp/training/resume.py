@@ -127,17 +127,19 @@ class Keeper:
     in ``hint(checkpoint)`` (how to resume). The trainer saves epoch ends through
     :meth:`save_epoch`; a stop requested during the epoch's evaluation (or a fused
     epoch, which has no steps to stop at) stops at :meth:`begin_epoch` of the next one.
-    ``latest``: the checkpoint this run started from (``None``: a fresh run)."""
+    ``latest``: the checkpoint this run started from (``None``: a fresh run); ``writes``:
+    whether this process writes the checkpoints (not a rank above 0 of an MPI run)."""
 
     def __init__(
         self, out: Path, model: Any, optimizer: Any, stop: StopSignals, base: dict,
         device_kind: str, save_every: int | None, steps_per_epoch: int,
-        hint: Callable[[Path | None], str], latest: Path | None,
+        hint: Callable[[Path | None], str], latest: Path | None, writes: bool = True,
     ) -> None:  # fmt: skip
         self.path, self.model, self.optimizer, self.stop = out / "last.npz", model, optimizer, stop
         self.base, self.save_every, self.hint, self.latest = base, save_every, hint, latest
         self.check_every = 1 if device_kind == "cpu" else GPU_CHECK_EVERY
         self.steps_per_epoch = steps_per_epoch
+        self.writes = writes  # False: a rank above 0 of an MPI run (rank 0 writes)
         self.saved_step = base["step"]
         self.epoch, self.t0, self.seconds_before, self.trained = 0, 0.0, 0.0, False
 
@@ -173,7 +175,9 @@ class Keeper:
                 self.epoch, batch, float(loss_sum), int(correct), self.epoch_seconds()
             )
             meta = {**self.base, "step": step, "mid_epoch": asdict(position)}
-            save_checkpoint(self.path, self.model.state_dict(), self.optimizer.state_dict(), meta)
+            if self.writes:
+                model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+                save_checkpoint(self.path, model_state, optim_state, meta)
             self.saved_step, self.latest = step, self.path
         if stop is not None:
             where = f"at step {step} (epoch {self.epoch}, batch {batch} of {self.steps_per_epoch})"
@@ -183,8 +187,9 @@ class Keeper:
         """Save this epoch's end with ``meta`` to each of ``also`` (e.g. ``best.npz``), then
         to ``last.npz`` (last: a resumed run starts from it); ``meta`` becomes the base of
         the next epoch's checkpoints."""
-        model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
-        save_checkpoint(self.path, model_state, optim_state, meta, also=also)
+        if self.writes:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+            save_checkpoint(self.path, model_state, optim_state, meta, also=also)
         self.base, self.saved_step, self.latest = meta, meta["step"], self.path
         self.trained = True  # the fused CUDA step trains whole epochs without on_step
 

@@ -58,10 +58,12 @@ class ndarray:  # noqa: N801 - CuPy's name
     def data(self) -> Any:
         from types import SimpleNamespace
 
+        from lenet_xp.testing.fake_cupy import nccl
+
         offset = self._data.__array_interface__["data"][0] - _base_address(self._data)
-        return SimpleNamespace(
-            ptr=self._memory.ptr + offset, device_id=self._memory.device, mem=self._memory
-        )
+        pointer = self._memory.ptr + offset
+        nccl.register(pointer, self)  # what the stand-in's NCCL finds a pointer's array by
+        return SimpleNamespace(ptr=pointer, device_id=self._memory.device, mem=self._memory)
 
     @property
     def base(self) -> Any:
