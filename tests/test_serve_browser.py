@@ -251,6 +251,31 @@ def test_drawn_digits_are_read_right(page, chosen, shots):
         assert shot.size[0] >= 900
 
 
+def test_a_tap_leaves_a_dot(page):
+    """A tap without moving (pen down, pen up) leaves a round dot of the pen's width, and the
+    page answers it (a zero-length stroke would leave the canvas blank and the server would say
+    "no digit found")."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.by import By
+
+    canvas = page.find_element(By.ID, "canvas")
+    actions = ActionBuilder(page, mouse=PointerInput("mouse", "mouse"), duration=0)
+    actions.pointer_action.move_to(canvas, 0, 0).pointer_down().pointer_up()
+    actions.perform()
+    now = shown(page)
+    inked = page.execute_script(
+        """
+        const rgba = document.getElementById('canvas').getContext('2d')
+          .getImageData(0, 0, 560, 560).data;
+        let dark = 0;
+        for (let i = 0; i < rgba.length; i += 4) dark += rgba[i] < 128;
+        return dark;"""
+    )
+    assert inked == pytest.approx(np.pi * (PEN / 2) ** 2, rel=0.1)  # one dot of the pen's width
+    assert now["status"] == "" and now["digit"] != "–", now
+
+
 def test_every_layer_toggle_and_clear(page, chosen):
     from selenium.webdriver.common.by import By
 

@@ -47,9 +47,16 @@
     };
   }
 
+  /** A dot where the pen touched down (a zero-length line draws nothing on a canvas). */
+  function dot(at) {
+    ctx.fillStyle = "#000";
+    ctx.beginPath();
+    ctx.arc(at.x, at.y, LINE / 2, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+
   function segment(from, to) {
     ctx.strokeStyle = "#000";
-    ctx.fillStyle = "#000";
     ctx.lineWidth = LINE;
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
@@ -72,7 +79,7 @@
     canvas.setPointerCapture(event.pointerId);
     const p = point(event);
     pens.set(event.pointerId, p);
-    segment(p, p); // a dot
+    dot(p);
     changed();
   });
 
