@@ -317,7 +317,8 @@ def _bind_error(exc: OSError, host: str, port: int) -> str:
     return f"cannot listen on {host} port {port}: {exc.strerror or exc}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m lenet_xp.serve``'s flags."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a .npz written by lenet_xp.train")
     p.add_argument(
@@ -345,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         "before decoding",
     )
     p.add_argument("--verbose", action="store_true", help="log every request, not only failures")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         import PIL  # noqa: F401 (the page sends pictures: decoding them needs Pillow)
     except ImportError:
@@ -364,16 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: {_bind_error(exc, args.host, args.port)}", file=sys.stderr)
         return 1
-    info = server.classifier.info()
-    port = server.server_address[1]
-    print(
-        f"{info['arch']} from {args.checkpoint} (epoch {info['epoch']}) on {info['device']}",
-        flush=True,
-    )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(EXPOSED_WARNING.format(host=args.host, port=port), flush=True)
-    shown = server.url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
-    print(f"open {shown} in a browser; Ctrl+C stops the server", flush=True)
+    _announce(server, args.checkpoint, args.host)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -381,6 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _announce(server: Server, checkpoint: str, host: str) -> None:
+    """What is served, where to open it, and the warning when ``host`` is not this machine."""
+    info = server.classifier.info()
+    port = server.server_address[1]
+    print(
+        f"{info['arch']} from {checkpoint} (epoch {info['epoch']}) on {info['device']}",
+        flush=True,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(EXPOSED_WARNING.format(host=host, port=port), flush=True)
+    shown = server.url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+    print(f"open {shown} in a browser; Ctrl+C stops the server", flush=True)
 
 
 if __name__ == "__main__":

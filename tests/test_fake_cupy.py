@@ -334,3 +334,21 @@ def test_nccl_all_reduce_sums_device_buffers_and_is_refused_inside_a_capture():
         capture(
             lambda: comm.allReduce(pointer, pointer, 6, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream)
         )
+
+
+def test_gpu_counting_and_nccl_come_from_the_backend(monkeypatch):
+    """Code outside the backend counts GPUs and finds NCCL through it, so the stand-in's two
+    devices and its NCCL are what a sweep and the GPU ranks see; with the stand-in off and no
+    driver, there are no GPUs."""
+    from lenet_xp.backend import import_nccl
+    from lenet_xp.sweep.places import gpu_count
+    from lenet_xp.testing.fake_cupy import nccl
+
+    assert gpu_count() == 2 and import_nccl() is nccl
+    monkeypatch.setenv("LENET_XP_FAKE_CUDA", "1")
+    assert gpu_count() == 1
+    monkeypatch.setenv("LENET_XP_FAKE_CUDA", "0")
+    from lenet_xp.backend import cuda_unavailable_reason
+
+    if cuda_unavailable_reason(0) is not None:  # this machine: no driver
+        assert gpu_count() == 0

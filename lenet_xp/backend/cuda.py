@@ -39,6 +39,27 @@ def import_cupy() -> ModuleType:
     return cupy
 
 
+def import_nccl() -> ModuleType | None:
+    """CuPy's NCCL bindings (``cupy.cuda.nccl``; the stand-in's own with
+    ``$LENET_XP_FAKE_CUDA``), or ``None`` where CuPy has no NCCL."""
+    if fake_cuda():
+        from lenet_xp.testing.fake_cupy import nccl
+    else:
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            return None
+    return nccl if getattr(nccl, "available", True) else None
+
+
+def cuda_device_count() -> int:
+    """Usable CUDA GPUs here (0 without CuPy, a driver or a GPU; the stand-in's devices with
+    ``$LENET_XP_FAKE_CUDA``)."""
+    if cuda_unavailable_reason(0) is not None:
+        return 0
+    return int(import_cupy().cuda.runtime.getDeviceCount())
+
+
 #: How long a reason quoted from CUDA may be: a compiler log can run to pages.
 _REASON_CHARS = 300
 
@@ -117,15 +138,20 @@ def _cuda_probe_steps(cupy: ModuleType, index: int) -> list[ProbeStep]:
     ]
 
 
-@functools.cache
 def cuda_unavailable_reason(index: int = 0) -> str | None:
     """Why CUDA device ``index`` cannot be used (one line), or ``None`` when it can.
 
     Touches the GPU as training will (an allocation, a 2x2 matmul through cuBLAS, a tiny
     elementwise kernel compiled by NVRTC), so a missing driver, GPU or CUDA library shows up
     here, in one line with CUDA's own words, rather than as a traceback at the first layer.
-    Probed once per process.
+    Probed once per process (and per ``$LENET_XP_FAKE_CUDA`` setting: CuPy or its stand-in).
     """
+    return _probe(index, os.environ.get("LENET_XP_FAKE_CUDA", ""))
+
+
+@functools.cache
+def _probe(index: int, stand_in: str) -> str | None:
+    """:func:`cuda_unavailable_reason`, once per device and ``stand_in`` setting."""
     try:
         cupy = import_cupy()
     except DeviceError as exc:

@@ -83,8 +83,6 @@ def write_report(
     ``digit`` is the index of the test image whose feature maps are drawn. Raises
     :class:`ReportError` (or the loaders' one-line errors) when something is missing."""
     require_matplotlib()
-    from lenet_xp.reporting import plots
-
     run = Path(run_dir)
     if checkpoint is None and not (run / "best.npz").is_file():
         raise ReportError(
@@ -107,31 +105,37 @@ def write_report(
         model.eval()  # classify restores the training mode load_model left
         maps = [(name, m[0]) for name, m in feature_maps(model, test.images[digit : digit + 1])]
     images, labels = host[:, 0], asnumpy(test.labels)
-    predicted = probs.argmax(axis=1)
-    wrong = (predicted != labels).nonzero()[0]
-    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
     stats = read_stats(run / STATS_FILE)
-    pictures = {
+    pictures = _pictures(out, records, model, images, labels, probs, digit, maps, stats)
+    page = out / "index.html"
+    page.write_text(_page(run, records, meta, pictures, stats, digit, labels[digit]))
+    return page
+
+
+def _pictures(
+    out: Path, records: list[dict], model: Any, images: np.ndarray, labels: np.ndarray,
+    probs: np.ndarray, digit: int, maps: list, stats: Any,
+) -> dict[str, Path | None]:  # fmt: skip
+    """The report's pictures, drawn into ``out``: ``images (N, H, W)`` and ``labels (N,)`` of
+    the test set on the host, ``probs (N, 10)`` the model's, ``maps`` of test image ``digit``."""
+    from lenet_xp.reporting import plots
+
+    predicted = probs.argmax(axis=1)
+    wrong = (predicted != labels).nonzero()[0]
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]
+    confident = probs[wrong, predicted[wrong]]
+    return {
         "curves": plots.plot_curves(records, out),
         "confusion": plots.plot_confusion(confusion_matrix(labels, predicted), out),
         "mistakes": plots.plot_misclassified(
-            images,
-            labels,
-            wrong,
-            predicted[wrong],
-            out,
-            probs[wrong, predicted[wrong]],
-            name="mistakes.png",
-        ),  # fmt: skip
+            images, labels, wrong, predicted[wrong], out, confident, name="mistakes.png"
+        ),
         "filters": plots.plot_filters(model, out),
         "maps": plots.plot_feature_maps(images[digit], maps, probs[digit], out),
         "stats": plots.plot_layer_stats(stats, out) if stats else None,
     }
-    page = out / "index.html"
-    page.write_text(_page(run, records, meta, pictures, stats, digit, labels[digit]))
-    return page
 
 
 def _table(rows: list[tuple[str, Any]], per_row: int = 1) -> str:

@@ -39,13 +39,9 @@ def cores() -> int:
 
 def gpu_count() -> int:
     """Usable CUDA GPUs here (0 without CuPy, a driver or a GPU)."""
-    from lenet_xp.backend import cuda_unavailable_reason
+    from lenet_xp.backend import cuda_device_count
 
-    if cuda_unavailable_reason(0) is not None:
-        return 0
-    import cupy
-
-    return int(cupy.cuda.runtime.getDeviceCount())
+    return cuda_device_count()
 
 
 @dataclass

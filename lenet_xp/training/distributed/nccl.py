@@ -9,10 +9,9 @@ does not all-reduce yet, so ranks on GPUs train with the array-op layers (docs/d
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from lenet_xp.backend import fake_cuda, import_cupy
+from lenet_xp.backend import import_cupy, import_nccl
 from lenet_xp.training.distributed.comm import DistributedError, World
 
 
@@ -22,14 +21,8 @@ class NcclSum:
     device array."""
 
     def __init__(self, world: World) -> None:
-        cupy = import_cupy()
-        # CuPy's cupy.cuda.nccl is imported when asked for; the stand-in's is its own module
-        name = "lenet_xp.testing.fake_cupy.nccl" if fake_cuda() else "cupy.cuda.nccl"
-        try:
-            nccl = importlib.import_module(name)
-        except ImportError:
-            nccl = None
-        if nccl is None or not getattr(nccl, "available", True):
+        cupy, nccl = import_cupy(), import_nccl()
+        if nccl is None:
             raise DistributedError(
                 'CuPy has no NCCL here: pip install "lenet_xp[mpi]" nvidia-nccl-cu12 '
                 "(the NCCL wheel), or train the ranks on the CPU (--device cpu)"
