@@ -122,6 +122,17 @@ class Optimizer:
             raise ValueError(
                 f"optimizer state_dict {saved} of a weight average (--ema); this optimizer {this}"
             )
+        scalar_keys = self._check_scalars(state)
+        per_param = self._per_param_state({k: v for k, v in state.items() if k not in scalar_keys})
+        if self.average is not None:
+            self.average.load_state_dict(averaged)  # checks before it changes anything
+        self.state = per_param
+        self.steps = int(state["steps"])
+        self.lr = float(state["lr"])
+
+    def _check_scalars(self, state: dict[str, Any]) -> set[str]:
+        """Check a state_dict's type and hyperparameters against this optimizer's: the keys
+        that are not per-parameter state."""
         saved_type = str(state.get("type"))
         if saved_type != type(self).__name__:
             raise ValueError(f"optimizer state_dict is for {saved_type}, not {type(self).__name__}")
@@ -135,11 +146,13 @@ class Optimizer:
                     f"optimizer state_dict has {name}={float(state[name])}, "
                     f"but this {type(self).__name__} has {name}={value}"
                 )
+        return scalar_keys
 
+    def _per_param_state(self, arrays: dict[str, Any]) -> list[dict[str, Any]]:
+        """``"<name>.<i>"`` entries as one dict per parameter, arrays copied onto each
+        parameter's device and dtype; every parameter has all of its state or none."""
         per_param: list[dict[str, Any]] = [{} for _ in self.params]
-        for key, value in state.items():
-            if key in scalar_keys:
-                continue
+        for key, value in arrays.items():
             name, _, index_text = key.rpartition(".")
             if name not in self._array_state + self._count_state or not index_text.isdigit():
                 raise ValueError(f"unexpected key {key!r} in {type(self).__name__} state_dict")
@@ -161,7 +174,6 @@ class Optimizer:
             copy = get_array_module(data).empty_like(data)
             copy[...] = to_device(value, device_of(data))
             per_param[index][name] = copy
-
         expected = set(self._array_state + self._count_state)
         for index, found in enumerate(per_param):
             if found and set(found) != expected:
@@ -169,11 +181,7 @@ class Optimizer:
                     f"state_dict has {sorted(found)} for parameter {index}, "
                     f"expected all of {sorted(expected)} or none"
                 )
-        if self.average is not None:
-            self.average.load_state_dict(averaged)  # checks before it changes anything
-        self.state = per_param
-        self.steps = int(state["steps"])
-        self.lr = float(state["lr"])
+        return per_param
 
 
 def _check_non_negative(**values: float) -> None:
