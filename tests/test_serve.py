@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from conftest import DATA
 from serve_helpers import running_server
 
 from lenet_xp import predict, serve
-from lenet_xp.data.images import load_digit
+from lenet_xp.data.images import TooManyPixelsError, load_digit, read_grey
 from lenet_xp.data.mnist import MEAN, STD, load_mnist
 
 Image = pytest.importorskip("PIL.Image")
@@ -484,6 +485,16 @@ def test_large_pictures_refused_from_the_header_memory_stays_small(trained_check
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+
+
+def test_a_picture_over_pillows_warning_size_is_one_error_and_no_warning():
+    """144 megapixels is past Pillow's decompression-bomb *warning* (89 MP): the limit we set
+    refuses it in one line, and Pillow's warning does not reach the server's log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TooManyPixelsError, match="144.0 megapixels"):
+            read_grey(blank_png(12_000), max_pixels=40_000_000)
+    assert [str(w.message) for w in caught] == []
 
 
 def test_max_pixels_flag(trained_checkpoint, digits, capsys):

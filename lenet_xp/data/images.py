@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,10 @@ def read_grey(
         name = name or str(source)
         opened = Path(source)
     try:
-        with Image.open(opened) as image:
-            return _grey(image, max_pixels, name)
+        with warnings.catch_warnings():  # our limit, or Pillow's error at twice its warning's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(opened) as image:
+                return _grey(image, max_pixels, name)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError as exc:
