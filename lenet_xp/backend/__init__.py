@@ -111,6 +111,8 @@ def gemm_block(xp: ModuleType) -> int | None:
 
 def get_array_module(*arrays: Any) -> ModuleType:
     """``cupy`` if any argument is a CuPy array, else ``numpy`` (like ``cupy.get_array_module``)."""
+    if all(type(array) is numpy.ndarray for array in arrays):  # the CPU's hot path: no lookups
+        return numpy
     cupy = import_cupy() if fake_cuda() else sys.modules.get("cupy")
     if cupy is not None:
         return cupy.get_array_module(*arrays)

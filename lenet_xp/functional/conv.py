@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lenet_xp import native
 from lenet_xp.backend import gemm_block, get_array_module
 from lenet_xp.kernels import record_fallback
 from lenet_xp.kernels.ops import Kernels
+from lenet_xp.native import conv as native_conv
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -71,7 +73,11 @@ def _cols(x_pad: Any, kh: int, kw: int, stride: int, rows: tuple[int, int], ow: 
 
 def _add_cols(grad_pad: Any, cols: Any, kh: int, kw: int, stride: int, r0: int, ow: int) -> None:
     """Scatter-add ``cols (C*kh*kw, R*OW*N)`` of output rows ``r0..`` into ``grad_pad`` stored
-    ``(C, H, W, N)``: one large strided add per kernel offset."""
+    ``(C, H, W, N)``: one large strided add per kernel offset (on the CPU, one compiled loop
+    when :mod:`lenet_xp.native` is on: the same sums)."""
+    if native.fits(grad_pad, cols):
+        native_conv.add_cols(grad_pad, cols, kh, kw, stride, r0, ow)
+        return
     c, n = grad_pad.shape[0], grad_pad.shape[3]
     cols = cols.reshape(c, kh, kw, -1, ow, n)
     r = cols.shape[3]

@@ -16,10 +16,11 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from lenet_xp import kernels
+from lenet_xp import kernels, native
 from lenet_xp.backend import cuda_elementwise, device_of, get_array_module, is_gpu, to_device
 from lenet_xp.kernels import record_fallback
 from lenet_xp.layers.module import Parameter
+from lenet_xp.native import optim as native_optim
 from lenet_xp.optim.averaging import STATE_PREFIX, ParameterEMA
 
 
@@ -284,17 +285,24 @@ class Adam(Optimizer):
             state["step"] = 0
             state["exp_avg"] = xp.zeros_like(data)
             state["exp_avg_sq"] = xp.zeros_like(data)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        compiled = native.fits(data, grad, exp_avg, exp_avg_sq)
+        l2 = 0.0 if self._decoupled else self.weight_decay  # added to the gradient
         if self.weight_decay:
             if self._decoupled:
                 data *= 1.0 - self.lr * self.weight_decay
-            else:
+            elif not compiled:
                 grad = grad + self.weight_decay * data
         state["step"] += 1
         step = state["step"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
 
         step_size = self.lr / (1.0 - beta1**step)
         bias2_sqrt = math.sqrt(1.0 - beta2**step)
+        if compiled:  # one compiled loop: the same operations, the same bits
+            native_optim.adam(
+                data, grad, exp_avg, exp_avg_sq, self.betas, bias2_sqrt, self.eps, step_size, l2
+            )
+            return
         if (
             is_gpu(xp)
             and self.cuda_kernels

@@ -1,0 +1,66 @@
+"""Compiled CPU kernels (Numba) behind the ops that own them: the CPU twin of ``kernels/``.
+
+Where a CPU pass is bound by memory traffic or by the number of NumPy calls (col2im's strided
+adds, max-pooling's window passes, Adam's dozen array operations per parameter), the op in
+``functional/`` or ``optim/`` runs one compiled loop from here instead, with its ``xp`` code
+as the reference and the fallback. Each kernel does the same arithmetic in the same order as
+that reference (same dtype, no fused multiply-adds, sums in the reference's order), so a run
+gives the same numbers, bit for bit, with or without them.
+
+They are on when Numba imports and ``$LENET_XP_NATIVE`` is not ``0``. Numba compiles each
+kernel once per dtype and caches the machine code on disk (``cache=True``: next to this
+package, else in Numba's user cache), so only the first run on a machine pays the compiler
+(a few seconds); the training loop compiles them before its first timed epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels run (Numba importable, ``$LENET_XP_NATIVE`` not ``0``)."""
+    return os.environ.get("LENET_XP_NATIVE", "1").strip() != "0" and _numba() is not None
+
+
+def fits(*arrays: Any) -> bool:
+    """Whether the compiled kernels take these arrays: NumPy, C-contiguous, one float dtype
+    (float32 or float64), and the kernels on (:func:`enabled`)."""
+    first = arrays[0]
+    return (
+        first.dtype in (numpy.float32, numpy.float64)
+        and all(
+            type(a) is numpy.ndarray and a.flags.c_contiguous and a.dtype == first.dtype
+            for a in arrays
+        )
+        and enabled()
+    )
+
+
+@functools.cache
+def _numba() -> Any:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
+def jit(function: Any) -> Any:
+    """``numba.njit(cache=True)`` of ``function``, compiled on its first call (only called
+    where :func:`enabled` is true)."""
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            compiled = _numba().njit(cache=True, nogil=True)(function)
+        return compiled(*args)
+
+    call.py_func = function  # the plain-Python loop, for tests
+    return call

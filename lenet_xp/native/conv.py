@@ -1,0 +1,28 @@
+"""col2im's scatter-add as one compiled loop (:func:`lenet_xp.functional.conv` reference:
+``_add_cols``, one strided NumPy add per kernel offset)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.native import jit
+
+
+@jit
+def add_cols(grad_pad: Any, cols: Any, kh: int, kw: int, stride: int, r0: int, ow: int) -> None:
+    """Add ``cols (C*kh*kw, R*OW*N)`` (C-contiguous) of output rows ``r0..r0+R`` into
+    ``grad_pad (C, H, W, N)`` (C-contiguous) in place: each element gets its terms in the
+    reference's order (kernel row ``i``, then column ``j``), so the sums are the same bits."""
+    c, n = grad_pad.shape[0], grad_pad.shape[3]
+    rows = cols.shape[1] // (ow * n)
+    for ch in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                row = (ch * kh + i) * kw + j
+                for r in range(rows):
+                    y = (r0 + r) * stride + i
+                    for q in range(ow):
+                        x = q * stride + j
+                        base = (r * ow + q) * n
+                        for b in range(n):
+                            grad_pad[ch, y, x, b] += cols[row, base + b]

@@ -1,0 +1,49 @@
+"""Max-pooling as one compiled pass each way over batch-innermost arrays
+(:mod:`lenet_xp.functional.pool` reference: one NumPy pass per window offset)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.native import jit
+
+
+@jit
+def max_pool_forward(x: Any, y: Any, argmax: Any, kernel: int, stride: int) -> None:
+    """``x (C, H, W, N)`` -> ``y (C, OH, OW, N)`` and ``argmax`` (uint8, the window offset
+    ``i*kernel + j`` of the first maximum), written in place. As the reference: a later value
+    takes over only when strictly greater, and a NaN in a window makes its maximum NaN."""
+    c, oh, ow, n = y.shape
+    for ch in range(c):
+        for r in range(oh):
+            for q in range(ow):
+                best, at = y[ch, r, q], argmax[ch, r, q]  # (N,) rows, the batch innermost
+                first = x[ch, r * stride, q * stride]
+                for b in range(n):
+                    best[b], at[b] = first[b], 0
+                for offset in range(1, kernel * kernel):
+                    i, j = offset // kernel, offset % kernel
+                    values = x[ch, r * stride + i, q * stride + j]
+                    for b in range(n):
+                        value = values[b]
+                        if value > best[b]:
+                            best[b], at[b] = value, offset
+                        elif value != value:  # NaN
+                            best[b] = value
+
+
+@jit
+def max_pool_backward(grad_y: Any, argmax: Any, grad_x: Any, kernel: int, stride: int) -> None:
+    """Add each window's gradient ``grad_y (C, OH, OW, N)`` to its first maximum in
+    ``grad_x (C, H, W, N)`` (zeros on entry), in window order."""
+    c, oh, ow, n = grad_y.shape
+    for ch in range(c):
+        for r in range(oh):
+            for q in range(ow):
+                for offset in range(kernel * kernel):
+                    i, j = offset // kernel, offset % kernel
+                    at, grads = argmax[ch, r, q], grad_y[ch, r, q]
+                    target = grad_x[ch, r * stride + i, q * stride + j]
+                    for b in range(n):
+                        if at[b] == offset:
+                            target[b] += grads[b]
