@@ -64,3 +64,23 @@ def jit(function: Any) -> Any:
 
     call.py_func = function  # the plain-Python loop, for tests
     return call
+
+
+def warm_up(like: Any) -> None:
+    """Compile every kernel for the dtype of ``like`` (a parameter's array) now, or load it
+    from the disk cache (milliseconds), so that no timed training step pays for it; nothing
+    for a GPU array or when the kernels are off."""
+    if type(like) is not numpy.ndarray or not fits(like):
+        return
+    dtype = like.dtype
+    from lenet_xp.native import conv, optim, pool
+
+    def zeros(*shape: int, of: Any = dtype) -> numpy.ndarray:
+        return numpy.zeros(shape, of)
+
+    conv.add_cols(zeros(1, 2, 2, 1), zeros(4, 1), 2, 2, 1, 0, 1)
+    pool.max_pool_forward(zeros(1, 2, 2, 1), zeros(1, 1, 1, 1), zeros(1, 1, 1, 1, of="uint8"), 2, 2)
+    pool.max_pool_backward(
+        zeros(1, 1, 1, 1), zeros(1, 1, 1, 1, of="uint8"), zeros(1, 2, 2, 1), 2, 2
+    )
+    optim.adam(*(zeros(1) for _ in range(4)), (0.9, 0.999), 1.0, 1e-8, 1e-3, 0.0)

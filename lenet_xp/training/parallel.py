@@ -44,6 +44,7 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
+from lenet_xp import native
 from lenet_xp.layers import Module
 from lenet_xp.layers.module import flat_views
 from lenet_xp.training.interrupt import Interrupted, signal_name
@@ -145,6 +146,7 @@ class DataParallel:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.model, self.workers = model, workers
+        native.warm_up(next((p.data for p in model.parameters()), None))  # compiled now (CPU)
         self._links: list[_Link] = []
         self._shared: _Shared | None = None
         if workers == 1:

@@ -19,6 +19,7 @@ from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
+from lenet_xp import native
 from lenet_xp.backend import host_view, host_zeros, tune_host_allocator
 from lenet_xp.layers import Dropout, Module
 from lenet_xp.layers.module import flat_views
@@ -174,6 +175,7 @@ def _serve(
     threadpool_limits(limits=1, user_api="blas")
     if tune:
         tune_host_allocator()
+    native.warm_up(next((p.data for p in model.parameters()), None))  # compiled now
     shared = _Shared(specs, attach=names)
     a = shared.arrays
     for layer in _modules(model):

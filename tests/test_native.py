@@ -1,0 +1,122 @@
+"""The compiled CPU kernels (:mod:`lenet_xp.native`, Numba) against their NumPy references:
+the same bits (each kernel does the reference's operations in its order), in float32 and
+float64, with strides, padding, overlapping windows and NaNs; off with ``LENET_XP_NATIVE=0``
+or for arrays they do not take; a training step's parameters the same bits either way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lenet_xp import native
+from lenet_xp.functional import conv, pool
+from lenet_xp.models import presets
+from lenet_xp.optim.optimizers import make_optimizer
+from lenet_xp.training.workers import forward_backward
+
+pytest.importorskip("numba")
+DTYPES = [np.float32, np.float64]
+
+
+def both_ways(monkeypatch, fn):
+    """``fn()`` with the compiled kernels off, then on: ``(reference, compiled)``."""
+    monkeypatch.setenv("LENET_XP_NATIVE", "0")
+    assert not native.enabled()
+    reference = fn()
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    assert native.enabled()
+    return reference, fn()
+
+
+def chwn(rng, shape, dtype):
+    """Random ``(N, C, H, W)`` values stored batch-innermost, as the layers hand them on."""
+    n, c, h, w = shape
+    return rng.standard_normal((c, h, w, n)).astype(dtype).transpose(3, 0, 1, 2)
+
+
+def same_bits(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 2), (2, 1)])
+def test_conv_backward_col2im(monkeypatch, dtype, stride, padding):
+    rng = np.random.default_rng(stride * 10 + padding)
+    x = chwn(rng, (8, 3, 13, 13), dtype)
+    weight = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+    y, cache = conv.conv2d_forward(x, weight, None, stride, padding)
+    grad_y = chwn(rng, y.shape, dtype)
+    reference, compiled = both_ways(
+        monkeypatch, lambda: conv.conv2d_backward(grad_y, cache, weight)
+    )
+    assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+    # and the reference is right: col2im is im2col's adjoint, <im2col(x), c> = <x, col2im(c)>
+    cols = rng.standard_normal(conv.im2col(x, 5, 5, stride, padding).shape).astype(dtype)
+    left = float((conv.im2col(x, 5, 5, stride, padding) * cols).sum(dtype=np.float64))
+    right = float((x * conv.col2im(cols, x.shape, 5, 5, stride, padding)).sum(dtype=np.float64))
+    assert left == pytest.approx(right, rel=1e-4 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 3)])
+def test_max_pool_forward_and_backward(monkeypatch, dtype, kernel, stride):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = chwn(rng, (16, 3, 12, 12), dtype)
+    x[0, 0, 0, :2] = np.nan  # a NaN makes its window's maximum NaN, in both
+    x[1, 1, :2, :2] = 0.5  # ties: the first maximum takes the gradient
+    (y0, at0), (y1, at1) = both_ways(
+        monkeypatch, lambda: pool.max_pool2d_forward(x, kernel, stride)
+    )
+    assert same_bits(y0, y1) and same_bits(at0, at1) and np.isnan(y1[0, 0, 0, 0])
+    assert y1.transpose(1, 2, 3, 0).flags.c_contiguous  # batch-innermost, as the reference
+    grad_y = chwn(rng, y0.shape, dtype)
+    grads = both_ways(monkeypatch, lambda: pool.max_pool2d_backward(grad_y, at0, x, kernel, stride))
+    assert same_bits(*grads) or (stride < kernel and np.array_equal(*grads))
+    assert float(grads[1].sum(dtype=np.float64)) == pytest.approx(
+        float(grad_y.sum(dtype=np.float64)), rel=1e-5
+    )  # every window's gradient lands somewhere, once
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, decay", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.01)])
+def test_adam_steps(monkeypatch, dtype, name, decay):
+    def steps():
+        rng = np.random.default_rng(0)
+        model = presets.build_from_config({"arch": "lenet5", "seed": 1, "dtype": dtype.__name__})
+        optimizer = make_optimizer(name, model.parameters(), 1e-2, decay, 0.9, None)
+        for _ in range(5):
+            for param in model.parameters():
+                param.grad = rng.standard_normal(param.data.shape).astype(dtype)
+            optimizer.step()
+        return [p.data.copy() for p in model.parameters()]
+
+    reference, compiled = both_ways(monkeypatch, steps)
+    assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+
+
+def test_training_steps_are_the_same_bits(monkeypatch):
+    """Forward, backward and Adam over a few LeNet-5 batches: the parameters after them."""
+
+    def train():
+        rng = np.random.default_rng(3)
+        model = presets.build_from_config({"arch": "lenet5", "seed": 0})
+        optimizer = make_optimizer("adam", model.parameters(), 1e-3, 0.0, 0.9, None)
+        for _ in range(3):
+            x = rng.standard_normal((32, 1, 28, 28)).astype(np.float32)
+            forward_backward(model, x, rng.integers(0, 10, 32))
+            optimizer.step()
+        return [p.data.copy() for p in model.parameters()]
+
+    reference, compiled = both_ways(monkeypatch, train)
+    assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+
+
+def test_what_the_kernels_take(monkeypatch):
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    a = np.zeros((4, 4), np.float32)
+    assert native.fits(a, np.ones((2,), np.float32))
+    assert not native.fits(a, np.zeros((4, 4), np.float64))  # one dtype
+    assert not native.fits(a.T[::2])  # not C-contiguous
+    assert not native.fits(np.zeros(3, np.int64))  # not a float
+    monkeypatch.setenv("LENET_XP_NATIVE", "0")
+    assert not native.fits(a)
