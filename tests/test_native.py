@@ -58,6 +58,23 @@ def test_conv_backward_col2im(monkeypatch, dtype, stride, padding):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 2), (2, 1)])
+def test_im2col_and_conv_forward(monkeypatch, dtype, stride, padding):
+    rng = np.random.default_rng(stride * 10 + padding)
+    x = chwn(rng, (8, 3, 13, 13), dtype)
+    weight = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+    cols = both_ways(monkeypatch, lambda: conv.im2col(x, 5, 5, stride, padding))
+    assert same_bits(*cols)
+    outputs = both_ways(monkeypatch, lambda: conv.conv2d_forward(x, weight, None, stride, padding))
+    assert same_bits(outputs[0][0], outputs[1][0])
+    # the reference against its definition: column (oh, ow, n) of row (c, i, j)
+    x_pad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    oh = (13 + 2 * padding - 5) // stride + 1
+    row, (r, q, n) = (2 * 5 + 3) * 5 + 4, (oh - 1, 1, 5)
+    assert cols[1][row, (r * oh + q) * 8 + n] == x_pad[n, 2, r * stride + 3, q * stride + 4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 3)])
 def test_max_pool_forward_and_backward(monkeypatch, dtype, kernel, stride):
     rng = np.random.default_rng(kernel * 10 + stride)

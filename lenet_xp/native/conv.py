@@ -1,4 +1,5 @@
-"""col2im's scatter-add as one compiled loop (:func:`lenet_xp.functional.conv` reference:
+"""im2col's copy and col2im's scatter-add as compiled loops over batch-innermost arrays
+(:mod:`lenet_xp.functional.conv` references: ``_cols``, one copy of a strided view, and
 ``_add_cols``, one strided NumPy add per kernel offset)."""
 
 from __future__ import annotations
@@ -26,3 +27,21 @@ def add_cols(grad_pad: Any, cols: Any, kh: int, kw: int, stride: int, r0: int, o
                         base = (r * ow + q) * n
                         for b in range(n):
                             grad_pad[ch, y, x, b] += cols[row, base + b]
+
+
+@jit
+def cols(x_pad: Any, kh: int, kw: int, stride: int, r0: int, r1: int, ow: int, out: Any) -> None:
+    """``out (C*kh*kw, (r1-r0)*OW*N)`` = the windows of output rows ``r0..r1`` of ``x_pad
+    (C, H, W, N)`` (both C-contiguous): row ``(c, i, j)``, column ``(r, q, n)``."""
+    c, n = x_pad.shape[0], x_pad.shape[3]
+    for ch in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                row = (ch * kh + i) * kw + j
+                for r in range(r1 - r0):
+                    y = (r0 + r) * stride + i
+                    for q in range(ow):
+                        source = x_pad[ch, y, q * stride + j]
+                        base = (r * ow + q) * n
+                        for b in range(n):
+                            out[row, base + b] = source[b]
