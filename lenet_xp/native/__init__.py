@@ -7,7 +7,8 @@ as the reference and the fallback. Each kernel does the same arithmetic in the s
 that reference (same dtype, no fused multiply-adds, sums in the reference's order), so a run
 gives the same numbers, bit for bit, with or without them.
 
-They are on when Numba imports and ``$LENET_XP_NATIVE`` is not ``0``. Numba compiles each
+They are on when Numba imports (``pip install "lenet_xp[native]"``) and ``$LENET_XP_NATIVE``
+is not ``0``. Numba compiles each
 kernel once per dtype and caches the machine code on disk (``cache=True``: next to this
 package, else in Numba's user cache), so only the first run on a machine pays the compiler
 (a few seconds); the training loop compiles them before its first timed epoch.
