@@ -269,3 +269,17 @@ def test_two_gpu_ranks_train_the_single_gpu_run(tmp_path):
     records = metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["device"] for r in records] == ["cuda:0", "cuda:0"]  # rank 0's
     same_run(records, metrics(tmp_path / "one" / "metrics.jsonl"), tol=1e-7)
+
+
+def test_the_one_mechanism_bench_runs_and_prints_its_table(capsys):
+    """``python -m lenet_xp.training.distributed.bench`` (tiny): one process, two workers and
+    two ranks train, and it prints each median and the ratios."""
+    from lenet_xp.training.distributed import bench
+
+    args = ["--rounds", "1", "--limit-train", "512", "--batch-size", "64"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("one", "workers", "mpi"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"{name}:"))
+        assert float(line.split("median")[1].split()[0].replace(",", "")) > 0
+    assert "mpi / workers:" in out and "speed-up over one process: workers" in out

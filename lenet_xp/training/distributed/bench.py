@@ -1,5 +1,6 @@
 """``python -m lenet_xp.training.distributed.bench``: ``--workers N`` (shared memory, one process
-tree) against ``mpiexec -n N`` (MPI ranks) on this machine, in one run, rounds alternating.
+tree) against ``mpiexec -n N`` (MPI ranks) on this machine, and both against one process, in
+one run, rounds alternating.
 
 Each round trains the same run (``--limit-train`` images, float32, ``--batch-size``) once
 each way through the real CLI and reads the last epoch's images/s from its
@@ -29,9 +30,11 @@ def _train(launcher: list[str], flags: list[str], out: Path) -> float:
 
 
 def compare(processes: int, rounds: int, flags: list[str]) -> dict[str, list[float]]:
-    """``{"workers": [img/s per round], "mpi": [...]}`` for ``processes`` processes."""
+    """``{"one": [img/s per round], "workers": [...], "mpi": [...]}``: one process, then
+    ``processes`` of them as workers and as MPI ranks."""
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
     ways = {
+        "one": ([], [*flags, "--workers", "1"]),
         "workers": ([], [*flags, "--workers", str(processes)]),
         "mpi": ([mpiexec, "-n", str(processes)], [*flags, "--workers", "1"]),
     }
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = ", ".join(f"{v:,.0f}" for v in values)
         print(f"{name:>8}: median {medians[name]:,.0f} img/s  (runs: {runs})")
     print(f"mpi / workers: {medians['mpi'] / medians['workers']:.3f}")
+    print(f"speed-up over one process: workers {medians['workers'] / medians['one']:.2f}, "
+          f"mpi {medians['mpi'] / medians['one']:.2f}")  # fmt: skip
     return 0
 
 
