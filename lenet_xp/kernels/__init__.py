@@ -47,6 +47,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
     "adam.cu": ("adam",),
+    "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),
     "dense.cu": ("bias_act", "relu_mask", "gemm", "gemm_reduce"),
 }
 DTYPES = {"float32": "float", "float64": "double"}

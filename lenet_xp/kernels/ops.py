@@ -35,6 +35,8 @@ from lenet_xp.kernels.signatures import (
 #: ``(file, "kernel<ctype>") -> fn(grid, block, args)``, e.g. :func:`cupy_function`.
 KernelProvider = Callable[[str, str], Any]
 _MAX_BLOCKS = 4096  # grid-stride loops cover the rest
+#: K per chunk of our GEMM when K is long and the output small (weight gradients).
+SPLIT_K = 2048
 
 
 @functools.cache
@@ -70,10 +72,14 @@ class CheckedKernel:
 
 class Kernels:
     """Typed launchers of every kernel for namespace ``xp`` (``cupy``, or ``numpy`` with an
-    emulating ``provider``). ``launches`` counts kernel launches issued through it."""
+    emulating ``provider``). ``launches`` counts kernel launches issued through it.
+    ``own_gemm``: :func:`matmul` runs our GEMM always (``True``), or only while the current
+    stream captures a CUDA graph (``False``: cuBLAS eagerly, as CuPy allows)."""
 
-    def __init__(self, xp: ModuleType, provider: KernelProvider = cupy_function) -> None:
-        self.xp, self.provider = xp, provider
+    def __init__(
+        self, xp: ModuleType, provider: KernelProvider = cupy_function, own_gemm: bool = False
+    ) -> None:
+        self.xp, self.provider, self.own_gemm = xp, provider, own_gemm
         self.launches = 0
         self._functions: dict[tuple[str, str], Any] = {}
 
@@ -190,12 +196,14 @@ class Kernels:
 
     def gather_shift(
         self, images: Any, labels: Any, order: Any, shifts: Any, batch_index: Any, x: Any,
-        y: Any, fill: float,
+        y: Any, fill: float, batch: int | None = None,
     ) -> None:  # fmt: skip
-        """Fill ``x (B, 1, H, W)`` and ``y (B,)`` with batch ``batch_index[0]`` of ``order``,
-        each image translated by its ``shifts (2, M)`` (or not, if ``None``)."""
+        """Fill ``x (R, 1, H, W)`` and ``y (R,)`` with batch ``batch_index[0]`` of ``order`` in
+        batches of ``batch`` (default ``R``; an epoch's short last batch has ``R < batch``
+        rows, and the kernel writes none past the epoch's end), each image translated by its
+        ``shifts (2, M)`` (or not, if ``None``)."""
         m, _, h, w = images.shape
-        b = x.shape[0]
+        b = x.shape[0] if batch is None else batch
         ints = [self._i32(v) for v in (b, m, h, w)]
         fn = self._fn("data.cu", "gather_shift", images.dtype)
         fill_t = images.dtype.type(fill)
@@ -216,7 +224,57 @@ class Kernels:
         )  # fmt: skip
         self._launch(self._fn("adam.cu", "adam", param.dtype), param.size, args)
 
+    # -- flat-buffer optimizers and the weight average ----------------------------------------
+    def sgd_flat(
+        self, param: Any, grad: Any, buf: Any, lr_of_step: Any, clock: Any, momentum: float,
+        dampening: float, weight_decay: float, nesterov: bool, first: int,
+    ) -> None:  # fmt: skip
+        """One SGD step over flat buffers (``buf``: the momentum buffer, or ``None`` without
+        momentum); learning rate ``lr_of_step[clock[0]]``; the buffer starts as the gradient
+        when ``clock[2] == first``."""
+        f64 = self.xp.float64
+        args = (
+            param, grad, buf, lr_of_step, clock, f64(momentum), f64(dampening),
+            f64(weight_decay), self._i32(int(nesterov)), self._i64(first), self._i64(param.size),
+        )  # fmt: skip
+        self._launch(self._fn("optim.cu", "sgd_flat", param.dtype), param.size, args)
+
+    def adam_flat(
+        self, param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, lr_of_step: Any,
+        clock: Any, betas: tuple[float, float], eps: float, weight_decay: float,
+        decoupled: bool,
+    ) -> None:  # fmt: skip
+        """One Adam/AdamW step over flat buffers: ``t = clock[2] + 1``, learning rate
+        ``lr_of_step[clock[0]]``."""
+        f64 = self.xp.float64
+        args = (
+            param, grad, exp_avg, exp_avg_sq, lr_of_step, clock, f64(betas[0]), f64(betas[1]),
+            f64(eps), f64(weight_decay), self._i32(int(decoupled)), self._i64(param.size),
+        )  # fmt: skip
+        self._launch(self._fn("optim.cu", "adam_flat", param.dtype), param.size, args)
+
+    def ema_flat(self, average: Any, param: Any, clock: Any, decay: float) -> None:
+        """The weight average's update over flat buffers, ``clock[3]`` updates done."""
+        args = (average, param, clock, self.xp.float64(decay), self._i64(param.size))
+        self._launch(self._fn("optim.cu", "ema_flat", param.dtype), param.size, args)
+
     # -- dense -----------------------------------------------------------------------------
+    def capturing(self) -> bool:
+        """Whether the current CUDA stream is capturing a graph (never on the CPU)."""
+        return is_gpu(self.xp) and bool(self.xp.cuda.get_current_stream().is_capturing())
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        """``a (M, K) @ b (K, N)`` (any strides) into a new ``(M, N)`` array by our GEMM;
+        a long ``K`` with a small output is split (:data:`SPLIT_K` per chunk) and summed in
+        a fixed order by ``gemm_reduce``."""
+        (m, k), n = a.shape, b.shape[1]
+        c = self.xp.empty((m, n), dtype=a.dtype)
+        splits = -(-k // SPLIT_K)
+        partial = None
+        if splits > 1 and m * n * GEMM_TILE * GEMM_TILE < 2**22:
+            partial = self.xp.empty((splits, m, n), dtype=a.dtype)
+        return self.gemm(a, b, c, partial=partial)
+
     def bias_act(self, y: Any, bias: Any, relu: bool) -> Any:
         """``y (M, N)`` contiguous, in place: ``act(y + bias[:, None])``."""
         m, n = y.shape
@@ -254,6 +312,15 @@ class Kernels:
             args = (partial, self._i32(splits), c, s[4], s[5], bias, mask)
             self._launch(fn, m * n, (*args, self._i32(m), self._i32(n), self._i32(int(relu))))
         return c
+
+
+def matmul(a: Any, b: Any, kernels: Kernels | None) -> Any:
+    """``a @ b`` for 2-d arrays: by our GEMM (:meth:`Kernels.matmul`) when ``kernels`` is
+    given and uses it now (its ``own_gemm``, or the stream is capturing a CUDA graph, where
+    CuPy refuses cuBLAS), else by the array namespace (cuBLAS on a GPU, BLAS on the CPU)."""
+    if kernels is not None and (kernels.own_gemm or kernels.capturing()):
+        return kernels.matmul(a, b)
+    return a @ b
 
 
 @functools.cache

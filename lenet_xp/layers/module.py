@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from lenet_xp.backend import Device, device_of, get_device, to_device
+from lenet_xp.backend import Device, device_of, get_array_module, get_device, to_device
+from lenet_xp.kernels.ops import Kernels, gpu_kernels
 
 
 class Parameter:
@@ -150,6 +151,10 @@ class Module:
         for _, child in self.named_children():
             child.use_cuda_kernels(on)
         return self
+
+    def _kernels(self, x: Any) -> Kernels | None:
+        """Our CUDA kernels for ``x``'s device if this layer uses them, else ``None``."""
+        return gpu_kernels(get_array_module(x)) if self.cuda_kernels else None
 
     def summary(self, batch: int = 128) -> str:
         """A table of the layers: output shapes, parameters and MACs per image, with totals

@@ -20,9 +20,12 @@ from typing import Any
 from lenet_xp.data.augment import Augment, Distortion
 from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts
 from lenet_xp.data.mnist import BACKGROUND
+from lenet_xp.kernels import record_fallback
+from lenet_xp.kernels.ops import gpu_kernels
 from lenet_xp.optim.optimizers import Optimizer
-from lenet_xp.training import fused as fused_step
 from lenet_xp.training.evaluation import evaluate
+from lenet_xp.training.flat import supports as flat_supports
+from lenet_xp.training.graph import GraphStep, train_epoch_graph
 from lenet_xp.training.parallel import DataParallel
 from lenet_xp.training.resume import EpochPosition, Keeper
 
@@ -144,21 +147,23 @@ class LayersEngine(Engine):
         )  # fmt: skip
 
 
-class FusedEngine(Engine):
-    """LeNet-5's step as our fused CUDA kernels (``kernels``), or as one CUDA graph
-    (``graph``); it starts and saves at epoch boundaries only."""
+class GraphEngine(Engine):
+    """The layers' step captured once as a CUDA graph and replayed per batch
+    (:mod:`.graph`); it resumes and saves inside an epoch as the layers do."""
 
-    def __init__(self, runner: DataParallel, fused: fused_step.FusedStep, name: str) -> None:
+    name = "graph"
+
+    def __init__(self, runner: DataParallel, step: GraphStep) -> None:
         super().__init__(runner)
-        self.fused, self.name = fused, name
-        self.issued = fused.issued
+        self.step = step
 
     def train_epoch(
         self, rng: Any, step: int, bar: Any, epoch: int = 0,
         position: EpochPosition | None = None, keeper: Keeper | None = None,
         on_step: Callable[[], Any] | None = None,
     ) -> tuple[float, float, int]:  # fmt: skip
-        return fused_step.train_epoch_fused(self.fused, rng, bar)
+        self.runner.train()
+        return train_epoch_graph(self.step, rng, step, bar, epoch, position, keeper, on_step)
 
 
 def make_engine(
@@ -186,19 +191,24 @@ def make_engine(
         stop_requested=stop_requested,
     )  # fmt: skip
     layers = LayersEngine(runner, optimizer, schedule, split, batch_size, shift, augment)
-    if not ours:
-        if name == "graph":
-            note(f"--engine graph applies to CUDA devices; training on {split.device}")
+    if name == "kernels" and on_gpu:
+        layers.name = "kernels"
+    if name != "graph":
         return layers
-    if (augment is not None and not augment.is_identity) or position is not None:
-        why = "--augment runs there" if position is None else "resuming inside an epoch"
-        note(f"training with the array-op layers: {why}")
+    if not on_gpu:
+        note(f"--engine graph applies to CUDA devices; training on {split.device}")
         return layers
-    lr_of_step = [schedule(s) for s in range(total_steps)]
-    fused, why = fused_step.build(
-        model, optimizer, split, batch_size, lr_of_step, shift, name == "graph", count_launches
-    )
-    if fused is None:
-        note(f"training with the array-op layers: {why}")
-        return layers
-    return FusedEngine(runner, fused, why)
+    why = flat_supports(optimizer)
+    if why is None:
+        try:
+            lr_of_step = [schedule(s) for s in range(total_steps)]
+            graph_step = GraphStep(
+                model, optimizer, split, batch_size, lr_of_step, gpu_kernels(split.device.xp),
+                shift, augment,
+            )  # fmt: skip
+            return GraphEngine(runner, graph_step)
+        except Exception as exc:  # a kernel that does not compile or load: the layers train
+            record_fallback("graph step", " ".join(str(exc).split())[:300])
+            why = f"our kernels failed here ({type(exc).__name__}); see the line above"
+    note(f"training with the array-op layers: {why}")
+    return layers

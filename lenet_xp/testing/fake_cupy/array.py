@@ -193,7 +193,7 @@ def _poisoned(data: numpy.ndarray) -> numpy.ndarray:
     if data.dtype.kind in "fc":
         data.fill(numpy.nan)
     elif data.dtype.kind != "V":
-        data.view(numpy.uint8).fill(0xA5) if data.flags.c_contiguous else data.fill(0)
+        data.reshape(-1).view(numpy.uint8).fill(0xA5) if data.flags.c_contiguous else data.fill(0)
     return data
 
 
@@ -277,11 +277,31 @@ def call(what: str, function: Callable[..., Any], args: tuple, kwargs: dict,
     if "out" in kwargs and kwargs["out"] is not None:
         operands.check_devices(what)
         return _call_out(what, function, np_args, np_kwargs, operands, kwargs["out"])
-    result = function(*np_args, **np_kwargs)
+    try:
+        result = function(*np_args, **np_kwargs)
+    except IndexError:
+        if not runtime.capturing():
+            raise
+        # A captured gather's indices hold garbage until the graph runs (as on a GPU): only
+        # the result's shape matters now; the replay runs the real indices (and fails there,
+        # more strictly than a GPU, if they are out of range).
+        result = function(*_zero_integers(np_args), **_zero_integers(np_kwargs))
     wrapped, fresh = _wrap_result(result, operands, what)
     if fresh:
         _issue(what, function, np_args, np_kwargs, operands, fresh)
     return wrapped
+
+
+def _zero_integers(value: Any) -> Any:
+    """``value`` with every integer array replaced by zeros (indices valid for any axis)."""
+    if isinstance(value, numpy.ndarray) and value.dtype.kind in "iu":
+        return numpy.zeros_like(value)
+    if isinstance(value, (list, tuple)):
+        items = [_zero_integers(v) for v in value]
+        return type(value)(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {k: _zero_integers(v) for k, v in value.items()}
+    return value
 
 
 def _issue(what, function, np_args, np_kwargs, operands, fresh) -> None:
