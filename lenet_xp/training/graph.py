@@ -28,6 +28,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from lenet_xp.backend import asnumpy
 from lenet_xp.data.augment import Augment, Distortion
 from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts
 from lenet_xp.data.mnist import BACKGROUND
@@ -202,4 +203,6 @@ def train_epoch_graph(
             bar.update(rows)
         if keeper is not None:
             keeper.on_step(global_step, batch, step.loss_sum, step.correct)
-    return float(step.loss_sum) / n, int(step.correct) / n, global_step
+    xp = step.xp  # one read of both sums
+    loss_sum, correct = asnumpy(xp.stack([step.loss_sum, step.correct.astype(xp.float64)]))
+    return float(loss_sum) / n, int(correct) / n, global_step

@@ -10,6 +10,7 @@ graph is launched, as on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -278,7 +279,8 @@ def call(what: str, function: Callable[..., Any], args: tuple, kwargs: dict,
         operands.check_devices(what)
         return _call_out(what, function, np_args, np_kwargs, operands, kwargs["out"])
     try:
-        result = function(*np_args, **np_kwargs)
+        with _quiet_if_capturing():  # during a capture the operands may hold garbage
+            result = function(*np_args, **np_kwargs)
     except IndexError:
         if not runtime.capturing():
             raise
@@ -290,6 +292,13 @@ def call(what: str, function: Callable[..., Any], args: tuple, kwargs: dict,
     if fresh:
         _issue(what, function, np_args, np_kwargs, operands, fresh)
     return wrapped
+
+
+def _quiet_if_capturing() -> Any:
+    """No NumPy warnings for values computed during a capture (garbage until replay)."""
+    if not runtime.capturing():
+        return contextlib.nullcontext()
+    return numpy.errstate(all="ignore")
 
 
 def _zero_integers(value: Any) -> Any:
