@@ -313,7 +313,17 @@ def _zero_integers(value: Any) -> Any:
     return value
 
 
+#: Operations that only allocate: no kernel on a GPU (nothing counted, nothing captured;
+#: what they return during a capture holds garbage, as any new device memory).
+_ALLOCATIONS = {"cupy.empty", "cupy.empty_like"}
+
+
 def _issue(what, function, np_args, np_kwargs, operands, fresh) -> None:
+    if what in _ALLOCATIONS:
+        if runtime.capturing():
+            for array in fresh:
+                _poisoned(array._data)
+        return
     if not runtime.capturing():
         runtime.count_launch()
         return
