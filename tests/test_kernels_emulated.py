@@ -19,7 +19,7 @@ from lenet_xp.functional.loss import log_softmax, softmax_cross_entropy
 from lenet_xp.functional.pool import max_pool2d_backward, max_pool2d_forward
 from lenet_xp.kernels import GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
 from lenet_xp.layers.module import Parameter
-from lenet_xp.optim.optimizers import Adam, AdamW
+from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
 
 _NO_CXX = compiler_available()
@@ -289,51 +289,66 @@ def test_gather_shift(modules, dtype, with_shifts):
         assert (x[len(idx) :] == 777).all() and (y[len(idx) :] == -5).all()  # untouched
 
 
-# -- adam.cu ------------------------------------------------------------------------------
+# -- optim.cu -----------------------------------------------------------------------------
+SHAPES = [(7, 5), (13,), (3, 2, 4)]
+OPTIMIZERS = {  # name: (make_optimizer name, weight decay)
+    "sgd": ("sgd", 0.0), "sgd_l2": ("sgd", 0.1), "nesterov": ("nesterov", 0.05),
+    "adam": ("adam", 0.0), "adam_l2": ("adam", 0.1), "adamw": ("adamw", 0.05),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["adam", "adam_l2", "adamw"])
-def test_adam(modules, dtype, variant):
-    shapes = [(7, 5), (13,), (3, 2, 4)]
-    sizes = [int(np.prod(s)) for s in shapes]
+@pytest.mark.parametrize("variant", sorted(OPTIMIZERS))
+def test_flat_optimizers_and_average(modules, dtype, variant):
+    """``sgd_flat``/``adam_flat`` and ``ema_flat`` over one flat buffer against the
+    optimizers (per parameter) and ``ParameterEMA``, five steps whose learning rates come
+    from a device table indexed by the clock (and a sixth past its end: the last rate)."""
+    sizes = [int(np.prod(s)) for s in SHAPES]
     size = sum(sizes)
     rng = np.random.default_rng(8)
     flat = rng.standard_normal(size).astype(dtype)
-    weight_decay = {"adam": 0.0, "adam_l2": 0.1, "adamw": 0.05}[variant]
-    decoupled = variant == "adamw"
-    betas, eps = (0.9, 0.999), 1e-8
+    name, weight_decay = OPTIMIZERS[variant]
+    params = [
+        Parameter(v.reshape(s).copy())
+        for v, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), SHAPES, strict=True)
+    ]  # noqa: E501
+    optimizer = make_optimizer(name, params, 1.0, weight_decay=weight_decay, ema=0.9)
     lr_of_step = np.array([1e-2, 3e-2, 5e-3, 2e-2, 1e-2])
-
-    ref_flat = flat.copy()
-    views = np.split(ref_flat, np.cumsum(sizes)[:-1])
-    params = [Parameter(v.reshape(s)) for v, s in zip(views, shapes, strict=True)]
-    optimizer = (AdamW if decoupled else Adam)(
-        params, lr=1.0, betas=betas, eps=eps, weight_decay=weight_decay
-    )
-
-    param, exp_avg, exp_avg_sq = flat.copy(), np.zeros(size, dtype), np.zeros(size, dtype)
-    counters = np.array([0, 99], np.int64)
-    fn = kernel(modules, "adam.cu", "adam", dtype)
-    for t in range(1, len(lr_of_step) + 1):
+    param, average = flat.copy(), flat.copy()
+    state = [np.zeros(size, dtype), np.zeros(size, dtype)]
+    clock = np.array([0, 7, 0, 0], np.int64)  # step, batch, updates, averaged
+    adam = name.startswith("adam")
+    fn = kernel(modules, "optim.cu", "adam_flat" if adam else "sgd_flat", dtype)
+    ema = kernel(modules, "optim.cu", "ema_flat", dtype)
+    for t in range(len(lr_of_step) + 1):
         grad = rng.standard_normal(size).astype(dtype)
         for p, g in zip(params, np.split(grad, np.cumsum(sizes)[:-1]), strict=True):
             p.grad = g.reshape(p.shape)
-        optimizer.lr = lr_of_step[t - 1]
+        optimizer.lr = lr_of_step[min(t, len(lr_of_step) - 1)]
         optimizer.step()
-
-        counters[0] = t  # counted by the loss kernel in a real step
-        scalars = (np.float64(betas[0]), np.float64(betas[1]), np.float64(eps))
-        args = (param, grad, exp_avg, exp_avg_sq, lr_of_step, counters, *scalars)
-        args += (np.float64(weight_decay), i32(decoupled), i64(size))
+        table = (lr_of_step, i64(lr_of_step.size), clock)
+        if adam:
+            hyper = (*map(np.float64, (*optimizer.betas, optimizer.eps, weight_decay)),)
+            args = (param, grad, *state, *table, *hyper, i32(name == "adamw"), i64(size))
+        else:
+            hyper = (*map(np.float64, (optimizer.momentum, 0.0, weight_decay)),)
+            args = (param, grad, state[0], *table, *hyper, i32(optimizer.nesterov), i64(0))
+            args += (i64(size),)
         launch_1d(fn, size, args, "gridstride" if t % 2 else "cover")
-
-        assert_close(param, ref_flat, dtype)
-        ref_m = np.concatenate([s["exp_avg"].ravel() for s in optimizer.state])
-        ref_v = np.concatenate([s["exp_avg_sq"].ravel() for s in optimizer.state])
-        assert_close(exp_avg, ref_m, dtype)
-        # v is a sum of positive terms: compared per element (1 - beta2 rounded from double,
-        # as the reference; rounding T(1) - T(beta2) instead is 1.3e-5 off in float32)
-        np.testing.assert_allclose(exp_avg_sq, ref_v, rtol=RTOL[np.dtype(dtype)], atol=0)
-    assert counters[1] == 99
+        launch_1d(ema, size, (average, param, clock, np.float64(0.9), i64(size)))
+        clock += 1
+        assert_close(param, np.concatenate([p.data.ravel() for p in params]), dtype)
+        ref_average = np.concatenate([a.ravel() for a in optimizer.average.averages])
+        assert_close(average, ref_average, dtype)
+        keys = ("exp_avg", "exp_avg_sq") if adam else ("momentum_buffer",)
+        for flat_state, key in zip(state, keys, strict=False):
+            ref = np.concatenate([s[key].ravel() for s in optimizer.state])
+            if key == "exp_avg_sq":  # a sum of positive terms: compared per element (1 -
+                # beta2 rounded from double, as the reference; T(1) - T(beta2) is 1.3e-5 off)
+                np.testing.assert_allclose(flat_state, ref, rtol=RTOL[np.dtype(dtype)], atol=0)
+            else:
+                assert_close(flat_state, ref, dtype)
+    assert clock[1] == 13
 
 
 # -- dense.cu -----------------------------------------------------------------------------

@@ -46,7 +46,6 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "pool.cu": ("max_pool_bias_relu", "max_pool_relu_backward"),
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
-    "adam.cu": ("adam",),
     "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),
     "dense.cu": ("bias_act", "relu_mask", "gemm", "gemm_reduce"),
 }

@@ -209,21 +209,6 @@ class Kernels:
         fill_t = images.dtype.type(fill)
         self._launch(fn, x.size, (images, labels, order, shifts, batch_index, *ints, fill_t, x, y))
 
-    def adam(
-        self, param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, lr_of_step: Any,
-        counters: Any, betas: tuple[float, float], eps: float, weight_decay: float,
-        decoupled: bool,
-    ) -> None:  # fmt: skip
-        """One Adam/AdamW step over flat buffers; step ``t = counters[0]``, learning rate
-        ``lr_of_step[t - 1]``."""
-        f64 = self.xp.float64
-        args = (
-            param, grad, exp_avg, exp_avg_sq, lr_of_step, counters, f64(betas[0]),
-            f64(betas[1]), f64(eps), f64(weight_decay), self._i32(int(decoupled)),
-            self._i64(param.size),
-        )  # fmt: skip
-        self._launch(self._fn("adam.cu", "adam", param.dtype), param.size, args)
-
     # -- flat-buffer optimizers and the weight average ----------------------------------------
     def sgd_flat(
         self, param: Any, grad: Any, buf: Any, lr_of_step: Any, clock: Any, momentum: float,
@@ -234,7 +219,8 @@ class Kernels:
         when ``clock[2] == first``."""
         f64 = self.xp.float64
         args = (
-            param, grad, buf, lr_of_step, clock, f64(momentum), f64(dampening),
+            param, grad, buf, lr_of_step, self._i64(lr_of_step.size), clock, f64(momentum),
+            f64(dampening),
             f64(weight_decay), self._i32(int(nesterov)), self._i64(first), self._i64(param.size),
         )  # fmt: skip
         self._launch(self._fn("optim.cu", "sgd_flat", param.dtype), param.size, args)
@@ -248,7 +234,8 @@ class Kernels:
         ``lr_of_step[clock[0]]``."""
         f64 = self.xp.float64
         args = (
-            param, grad, exp_avg, exp_avg_sq, lr_of_step, clock, f64(betas[0]), f64(betas[1]),
+            param, grad, exp_avg, exp_avg_sq, lr_of_step, self._i64(lr_of_step.size), clock,
+            f64(betas[0]), f64(betas[1]),
             f64(eps), f64(weight_decay), self._i32(int(decoupled)), self._i64(param.size),
         )  # fmt: skip
         self._launch(self._fn("optim.cu", "adam_flat", param.dtype), param.size, args)

@@ -4,16 +4,17 @@
 // operation for operation in the same order. Nothing comes from the host per step: the
 // learning rate is lr_of_step[clock[0]] (clock[0]: global steps done), the optimizer's
 // step count clock[2] (updates done before this one) and the average's clock[3], so a
-// captured step replays with the right values.
+// captured step replays with the right values. A step past the table's end (lr_steps
+// entries) reads its last rate rather than memory beyond it.
 
 // torch.optim.SGD: g = grad + wd * p; buf = g at the first update (clock[2] == first),
 // else momentum * buf + (1 - dampening) * g; p -= lr * (g + momentum * buf (Nesterov), buf
 // (momentum) or g).
 template <typename T>
 __global__ void sgd_flat(T* param, const T* grad, T* buf, const double* lr_of_step,
-                         const long long* clock, double momentum, double dampening,
+                         long long lr_steps, const long long* clock, double momentum, double dampening,
                          double weight_decay, int nesterov, long long first, long long size) {
-  const T lr = (T)lr_of_step[clock[0]];
+  const T lr = (T)lr_of_step[min(clock[0], lr_steps - 1)];
   const int starting = clock[2] == first;
   const T mom = (T)momentum, damp = (T)(1.0 - dampening), wd = (T)weight_decay;
   GRID_STRIDE_LOOP(i, size) {
@@ -35,10 +36,11 @@ __global__ void sgd_flat(T* param, const T* grad, T* buf, const double* lr_of_st
 // torch.optim.Adam / AdamW (no amsgrad); t = clock[2] + 1.
 template <typename T>
 __global__ void adam_flat(T* param, const T* grad, T* exp_avg, T* exp_avg_sq,
-                          const double* lr_of_step, const long long* clock, double beta1,
+                          const double* lr_of_step, long long lr_steps,
+                          const long long* clock, double beta1,
                           double beta2, double eps, double weight_decay, int decoupled,
                           long long size) {
-  const double lr = lr_of_step[clock[0]];
+  const double lr = lr_of_step[min(clock[0], lr_steps - 1)];
   const double t = (double)(clock[2] + 1);
   const T step_size = (T)(lr / (1.0 - pow(beta1, t)));
   const T bias2_sqrt = (T)sqrt(1.0 - pow(beta2, t));
