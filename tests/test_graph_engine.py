@@ -130,3 +130,13 @@ def test_a_value_frozen_at_capture_fails_the_replay_check(monkeypatch):
     # plain SGD without momentum is exactly what host_lr_step does eagerly
     with pytest.raises(AssertionError):
         assert_same(eager, frozen, *TOL["float64"])
+
+
+@pytest.mark.parametrize("arch", sorted(PRESETS))
+def test_the_kernels_engine_equals_the_layers(arch):
+    """``--engine kernels``: the layers with our kernels behind their ops and adjacent
+    layers fused (conv + max-pool + ReLU, linear + ReLU, the loss) train as the plain
+    layers do, to 1e-9 in float64."""
+    split = make_split(N, "float64", pad32=_padded(arch))
+    kw = dict(arch=arch, options=_options(arch, "float64"), epochs=1, shift=1, ema=0.99)
+    assert_same(train("layers", split, **kw), train("kernels", split, **kw), *TOL["float64"])

@@ -32,9 +32,11 @@ from lenet_xp.backend import asnumpy
 from lenet_xp.data.augment import Augment, Distortion
 from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts
 from lenet_xp.data.mnist import BACKGROUND
+from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.layers import Dropout
 from lenet_xp.layers.module import Module
+from lenet_xp.models.lenet5 import model_loss
 from lenet_xp.optim.optimizers import Optimizer
 from lenet_xp.training.flat import BATCH, FlatUpdate
 from lenet_xp.training.resume import EpochPosition, Keeper
@@ -124,10 +126,17 @@ class GraphStep:
     def step(self, rows: int) -> None:
         """One training step on the next ``rows`` images, eagerly or into a capture."""
         x, y = self.batch(rows)
-        loss, correct = forward_backward(self.model, x, y)
+        model = self.model
+        logits = model.forward(x)
+        if getattr(model, "loss_fn", None) is None:  # one launch, running sums included
+            sums = (self.loss_sum, self.correct)
+            _, grad = softmax_cross_entropy(logits, y, self.kernels, sums)
+        else:
+            loss, grad = model_loss(model, logits, y)
+            self.loss_sum += loss * rows
+            self.correct += (logits.argmax(axis=1) == y).sum()
+        model.backward(grad)
         self.flat.step()
-        self.loss_sum += loss * rows
-        self.correct += correct
         self.clock += 1
 
     def capture(self) -> None:
