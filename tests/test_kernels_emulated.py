@@ -368,6 +368,23 @@ def test_bias_act(modules, dtype, shape, relu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(13, 7), (33, 120), (1, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bias_act_cols(modules, dtype, shape, relu):
+    """A Linear's output ``(N, out)`` plus its bias, then ReLU (the layers' ``y += bias`` and
+    ``maximum(y, 0)``): the same values."""
+    rng = np.random.default_rng(9)
+    y = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
+    expected = y + bias
+    if relu:
+        expected = np.maximum(expected, 0)
+    fn = kernel(modules, "dense.cu", "bias_act_cols", dtype)
+    launch_1d(fn, y.size, (y, bias, i64(shape[0]), i32(shape[1]), i32(relu)), "gridstride")
+    np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(84, 17), (3,)])
 def test_relu_mask(modules, dtype, shape):
     rng = np.random.default_rng(10)

@@ -58,7 +58,8 @@ def _softmax_cross_entropy_kernel(
     logits: Any, labels: Any, kernels: Kernels, sums: tuple[Any, Any] | None
 ) -> tuple[Any, Any]:
     xp = get_array_module(logits)
-    _rows(logits, labels)  # the shape check
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
     grad = xp.empty(logits.shape, logits.dtype)
     loss = xp.empty(1, logits.dtype)
     loss_sum, correct = (None, None) if sums is None else sums

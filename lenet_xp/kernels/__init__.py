@@ -47,7 +47,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
     "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),
-    "dense.cu": ("bias_act", "relu_mask", "gemm", "gemm_reduce"),
+    "dense.cu": ("bias_act", "bias_act_cols", "relu_mask", "gemm", "gemm_reduce"),
 }
 DTYPES = {"float32": "float", "float64": "double"}
 #: Threads per block of the 1-d kernels; the loss kernel is one block of LOSS_THREADS.

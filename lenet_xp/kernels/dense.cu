@@ -11,6 +11,15 @@ __global__ void bias_act(T* y, const T* bias, int m, int n, int relu) {
   }
 }
 
+// y (R, C) contiguous (batch-major: a Linear's output): y = act(y + bias[c]).
+template <typename T>
+__global__ void bias_act_cols(T* y, const T* bias, long long rows, int cols, int relu) {
+  GRID_STRIDE_LOOP(idx, rows * cols) {
+    T value = y[idx] + bias[idx % cols];
+    y[idx] = (relu && !(value > T(0))) ? T(0) : value;
+  }
+}
+
 // grad (M, N) contiguous: grad = grad where out > 0, else 0 (ReLU's backward).
 template <typename T>
 __global__ void relu_mask(T* grad, const T* out, long long size) {

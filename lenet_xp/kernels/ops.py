@@ -269,6 +269,13 @@ class Kernels:
         self._launch(self._fn("dense.cu", "bias_act", y.dtype), y.size, args)
         return y
 
+    def bias_act_cols(self, y: Any, bias: Any, relu: bool) -> Any:
+        """``y (R, C)`` contiguous, in place: ``act(y + bias[None, :])``."""
+        r, c = y.shape
+        args = (y, bias, self._i64(r), self._i32(c), self._i32(int(relu)))
+        self._launch(self._fn("dense.cu", "bias_act_cols", y.dtype), y.size, args)
+        return y
+
     def relu_mask(self, grad: Any, out: Any) -> Any:
         """In place: ``grad`` zeroed where ``out <= 0`` (same shape, contiguous)."""
         args = (grad, out, self._i64(grad.size))

@@ -93,12 +93,12 @@ class LinearReLU:
     def forward(self, x: Any) -> Any:
         k = self.kernels
         self._transposed = k.own_gemm or k.capturing()
-        if not self._transposed:  # the layers (cuBLAS); backward then masks in one launch
-            self._y = self.relu.forward(self.linear.forward(x))
-            return self._y
         linear = self.linear
         linear._x = x if linear.training else None
         w = linear.weight.data
+        if not self._transposed:  # cuBLAS, then bias and ReLU in one launch
+            self._y = k.bias_act_cols(x @ w.T, linear.bias.data, True)
+            return self._y
         y_t = get_array_module(x).empty((w.shape[0], x.shape[0]), x.dtype)
         k.gemm(w, x.T, y_t, bias=linear.bias.data, relu=True)  # relu(W x^T + b): one launch
         self._y = y_t.T

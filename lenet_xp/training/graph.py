@@ -1,5 +1,6 @@
 """``--engine graph``: the layers' own training step, captured once as a CUDA graph and
-replayed per batch, for any network, optimizer (SGD, Nesterov, Adam, AdamW) and dtype.
+replayed per batch, for any network, optimizer (SGD, Nesterov, Adam, AdamW) and dtype;
+``--engine kernels``: the same step, run eagerly.
 
 A step here is the layers' step with every host value moved to the device, so that a
 capture records nothing that changes from step to step:
@@ -62,16 +63,18 @@ class GraphStep:
     """The device-driven training step of ``model`` with ``optimizer`` on ``split`` in
     batches of ``batch_size`` (``lr_of_step[s]``: the learning rate of global step ``s``;
     ``shift``, ``augment``: as the layers' ``train_epoch``), captured as a CUDA graph by
-    :meth:`capture` (``kernels``: our kernels on the split's device)."""
+    :meth:`capture` (``kernels``: our kernels on the split's device) if ``captured``, else
+    run eagerly at every batch."""
 
     def __init__(
         self, model: Module, optimizer: Optimizer, split: DeviceSplit, batch_size: int,
         lr_of_step: list[float], kernels: Kernels, shift: int = 0,
-        augment: Augment | None = None, seed_of_epoch: Callable[[Any], int] | None = None,
+        augment: Augment | None = None, captured: bool = True,
     ) -> None:  # fmt: skip
         self.xp = xp = split.device.xp
         self.model, self.optimizer, self.split = model, optimizer, split
         self.batch_size, self.shift, self.kernels = batch_size, shift, kernels
+        self.captured = captured
         self.augment = augment if augment is not None and not augment.is_identity else None
         self.clock = xp.zeros(4, xp.int64)
         self.lr_host = [float(lr) for lr in lr_of_step]
@@ -199,7 +202,7 @@ def train_epoch_graph(
         if global_step >= len(step.lr_host):
             raise ValueError(f"the run planned {len(step.lr_host)} steps; this is one more")
         rows = min(b, n - (batch - 1) * b)
-        if step.graph is None and rows == b:  # the first full step compiles, then capture
+        if step.captured and step.graph is None and rows == b:  # compile, then capture
             step.step(rows)
             step.capture()
         else:
