@@ -25,6 +25,18 @@ _MIXERS = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB))
 _UNIT_BITS = 24  # each unit's uniform: the hash's top 24 bits
 
 
+def mix64(*values: int) -> int:
+    """A 64-bit key from integers: splitmix64's finaliser folded over them (host side)."""
+    mask = (1 << 64) - 1
+    key = 0
+    for value in values:
+        z = (key + (int(value) + 1) * _GOLDEN) & mask
+        for shift, mul in _MIXERS:
+            z = ((z ^ (z >> shift)) * mul) & mask
+        key = z ^ (z >> 31)
+    return key
+
+
 def counter_keep(step: Any, key: int, shape: tuple[int, ...], p: float) -> Any:
     """A boolean keep mask of ``shape`` (probability ``1 - p`` each) with no generator state:
     unit ``u`` of global step ``step`` (a ``(1,)`` int64 device array) is kept when the top

@@ -3,12 +3,11 @@ while training; the identity in eval mode."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
-import numpy
-
 from lenet_xp.backend import default_rng, device_of
-from lenet_xp.functional.dropout import counter_keep, dropout_backward, dropout_forward
+from lenet_xp.functional.dropout import counter_keep, dropout_backward, dropout_forward, mix64
 from lenet_xp.layers.module import Module
 
 
@@ -60,10 +59,11 @@ class Dropout(Module):
         (drawn once from fresh entropy when the seed is ``None``)."""
         if getattr(self, "_counter_key", None) is None:
             stream = getattr(self, "_counter_stream", 0)
-            seed = self.seed if isinstance(self.seed, list) else [self.seed]
-            entropy = None if self.seed is None else [*seed, stream]
-            sequence = numpy.random.SeedSequence(entropy)
-            self._counter_key = int(sequence.generate_state(1, numpy.uint64)[0])
+            if self.seed is None:
+                self._counter_key = secrets.randbits(64)
+            else:
+                seeds = self.seed if isinstance(self.seed, list) else [self.seed]
+                self._counter_key = mix64(*seeds, stream)
         return self._counter_key
 
     def backward(self, grad_y: Any) -> Any:
