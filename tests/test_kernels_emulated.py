@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 
 from lenet_xp.data.device_split import shift_images
+from lenet_xp.functional import activation as F
 from lenet_xp.functional.conv import col2im, im2col, output_size
 from lenet_xp.functional.loss import log_softmax, softmax_cross_entropy
-from lenet_xp.functional.pool import max_pool2d_backward, max_pool2d_forward
-from lenet_xp.kernels import GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
+from lenet_xp.functional.pool import (
+    avg_pool2d_backward,
+    avg_pool2d_forward,
+    max_pool2d_backward,
+    max_pool2d_forward,
+)
+from lenet_xp.kernels import ACTIVATION_CODES, GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
@@ -126,11 +132,28 @@ POOL_CASES = [  # c, h, w, n, k
 ]
 
 
-def _pool_forward_reference(y, bias, k):
+#: Each activation code of the kernels and the layers' own forward and backward (from the
+#: output) it must reproduce.
+ACTS = {
+    "relu": (ACTIVATION_CODES["ReLU"], F.relu_forward, F.relu_backward),
+    "sigmoid": (ACTIVATION_CODES["Sigmoid"], F.sigmoid_forward, F.sigmoid_backward),
+    "tanh": (ACTIVATION_CODES["Tanh"], F.tanh_forward, F.tanh_backward),
+}
+
+
+def _pool_forward_reference(y, bias, k, act="relu"):
     z = y if bias is None else y + bias[:, None, None, None]
     x_nchw = z.transpose(3, 0, 1, 2)
     pooled, argmax = max_pool2d_forward(x_nchw, k, k)
-    return x_nchw, np.maximum(pooled, 0), argmax
+    return x_nchw, ACTS[act][1](pooled), argmax
+
+
+def _same(actual, expected, dtype, act):
+    """ReLU's values exactly; tanh's (a library function, FMA) to the dtype's rounding."""
+    if act == "relu":
+        np.testing.assert_array_equal(actual, expected)
+    else:
+        assert_close(actual, expected, dtype)
 
 
 def _has_ties(z, k):
@@ -144,7 +167,8 @@ def _has_ties(z, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_max_pool_bias_relu(modules, dtype, case, with_bias):
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_max_pool_bias_act(modules, dtype, case, with_bias, act):
     c, h, w, n, k = case
     rng = np.random.default_rng(3)
     # quantised: equal maxima in a window are common, and y + bias is exact
@@ -153,34 +177,68 @@ def test_max_pool_bias_relu(modules, dtype, case, with_bias):
     oh, ow = h // k, w // k
     out = np.full((c, oh, ow, n), np.nan, dtype)
     argmax = np.full((c, oh, ow, n), 255, np.uint8)
-    args = (y, bias, out, argmax, *map(i32, (n, c, h, w, k, oh, ow)))
-    launch_1d(kernel(modules, "pool.cu", "max_pool_bias_relu", dtype), out.size, args)
-    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k)
+    args = (y, bias, out, argmax, *map(i32, (n, c, h, w, k, oh, ow, ACTS[act][0])))
+    launch_1d(kernel(modules, "pool.cu", "max_pool_bias_act", dtype), out.size, args)
+    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k, act)
     assert _has_ties(x_nchw.transpose(1, 2, 3, 0), k)
-    np.testing.assert_array_equal(out, ref_out.transpose(1, 2, 3, 0))
+    _same(out, ref_out.transpose(1, 2, 3, 0), dtype, act)
     np.testing.assert_array_equal(argmax, ref_argmax.transpose(1, 2, 3, 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
 @pytest.mark.parametrize("how", ["cover", "gridstride"])
-def test_max_pool_relu_backward(modules, dtype, case, how):
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_max_pool_act_backward(modules, dtype, case, how, act):
     c, h, w, n, k = case
     rng = np.random.default_rng(4)
     y = (rng.integers(-3, 4, size=(c, h, w, n)) * 0.5).astype(dtype)
     bias = (rng.integers(-2, 3, size=c) * 0.25).astype(dtype)
-    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k)
+    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k, act)
     out = np.ascontiguousarray(ref_out.transpose(1, 2, 3, 0))
     argmax = np.ascontiguousarray(ref_argmax.transpose(1, 2, 3, 0))
     grad_out = rng.standard_normal(out.shape).astype(dtype)
     oh, ow = h // k, w // k
     grad_y = np.full((c, h, w, n), np.nan, dtype)
-    args = (grad_out, out, argmax, grad_y, *map(i32, (n, c, h, w, k, oh, ow)))
-    fn = kernel(modules, "pool.cu", "max_pool_relu_backward", dtype)
+    args = (grad_out, out, argmax, grad_y, *map(i32, (n, c, h, w, k, oh, ow, ACTS[act][0])))
+    fn = kernel(modules, "pool.cu", "max_pool_act_backward", dtype)
     launch_1d(fn, grad_y.size, args, how)
-    masked = (grad_out * (out > 0)).transpose(3, 0, 1, 2)  # ReLU's backward, then the pool's
-    expected = max_pool2d_backward(masked, ref_argmax, x_nchw, k, k).transpose(1, 2, 3, 0)
-    np.testing.assert_array_equal(grad_y, expected)
+    # the activation's backward, then the pool's
+    grad_pooled = ACTS[act][2](grad_out, out).transpose(3, 0, 1, 2)
+    expected = max_pool2d_backward(grad_pooled, ref_argmax, x_nchw, k, k).transpose(1, 2, 3, 0)
+    _same(grad_y, expected, dtype, act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_bias_act_avg_pool_and_backward(modules, dtype, case, act):
+    """conv bias, activation, average pool (the layers' order for --pool avg) and back."""
+    c, h, w, n, k = case
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((c, h, w, n)).astype(dtype)
+    bias = rng.standard_normal(c).astype(dtype)
+    code, forward, backward = ACTS[act]
+    a_nchw = forward((y + bias[:, None, None, None]).transpose(3, 0, 1, 2))
+    ref_out = avg_pool2d_forward(a_nchw, k, k).transpose(1, 2, 3, 0)
+    oh, ow = h // k, w // k
+    out = np.full((c, oh, ow, n), np.nan, dtype)
+    act_out = np.full((c, h, w, n), np.nan, dtype)
+    ints = map(i32, (n, c, h, w, k, oh, ow, code))
+    fn = kernel(modules, "pool.cu", "bias_act_avg_pool", dtype)
+    launch_1d(fn, out.size, (y, bias, act_out, out, *ints))
+    _same(out, ref_out, dtype, act)
+    inside = np.zeros((c, h, w, n), bool)
+    inside[:, : oh * k, : ow * k] = True
+    _same(act_out[inside], a_nchw.transpose(1, 2, 3, 0)[inside], dtype, act)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    grad_a = avg_pool2d_backward(grad_out.transpose(3, 0, 1, 2), a_nchw, k, k)
+    expected = backward(grad_a, a_nchw).transpose(1, 2, 3, 0)
+    grad_y = np.full((c, h, w, n), np.nan, dtype)
+    fn = kernel(modules, "pool.cu", "act_avg_pool_backward", dtype)
+    ints = map(i32, (n, c, h, w, k, oh, ow, code))
+    launch_1d(fn, grad_y.size, (grad_out, act_out, grad_y, *ints), "gridstride")
+    _same(grad_y, expected, dtype, act)
 
 
 # -- loss.cu ------------------------------------------------------------------------------
@@ -369,19 +427,27 @@ def test_bias_act(modules, dtype, shape, relu):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(13, 7), (33, 120), (1, 1)])
-@pytest.mark.parametrize("relu", [False, True])
-def test_bias_act_cols(modules, dtype, shape, relu):
-    """A Linear's output ``(N, out)`` plus its bias, then ReLU (the layers' ``y += bias`` and
-    ``maximum(y, 0)``): the same values."""
+@pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
+def test_bias_act_cols_and_act_backward(modules, dtype, shape, act):
+    """A Linear's output ``(N, out)`` plus its bias, then the activation (the layers'
+    ``y += bias`` and their forward), and the activation's backward in place."""
     rng = np.random.default_rng(9)
     y = rng.standard_normal(shape).astype(dtype)
     bias = rng.standard_normal(shape[1]).astype(dtype)
     expected = y + bias
-    if relu:
-        expected = np.maximum(expected, 0)
+    code = -1 if act == "none" else ACTS[act][0]
+    if act != "none":
+        expected = ACTS[act][1](expected)
     fn = kernel(modules, "dense.cu", "bias_act_cols", dtype)
-    launch_1d(fn, y.size, (y, bias, i64(shape[0]), i32(shape[1]), i32(relu)), "gridstride")
-    np.testing.assert_array_equal(y, expected)
+    launch_1d(fn, y.size, (y, bias, i64(shape[0]), i32(shape[1]), i32(code)), "gridstride")
+    _same(y, expected, dtype, "relu" if act == "none" else act)
+    if act == "none":
+        return
+    grad = rng.standard_normal(shape).astype(dtype)
+    expected_grad = ACTS[act][2](grad.copy(), y)
+    fn = kernel(modules, "dense.cu", "act_backward", dtype)
+    launch_1d(fn, grad.size, (grad, y, i64(grad.size), i32(code)))
+    _same(grad, expected_grad, dtype, act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

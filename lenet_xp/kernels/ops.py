@@ -148,29 +148,53 @@ class Kernels:
         return grad_x
 
     # -- pooling ---------------------------------------------------------------------------
-    def max_pool_bias_relu(
-        self, y: Any, bias: Any, k: int, out: Any = None, argmax: Any = None
+    def max_pool_bias_act(
+        self, y: Any, bias: Any, k: int, act: int, out: Any = None, argmax: Any = None
     ) -> tuple[Any, Any]:
-        """``y (C, H, W, N)`` -> ``(relu(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``."""
+        """``y (C, H, W, N)`` -> ``(act(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``;
+        ``act``: a code of :data:`~lenet_xp.kernels.ACTIVATION_CODES`."""
         c, h, w, n = y.shape
         oh, ow = h // k, w // k
         out = self._empty((c, oh, ow, n), y.dtype, out)
         argmax = self._empty((c, oh, ow, n), self.xp.uint8, argmax)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow)]
-        fn = self._fn("pool.cu", "max_pool_bias_relu", y.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "max_pool_bias_act", y.dtype)
         self._launch(fn, out.size, (y, bias, out, argmax, *args))
         return out, argmax
 
-    def max_pool_relu_backward(
-        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, grad_y: Any = None
-    ) -> Any:
-        """Gradient of :meth:`max_pool_bias_relu` w.r.t. ``y``: ``(C, H, W, N)``."""
+    def max_pool_act_backward(
+        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, act: int,
+        grad_y: Any = None,
+    ) -> Any:  # fmt: skip
+        """Gradient of :meth:`max_pool_bias_act` w.r.t. ``y``: ``(C, H, W, N)``."""
         c, h, w, n = y_shape
         oh, ow = out.shape[1:3]
         grad_y = self._empty((c, h, w, n), grad_out.dtype, grad_y)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow)]
-        fn = self._fn("pool.cu", "max_pool_relu_backward", grad_out.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "max_pool_act_backward", grad_out.dtype)
         self._launch(fn, grad_y.size, (grad_out, out, argmax, grad_y, *args))
+        return grad_y
+
+    def bias_act_avg_pool(self, y: Any, bias: Any, k: int, act: int) -> tuple[Any, Any]:
+        """``y (C, H, W, N)`` -> ``(avgpool(act(y + bias)) (C, OH, OW, N), act(y + bias)
+        (C, H, W, N), for the backward)``."""
+        c, h, w, n = y.shape
+        oh, ow = h // k, w // k
+        out = self.xp.empty((c, oh, ow, n), y.dtype)
+        act_out = self.xp.empty((c, h, w, n), y.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "bias_act_avg_pool", y.dtype)
+        self._launch(fn, out.size, (y, bias, act_out, out, *args))
+        return out, act_out
+
+    def act_avg_pool_backward(self, grad_out: Any, act_out: Any, k: int, act: int) -> Any:
+        """Gradient of :meth:`bias_act_avg_pool` w.r.t. ``y``: ``(C, H, W, N)``."""
+        c, h, w, n = act_out.shape
+        oh, ow = grad_out.shape[1:3]
+        grad_y = self.xp.empty((c, h, w, n), grad_out.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "act_avg_pool_backward", grad_out.dtype)
+        self._launch(fn, grad_y.size, (grad_out, act_out, grad_y, *args))
         return grad_y
 
     # -- loss, data, optimizer -------------------------------------------------------------
@@ -269,12 +293,20 @@ class Kernels:
         self._launch(self._fn("dense.cu", "bias_act", y.dtype), y.size, args)
         return y
 
-    def bias_act_cols(self, y: Any, bias: Any, relu: bool) -> Any:
-        """``y (R, C)`` contiguous, in place: ``act(y + bias[None, :])``."""
+    def bias_act_cols(self, y: Any, bias: Any, act: int) -> Any:
+        """``y (R, C)`` contiguous, in place: ``act(y + bias[None, :])`` (``act``: a code of
+        :data:`~lenet_xp.kernels.ACTIVATION_CODES`, or -1: none)."""
         r, c = y.shape
-        args = (y, bias, self._i64(r), self._i32(c), self._i32(int(relu)))
+        args = (y, bias, self._i64(r), self._i32(c), self._i32(act))
         self._launch(self._fn("dense.cu", "bias_act_cols", y.dtype), y.size, args)
         return y
+
+    def act_backward(self, grad: Any, out: Any, act: int) -> Any:
+        """In place: ``grad`` through activation ``act``'s backward, from its output ``out``
+        (same shape, both contiguous)."""
+        args = (grad, out, self._i64(grad.size), self._i32(act))
+        self._launch(self._fn("dense.cu", "act_backward", grad.dtype), grad.size, args)
+        return grad
 
     def relu_mask(self, grad: Any, out: Any) -> Any:
         """In place: ``grad`` zeroed where ``out <= 0`` (same shape, contiguous)."""
