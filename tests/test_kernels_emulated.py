@@ -24,6 +24,7 @@ from lenet_xp.functional.pool import (
     max_pool2d_forward,
 )
 from lenet_xp.kernels import ACTIVATION_CODES, GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
+from lenet_xp.layers import BatchNorm1d
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
@@ -239,6 +240,52 @@ def test_bias_act_avg_pool_and_backward(modules, dtype, case, act):
     ints = map(i32, (n, c, h, w, k, oh, ow, code))
     launch_1d(fn, grad_y.size, (grad_out, act_out, grad_y, *ints), "gridstride")
     _same(grad_y, expected, dtype, act)
+
+
+# -- norm.cu ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
+@pytest.mark.parametrize("shape", [(16, 7), (3, 300), (1, 5)])
+def test_batch_norm_act_and_backward(modules, dtype, act, shape):
+    """Against BatchNorm1d in training (its running statistics included) and the
+    activation after it, forward and backward."""
+    n, f = shape
+    rng = np.random.default_rng(11)
+    x = (1.5 + 2 * rng.standard_normal(shape)).astype(dtype)
+    layer = BatchNorm1d(f, dtype=np.dtype(dtype).name)
+    layer.weight.data[...] = rng.standard_normal(f)
+    layer.bias.data[...] = rng.standard_normal(f)
+    layer.running_var[...] = 1 + rng.random(f)
+    weight, bias = layer.weight.data.copy(), layer.bias.data.copy()
+    running_mean, running_var = layer.running_mean.copy(), layer.running_var.copy()
+    tracked = np.array(4, np.int64)
+    code = -1 if act == "none" else ACTS[act][0]
+    ref = layer.forward(x)
+    ref_y = ref if act == "none" else ACTS[act][1](ref)
+    y, x_hat = np.full(shape, np.nan, dtype), np.full(shape, np.nan, dtype)
+    inv_std = np.full(f, np.nan, dtype)
+    args = (x, weight, bias, running_mean, running_var, tracked, x_hat, inv_std, y)
+    args += (i32(n), i32(f), np.float64(layer.eps), np.float64(layer.momentum), i32(code))
+    launch_1d(kernel(modules, "norm.cu", "batch_norm_act", dtype), f, args, "gridstride")
+    # a column of 3 close values is ill-conditioned: its statistics' rounding (row order
+    # here, pairwise in NumPy) shows in float32 at 10x the elementwise tolerance
+    tol = 10 * RTOL[np.dtype(dtype)]
+    for got, want in ((y, ref_y), (running_mean, layer.running_mean),
+                      (running_var, layer.running_var), (x_hat, layer._x_hat)):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+    assert tracked == 5
+    grad_y = rng.standard_normal(shape).astype(dtype)
+    grad = grad_y if act == "none" else ACTS[act][2](grad_y.copy(), ref_y)
+    ref_grad_x = layer.backward(grad)
+    grad_x = np.full(shape, np.nan, dtype)
+    grad_w, grad_b = np.full(f, np.nan, dtype), np.full(f, np.nan, dtype)
+    args = (grad_y, y, x_hat, inv_std, weight, grad_x, grad_w, grad_b, i32(n), i32(f), i32(code))
+    launch_1d(kernel(modules, "norm.cu", "batch_norm_act_backward", dtype), f, args)
+    scale = float(np.abs(ref_grad_x).max()) + 1.0  # n = 1: a gradient of rounding noise
+    np.testing.assert_allclose(grad_x, ref_grad_x, rtol=RTOL[np.dtype(dtype)] * 10,
+                               atol=RTOL[np.dtype(dtype)] * 10 * scale)  # fmt: skip
+    assert_close(grad_w, layer.weight.grad, dtype)
+    assert_close(grad_b, layer.bias.grad, dtype)
 
 
 # -- loss.cu ------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
     "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),
+    "norm.cu": ("batch_norm_act", "batch_norm_act_backward"),
     "dense.cu": (
         "bias_act",
         "bias_act_cols",

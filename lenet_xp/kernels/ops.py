@@ -197,6 +197,38 @@ class Kernels:
         self._launch(fn, grad_y.size, (grad_out, act_out, grad_y, *args))
         return grad_y
 
+    # -- batch normalisation ---------------------------------------------------------------
+    def batch_norm_act(
+        self, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+        tracked: Any, eps: float, momentum: float, act: int,
+    ) -> tuple[Any, Any, Any]:  # fmt: skip
+        """Training batch norm of ``x (N, F)`` (contiguous) then activation ``act`` (-1:
+        none), running statistics updated in place: ``(y, x_hat, inv_std)``."""
+        n, f = x.shape
+        y, x_hat = self.xp.empty_like(x), self.xp.empty_like(x)
+        inv_std = self.xp.empty(f, x.dtype)
+        f64 = self.xp.float64
+        args = (
+            x, weight, bias, running_mean, running_var, tracked, x_hat, inv_std, y,
+            self._i32(n), self._i32(f), f64(eps), f64(momentum), self._i32(act),
+        )  # fmt: skip
+        self._launch(self._fn("norm.cu", "batch_norm_act", x.dtype), f, args)
+        return y, x_hat, inv_std
+
+    def batch_norm_act_backward(
+        self, grad_y: Any, y: Any, x_hat: Any, inv_std: Any, weight: Any, act: int
+    ) -> tuple[Any, Any, Any]:
+        """Gradients of :meth:`batch_norm_act`: ``(grad_x, grad_weight, grad_bias)``."""
+        n, f = grad_y.shape
+        grad_x = self.xp.empty_like(grad_y)
+        grad_w, grad_b = self.xp.empty(f, grad_y.dtype), self.xp.empty(f, grad_y.dtype)
+        args = (
+            grad_y, y, x_hat, inv_std, weight, grad_x, grad_w, grad_b, self._i32(n),
+            self._i32(f), self._i32(act),
+        )  # fmt: skip
+        self._launch(self._fn("norm.cu", "batch_norm_act_backward", grad_y.dtype), f, args)
+        return grad_x, grad_w, grad_b
+
     # -- loss, data, optimizer -------------------------------------------------------------
     def softmax_cross_entropy(
         self, logits_kn: Any, labels: Any, grad_kn: Any, batch_loss: Any, loss_sum: Any,

@@ -7,7 +7,9 @@ forms when its layers use our CUDA kernels (:meth:`Module.use_cuda_kernels`).
   convolution's own backward;
 - ``Conv2d -> act -> AvgPool2d``: ``bias_act_avg_pool`` and ``act_avg_pool_backward``;
 - ``Linear -> act``: the GEMM, then ``bias_act_cols`` (bias and activation); backward
-  ``act_backward`` (one launch), then the linear layer's.
+  ``act_backward`` (one launch), then the linear layer's;
+- ``BatchNorm1d -> act`` in training: ``batch_norm_act`` (the batch's statistics, the
+  running ones, the activation) and ``batch_norm_act_backward``.
 
 Each replaces about ten array operations by one kernel each way. A block's CPU reference is
 exactly the composition of its layers (the layers themselves run on the CPU and wherever the
@@ -26,6 +28,7 @@ from lenet_xp.functional.conv import conv2d_forward
 from lenet_xp.kernels import ACTIVATION_CODES
 from lenet_xp.kernels.ops import matmul
 from lenet_xp.layers.activation import ReLU, Sigmoid, Tanh
+from lenet_xp.layers.batchnorm import BatchNorm1d
 from lenet_xp.layers.conv import Conv2d
 from lenet_xp.layers.linear import Linear
 from lenet_xp.layers.module import Module
@@ -160,8 +163,47 @@ class LinearAct:
         return self.linear.backward(grad)
 
 
+class BatchNormAct:
+    """``BatchNorm1d -> act`` in training: one kernel each way (the batch's statistics, the
+    running ones and the activation; in evaluation the layers run)."""
+
+    size = 2
+
+    def __init__(self, norm: BatchNorm1d, act: Module, kernels: Any) -> None:
+        self.norm, self.kernels = norm, kernels
+        self.act = _act_code(act)
+        self._y: Any = None
+
+    @staticmethod
+    def fits(layers: list[Module]) -> bool:
+        if len(layers) < 2:
+            return False
+        norm, act = layers[:2]
+        return type(norm) is BatchNorm1d and norm.training and _act_code(act) is not None
+
+    def forward(self, x: Any) -> Any:
+        bn = self.norm
+        if x.ndim != 2 or x.shape[1] != bn.weight.shape[0]:
+            return bn.forward(x)  # the layer's own one-line error
+        x = get_array_module(x).ascontiguousarray(x)
+        self._y, bn._x_hat, bn._inv_std = self.kernels.batch_norm_act(
+            x, bn.weight.data, bn.bias.data, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.eps, bn.momentum, self.act,
+        )  # fmt: skip
+        return self._y
+
+    def backward(self, grad_y: Any) -> Any:
+        bn = self.norm
+        grad_y = get_array_module(grad_y).ascontiguousarray(grad_y)
+        grad_x, bn.weight.grad, bn.bias.grad = self.kernels.batch_norm_act_backward(
+            grad_y, self._y, bn._x_hat, bn._inv_std, bn.weight.data, self.act
+        )
+        self._y = None
+        return grad_x
+
+
 #: The blocks :func:`plan` tries at each layer, in order.
-BLOCKS = (ConvPoolAct, ConvActAvgPool, LinearAct)
+BLOCKS = (ConvPoolAct, ConvActAvgPool, LinearAct, BatchNormAct)
 
 
 def plan(layers: list[Module], kernels: Any) -> list[Any]:
