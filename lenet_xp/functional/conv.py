@@ -23,7 +23,7 @@ from typing import Any
 from lenet_xp import native
 from lenet_xp.backend import gemm_block, get_array_module
 from lenet_xp.kernels import record_fallback
-from lenet_xp.kernels.ops import Kernels
+from lenet_xp.kernels.ops import Kernels, matmul
 from lenet_xp.native import conv as native_conv
 
 
@@ -159,7 +159,7 @@ def conv2d_forward(
         except Exception as exc:  # cannot compile or launch here: the reference takes over
             record_fallback("im2col", str(exc))
         else:
-            y_mat = w_mat @ x_cols
+            y_mat = matmul(w_mat, x_cols, kernels)
             if bias is not None:
                 y_mat += bias[:, None]
             cache = (None, x_cols, x.shape, stride, padding)
@@ -196,13 +196,12 @@ def conv2d_backward(
     grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 2, 3, 0)).reshape(oc, -1)
     w_mat = weight.reshape(oc, -1)
     if x_pad is None:  # the forward pass ran im2col as our kernel (GPU) and kept x_cols
-        grad_w = (kept_cols @ grad_y_mat.T).T.reshape(weight.shape)
+        grad_w = matmul(grad_y_mat, kept_cols.T, kernels).reshape(weight.shape)
         grad_b = grad_y_mat.sum(axis=1)
         grad_x = None
         if need_grad_x:
-            grad_x = _col2im_gpu(
-                w_mat.T @ grad_y_mat, x_shape, kh, kw, stride, padding, oh, ow, kernels
-            )
+            grad_cols = matmul(w_mat.T, grad_y_mat, kernels)
+            grad_x = _col2im_gpu(grad_cols, x_shape, kh, kw, stride, padding, oh, ow, kernels)
         return grad_x, grad_w, grad_b
     pad_shape = (c, h + 2 * padding, w + 2 * padding, n)
     grad_pad = xp.zeros(pad_shape, dtype=grad_y.dtype) if need_grad_x else None

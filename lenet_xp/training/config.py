@@ -238,8 +238,9 @@ class TrainConfig:
     engine: str = option(
         _default_engine,
         "how a training step runs: layers (the array-op layers; on the CPU over --workers "
-        "processes), kernels (CUDA: our fused step, about 35 launches) or graph (CUDA: that step "
-        "captured once as a CUDA graph); default from $LENET_XP_CUDA_KERNELS (1: kernels)",
+        "processes), kernels (CUDA: the layers with our CUDA kernels behind their ops) or graph "
+        "(CUDA: the layers' whole step captured once as a CUDA graph and replayed, any network); "
+        "default from $LENET_XP_CUDA_KERNELS (1: kernels)",
         choices=ENGINES,
     )
     stats_every: int = option(
