@@ -11,6 +11,7 @@ import pytest
 from lenet_xp import native
 from lenet_xp.functional import conv, pool
 from lenet_xp.models import presets
+from lenet_xp.optim.averaging import ParameterEMA
 from lenet_xp.optim.optimizers import make_optimizer
 from lenet_xp.training.workers import forward_backward
 
@@ -108,6 +109,22 @@ def test_adam_steps(monkeypatch, dtype, name, decay):
         return [p.data.copy() for p in model.parameters()]
 
     reference, compiled = both_ways(monkeypatch, steps)
+    assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_average_updates(monkeypatch, dtype):
+    def updates():
+        rng = np.random.default_rng(1)
+        model = presets.build_from_config({"arch": "lenet5", "seed": 2, "dtype": dtype.__name__})
+        average = ParameterEMA(model.parameters(), 0.99)
+        for _ in range(4):
+            for param in model.parameters():
+                param.data += rng.standard_normal(param.data.shape).astype(dtype)
+            average.update()
+        return average.averages
+
+    reference, compiled = both_ways(monkeypatch, updates)
     assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
 
 

@@ -162,7 +162,7 @@ class DataParallel:
         size = sum(int(p.data.size) for p in params)
         specs = {
             "params": ((size,), dtype),
-            "grads": ((workers, size), dtype),  # row 0 unused: slice 0's are param.grad
+            "grads": ((workers, size), dtype),  # row i: slice i's; row 0 then the combined
             "x": ((max_batch, 1, model.input_size, model.input_size), dtype),
             "y": ((max_batch,), "int64"),
             "ids": ((max_batch,), "int64"),  # with the grid: augmentation finished by slice
@@ -218,7 +218,7 @@ class DataParallel:
 
     def close(self) -> None:
         """Stop the workers (killing any that do not end within seconds) and free the shared
-        memory (parameters are copied back first)."""
+        memory (parameters and gradients are copied out of it first)."""
         if self._shared is None:
             return
         self._prefetched = None
@@ -233,8 +233,9 @@ class DataParallel:
                 link.proc.kill()
                 link.proc.wait()
             link.sock.close()
-        for param in self.model.parameters():
+        for param in self.model.parameters():  # own their memory again (data and gradient)
             param.data = param.data.copy()
+            param.grad = None if param.grad is None else param.grad.copy()
         self._links, self._grad_views = [], []
         self._shared.close(unlink=True)
         self._shared = None
@@ -400,10 +401,21 @@ class DataParallel:
         stats = self._shared.arrays["stats"]
         loss = loss * weights[0] + sum(w * stats[i, 0] for i, w in enumerate(weights) if i)
         correct = correct + int(stats[1 : len(parts), 1].sum())
-        for j, param in enumerate(self.model.parameters()):
-            if param.grad is None:  # a fixed parameter (e.g. RBF centres): nothing to combine
-                continue
-            param.grad *= weights[0]
-            for i in range(1, len(parts)):
-                param.grad += weights[i] * self._grad_views[i][j]
+        self._combine(weights)
         return loss, correct
+
+    def _combine(self, weights: list[float]) -> None:
+        """``param.grad`` = the slices' gradients weighted by ``weights``, summed in slice
+        order over the flat shared buffer (a few array operations, whatever the number of
+        parameters); ``param.grad`` becomes a view of its row 0."""
+        grads = self._shared.arrays["grads"]
+        views = zip(self.model.parameters(), self._grad_views[0], strict=True)
+        params = [(p, view) for p, view in views if p.grad is not None]  # RBF centres: none
+        for param, view in params:
+            view[...] = param.grad
+        combined = grads[0]
+        combined *= weights[0]
+        for i in range(1, len(weights)):
+            combined += weights[i] * grads[i]
+        for param, view in params:
+            param.grad = view
