@@ -78,8 +78,13 @@ def max_pool2d_backward(grad_y: Any, argmax: Any, x: Any, kernel: int, stride: i
     native_fits = grad_chwn is not None and argmax_chwn is not None and grad_y.dtype == x.dtype
     if native_fits and stride >= kernel:  # windows do not overlap: each input gets one term
         n, c, h, w = x.shape
-        grad_x = np.zeros((c, h, w, n), x.dtype)
-        native_pool.max_pool_backward(grad_chwn, argmax_chwn, grad_x, kernel, stride)
+        oh, ow = grad_y.shape[2:]
+        tiled = stride == kernel and (h, w) == (oh * kernel, ow * kernel)  # all written
+        grad_x = (np.empty if tiled else np.zeros)((c, h, w, n), x.dtype)
+        cast = x.dtype.type
+        native_pool.max_pool_backward(
+            grad_chwn, argmax_chwn, grad_x, kernel, stride, cast(0), cast(1)
+        )
         return grad_x.transpose(3, 0, 1, 2)
     xp = get_array_module(grad_y)
     grad_x = xp.zeros_like(x)

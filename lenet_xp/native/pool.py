@@ -33,17 +33,20 @@ def max_pool_forward(x: Any, y: Any, argmax: Any, kernel: int, stride: int) -> N
 
 
 @jit
-def max_pool_backward(grad_y: Any, argmax: Any, grad_x: Any, kernel: int, stride: int) -> None:
-    """Add each window's gradient ``grad_y (C, OH, OW, N)`` to its first maximum in
-    ``grad_x (C, H, W, N)`` (zeros on entry), in window order."""
+def max_pool_backward(
+    grad_y: Any, argmax: Any, grad_x: Any, kernel: int, stride: int, zero: Any, one: Any
+) -> None:
+    """Windows that do not overlap (``stride >= kernel``): each input of a window gets
+    ``grad_y (C, OH, OW, N)`` times 1 where it is the window's first maximum, else times 0
+    (the reference's products, so the same bits), written into ``grad_x (C, H, W, N)``; inputs
+    outside every window are left as they are (zeros)."""
     c, oh, ow, n = grad_y.shape
     for ch in range(c):
         for r in range(oh):
             for q in range(ow):
+                at, grads = argmax[ch, r, q], grad_y[ch, r, q]
                 for offset in range(kernel * kernel):
                     i, j = offset // kernel, offset % kernel
-                    at, grads = argmax[ch, r, q], grad_y[ch, r, q]
                     target = grad_x[ch, r * stride + i, q * stride + j]
                     for b in range(n):
-                        if at[b] == offset:
-                            target[b] += grads[b]
+                        target[b] = grads[b] * (one if at[b] == offset else zero)
