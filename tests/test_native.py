@@ -154,3 +154,44 @@ def test_what_the_kernels_take(monkeypatch):
     assert not native.fits(np.zeros(3, np.int64))  # not a float
     monkeypatch.setenv("LENET_XP_NATIVE", "0")
     assert not native.fits(a)
+
+
+def test_without_numba_the_numpy_code_runs(monkeypatch):
+    """An install without Numba (``sys.modules`` refuses the import): the kernels are off
+    and a training step runs NumPy alone, the same bits as with them."""
+    import sys
+
+    def step():
+        rng = np.random.default_rng(5)
+        model = presets.build_from_config({"arch": "lenet5", "seed": 4})
+        optimizer = make_optimizer("adam", model.parameters(), 1e-3, 0.0, 0.9, 0.9)
+        forward_backward(
+            model, rng.standard_normal((16, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 16)
+        )
+        optimizer.step()
+        return [p.data.copy() for p in model.parameters()] + optimizer.average.averages
+
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    compiled = step()
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    native._numba.cache_clear()
+    try:
+        assert not native.enabled()
+        native.warm_up(np.zeros(3, np.float32))  # nothing to compile, no error
+        plain = step()
+    finally:
+        native._numba.cache_clear()
+    assert all(same_bits(a, b) for a, b in zip(plain, compiled, strict=True))
+
+
+def test_the_alternating_benchmark_times_both_paths(monkeypatch, capsys):
+    from lenet_xp.benchmarks import native_ab
+
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native_ab.main(["--workers", "2", "--rounds", "2", "--limit-train", "2560"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
+    assert set(rows) == {"native", "numpy"} and all(len(v) == 3 for v in rows.values())
+    assert all(float(t) > 0 for v in rows.values() for t in v)
+    assert lines[3].startswith("the compiled kernels take ")
+    assert native.enabled()  # the setting it found is back
