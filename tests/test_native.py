@@ -12,6 +12,7 @@ from lenet_xp import native
 from lenet_xp.functional import conv, pool
 from lenet_xp.models import presets
 from lenet_xp.native import pool as native_pool
+from lenet_xp.optim.averaging import ParameterEMA
 from lenet_xp.optim.optimizers import make_optimizer
 from lenet_xp.training.workers import forward_backward
 
@@ -113,6 +114,22 @@ def test_adam_steps(monkeypatch, dtype, name, decay):
     assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_average_updates(monkeypatch, dtype):
+    def updates():
+        rng = np.random.default_rng(1)
+        model = presets.build_from_config({"arch": "lenet5", "seed": 2, "dtype": dtype.__name__})
+        average = ParameterEMA(model.parameters(), 0.99)
+        for _ in range(4):
+            for param in model.parameters():
+                param.data += rng.standard_normal(param.data.shape).astype(dtype)
+            average.update()
+        return average.averages
+
+    reference, compiled = both_ways(monkeypatch, updates)
+    assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+
+
 def test_training_steps_are_the_same_bits(monkeypatch):
     """Forward, backward and Adam over a few LeNet-5 batches: the parameters after them."""
 
@@ -150,3 +167,44 @@ def test_warm_up_compiles_every_kernel(monkeypatch, dtype):
     native.warm_up(None)
     monkeypatch.setenv("LENET_XP_NATIVE", "0")
     native.warm_up(np.zeros(3, dtype))
+
+
+def test_without_numba_the_numpy_code_runs(monkeypatch):
+    """An install without Numba (``sys.modules`` refuses the import): the kernels are off
+    and a training step runs NumPy alone, the same bits as with them."""
+    import sys
+
+    def step():
+        rng = np.random.default_rng(5)
+        model = presets.build_from_config({"arch": "lenet5", "seed": 4})
+        optimizer = make_optimizer("adam", model.parameters(), 1e-3, 0.0, 0.9, 0.9)
+        forward_backward(
+            model, rng.standard_normal((16, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 16)
+        )
+        optimizer.step()
+        return [p.data.copy() for p in model.parameters()] + optimizer.average.averages
+
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    compiled = step()
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    native._numba.cache_clear()
+    try:
+        assert not native.enabled()
+        native.warm_up(np.zeros(3, np.float32))  # nothing to compile, no error
+        plain = step()
+    finally:
+        native._numba.cache_clear()
+    assert all(same_bits(a, b) for a, b in zip(plain, compiled, strict=True))
+
+
+def test_the_alternating_benchmark_times_both_paths(monkeypatch, capsys):
+    from lenet_xp.benchmarks import native_ab
+
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native_ab.main(["--workers", "2", "--rounds", "2", "--limit-train", "2560"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
+    assert set(rows) == {"native", "numpy"} and all(len(v) == 3 for v in rows.values())
+    assert all(float(t) > 0 for v in rows.values() for t in v)
+    assert lines[3].startswith("the compiled kernels take ")
+    assert native.enabled()  # the setting it found is back

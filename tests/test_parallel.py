@@ -36,8 +36,8 @@ def test_workers_match_one_process(workers):
             optimizer.step()
         stepped_loss, _ = runner.forward_backward(x, y)
         assert float(stepped_loss) < float(loss)
-    # After close the parameters own their memory again, with the trained values.
-    assert all(p.data.base is None for p in model.parameters())
+    # After close the parameters and gradients own their memory again, with their values.
+    assert all(p.data.base is None and p.grad.base is None for p in model.parameters())
     assert float(forward_backward(model, x, y)[0]) == pytest.approx(float(stepped_loss), rel=1e-5)
 
 

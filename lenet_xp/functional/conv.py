@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp import native
-from lenet_xp.backend import gemm_block, get_array_module
+from lenet_xp.backend import gemm_block, get_array_module, is_gpu
 from lenet_xp.kernels import record_fallback
 from lenet_xp.kernels.ops import Kernels, matmul
 from lenet_xp.native import conv as native_conv
@@ -89,6 +89,49 @@ def _add_cols(grad_pad: Any, cols: Any, kh: int, kw: int, stride: int, r0: int, 
         rows = slice(r0 * stride + i, r0 * stride + i + stride * r, stride)
         for j in range(kw):
             grad_pad[:, rows, j : j + stride * ow : stride] += cols[:, i, j]
+
+
+def _add_cols_wide(grad_pad: Any, cols: Any, kh: int, kw: int, r0: int, ow: int) -> None:
+    """:func:`_add_cols` for stride 1 from ``cols (kh*kw*C, R*W*N)``: rows ordered by kernel
+    offset ``(i, j, c)``, columns ``(r, x, n)`` over the padded width ``W`` (columns
+    ``x >= ow`` zeros). Offset ``(i, j)`` is then one add of ``C`` contiguous runs, shifted
+    by ``(i*W + j)*N`` in ``grad_pad (C, H, W, N)``, in the reference's order (the zeros add
+    nothing); a wrap into the next row lands on a zero column's term."""
+    c, _, width, n = grad_pad.shape
+    flat = grad_pad.reshape(c, -1)
+    length = cols.shape[1] - (width - ow) * n  # the last row's zero columns would overrun
+    for i in range(kh):
+        for j in range(kw):
+            start, row = ((r0 + i) * width + j) * n, (i * kw + j) * c
+            flat[:, start : start + length] += cols[row : row + c, :length]
+
+
+def _grad_x_adder(grad_pad: Any, grad_y_mat: Any, weight: Any, stride: int, ow: int) -> Any:
+    """``add(r0, r1)``: add the input gradient of output rows ``r0..r1`` (from ``grad_y_mat
+    (OC, OH*OW*N)``) into ``grad_pad (C, H, W, N)``. NumPy without the compiled kernels, at
+    stride 1: ``grad_y`` padded to the padded width and the GEMM's rows ordered by kernel
+    offset, so each offset's add is contiguous (:func:`_add_cols_wide`, the same sums)."""
+    oc, _, kh, kw = weight.shape
+    n, width = grad_pad.shape[3], grad_pad.shape[2]
+    w_mat_t = weight.reshape(oc, -1).T
+    xp = get_array_module(grad_pad)
+    if stride != 1 or is_gpu(xp) or native.fits(grad_pad):
+
+        def add(r0: int, r1: int) -> None:
+            block = grad_y_mat[:, r0 * ow * n : r1 * ow * n]
+            _add_cols(grad_pad, w_mat_t @ block, kh, kw, stride, r0, ow)
+
+        return add
+    grad_y_wide = xp.zeros((oc, grad_y_mat.shape[1] // (ow * n), width, n), grad_y_mat.dtype)
+    grad_y_wide[:, :, :ow] = grad_y_mat.reshape(oc, -1, ow, n)
+    grad_y_wide = grad_y_wide.reshape(oc, -1)
+    w_rows = weight.transpose(2, 3, 1, 0).reshape(kh * kw * weight.shape[1], oc)
+
+    def add_wide(r0: int, r1: int) -> None:
+        block = grad_y_wide[:, r0 * width * n : r1 * width * n]
+        _add_cols_wide(grad_pad, w_rows @ block, kh, kw, r0, ow)
+
+    return add_wide
 
 
 def _row_blocks(xp: Any, oh: int, cols_per_row: int) -> list[tuple[int, int]]:
@@ -205,6 +248,8 @@ def conv2d_backward(
         return grad_x, grad_w, grad_b
     pad_shape = (c, h + 2 * padding, w + 2 * padding, n)
     grad_pad = xp.zeros(pad_shape, dtype=grad_y.dtype) if need_grad_x else None
+    if need_grad_x:
+        add_grad_x = _grad_x_adder(grad_pad, grad_y_mat, weight, stride, ow)
     grad_w_t = None  # (C*kh*kw, OC): the faster orientation of the sum over positions
     for r0, r1 in _row_blocks(xp, oh, ow * n):
         x_cols = kept_cols if kept_cols is not None else _cols(x_pad, kh, kw, stride, (r0, r1), ow)
@@ -215,7 +260,7 @@ def conv2d_backward(
         else:
             grad_w_t += partial
         if need_grad_x:
-            _add_cols(grad_pad, w_mat.T @ grad_y_block, kh, kw, stride, r0, ow)
+            add_grad_x(r0, r1)
     grad_w = grad_w_t.T.reshape(weight.shape)
     grad_b = grad_y_mat.sum(axis=1)
     grad_x = None

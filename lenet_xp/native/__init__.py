@@ -53,14 +53,15 @@ def _numba() -> Any:
 
 def jit(function: Any) -> Any:
     """``numba.njit(cache=True)`` of ``function``, compiled on its first call (only called
-    where :func:`enabled` is true)."""
+    where :func:`enabled` is true). NumPy's error model: a division by zero gives inf or NaN
+    as NumPy's does, and no check per division keeps the loops vectorisable."""
     compiled = None
 
     @functools.wraps(function)
     def call(*args: Any) -> Any:
         nonlocal compiled
         if compiled is None:
-            compiled = _numba().njit(cache=True, nogil=True)(function)
+            compiled = _numba().njit(cache=True, nogil=True, error_model="numpy")(function)
         return compiled(*args)
 
     call.py_func = function  # the plain-Python loop, for tests
@@ -84,3 +85,4 @@ def warm_up(like: Any) -> None:
     y, argmax = pool.max_pool_forward(zeros(1, 2, 2, 1), 2, 2, 1, 1)
     pool.max_pool_backward(y, argmax, (1, 1, 2, 2), 2, 2)
     optim.adam(*(zeros(1) for _ in range(4)), (0.9, 0.999), 1.0, 1e-8, 1e-3, 0.0)
+    optim.ema(zeros(1), zeros(1), 0.9)

@@ -1,6 +1,9 @@
-"""Adam's update of one parameter as one compiled loop (:meth:`lenet_xp.optim.optimizers.Adam.
-_update` reference: a dozen NumPy passes). The scalars come in the arrays' dtype, as NumPy
-casts Python floats, and each element takes the reference's operations in its order."""
+"""Optimizer updates and weight averaging as compiled loops, one per parameter
+(references: :meth:`lenet_xp.optim.optimizers.Adam._update`, a dozen NumPy passes, and
+:meth:`lenet_xp.optim.averaging.ParameterEMA.update`, two). The scalars come in the arrays'
+dtype, as NumPy casts Python floats, and each element takes the reference's operations in its
+order. Each element's values are kept in locals (an array is read once and written once), so
+the loops vectorise: Adam over LeNet-5's 61,706 float32 parameters in about 30 µs here."""
 
 from __future__ import annotations
 
@@ -18,19 +21,20 @@ def _adam(
 ) -> None:  # fmt: skip
     """All 1-D, C-contiguous, one dtype; ``weight_decay`` 0: none (else L2, added to ``grad``)."""
     for k in range(data.shape[0]):
-        g = grad[k]
+        p, g = data[k], grad[k]
         if weight_decay != 0:
-            g = g + weight_decay * data[k]
-        m[k] = m[k] * beta1
-        m[k] = m[k] + one_minus_beta1 * g
-        v[k] = v[k] * beta2
-        v[k] = v[k] + one_minus_beta2 * g * g
-        denom = np.sqrt(v[k])
+            g = g + weight_decay * p
+        m_k = m[k] * beta1
+        m_k = m_k + one_minus_beta1 * g
+        v_k = v[k] * beta2
+        v_k = v_k + one_minus_beta2 * g * g
+        m[k], v[k] = m_k, v_k
+        denom = np.sqrt(v_k)
         denom = denom / bias2_sqrt
         denom = denom + eps
-        denom = m[k] / denom
+        denom = m_k / denom
         denom = denom * step_size
-        data[k] = data[k] - denom
+        data[k] = p - denom
 
 
 def adam(
@@ -45,3 +49,15 @@ def adam(
         cast(1.0 - beta1), cast(beta2), cast(1.0 - beta2), cast(bias2_sqrt), cast(eps),
         cast(step_size), cast(weight_decay),
     )  # fmt: skip
+
+
+@jit
+def _ema(average: Any, data: Any, one_minus_decay: Any) -> None:
+    for k in range(average.shape[0]):
+        a = average[k]
+        average[k] = a + one_minus_decay * (data[k] - a)
+
+
+def ema(average: Any, data: Any, decay: float) -> None:
+    """``average += (1 - decay) * (data - average)`` in place (one parameter's average)."""
+    _ema(average.reshape(-1), data.reshape(-1), average.dtype.type(1.0 - decay))

@@ -35,20 +35,23 @@ def _forward(x: Any, y: Any, argmax: Any, kernel: int, stride: int) -> None:
 
 
 @jit
-def _backward(grad_y: Any, argmax: Any, grad_x: Any, kernel: int, stride: int) -> None:
-    """Add each window's gradient ``grad_y (C, OH, OW, N)`` to its first maximum in
-    ``grad_x (C, H, W, N)`` (zeros on entry), in window order."""
+def _backward(
+    grad_y: Any, argmax: Any, grad_x: Any, kernel: int, stride: int, zero: Any, one: Any
+) -> None:
+    """Windows that do not overlap (``stride >= kernel``): each input of a window gets
+    ``grad_y (C, OH, OW, N)`` times 1 where it is the window's first maximum, else times 0
+    (the reference's products, so the same bits), written into ``grad_x (C, H, W, N)``; inputs
+    outside every window are left as they are (zeros)."""
     c, oh, ow, n = grad_y.shape
     for ch in range(c):
         for r in range(oh):
             for q in range(ow):
+                at, grads = argmax[ch, r, q], grad_y[ch, r, q]
                 for offset in range(kernel * kernel):
                     i, j = offset // kernel, offset % kernel
-                    at, grads = argmax[ch, r, q], grad_y[ch, r, q]
                     target = grad_x[ch, r * stride + i, q * stride + j]
                     for b in range(n):
-                        if at[b] == offset:
-                            target[b] += grads[b]
+                        target[b] = grads[b] * (one if at[b] == offset else zero)
 
 
 def batch_innermost(a: Any, dtype: Any = None) -> Any:
@@ -73,8 +76,11 @@ def max_pool_forward(x: Any, kernel: int, stride: int, oh: int, ow: int) -> tupl
 
 def max_pool_backward(grad_y: Any, argmax: Any, x_shape: tuple, kernel: int, stride: int) -> Any:
     """``grad_y`` and ``argmax (C, OH, OW, N)`` -> a new ``grad_x (C, H, W, N)`` of the forward
-    input's ``x_shape (N, C, H, W)``."""
+    input's ``x_shape (N, C, H, W)`` (windows that do not overlap: ``stride >= kernel``)."""
     n, c, h, w = x_shape
-    grad_x = numpy.zeros((c, h, w, n), grad_y.dtype)
-    _backward(grad_y, argmax, grad_x, kernel, stride)
+    oh, ow = grad_y.shape[1:3]
+    tiled = stride == kernel and (h, w) == (oh * kernel, ow * kernel)  # every input written
+    grad_x = (numpy.empty if tiled else numpy.zeros)((c, h, w, n), grad_y.dtype)
+    cast = grad_y.dtype.type
+    _backward(grad_y, argmax, grad_x, kernel, stride, cast(0), cast(1))
     return grad_x

@@ -13,8 +13,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lenet_xp import native
 from lenet_xp.backend import device_of, get_array_module, to_device
 from lenet_xp.layers.module import Module, Parameter
+from lenet_xp.native import optim as native_optim
 
 #: Where an optimizer's state dict keeps its weight average: ``"ema.<key>"`` for each key of
 #: :meth:`ParameterEMA.state_dict` (``"ema.<i>"``: the average of the i-th parameter).
@@ -38,7 +40,10 @@ class ParameterEMA:
         """Move each average towards its parameter (in place, on the parameter's device)."""
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for average, param in zip(self.averages, self.params, strict=True):
-            average += (1.0 - d) * (param.data - average)  # a Python float keeps float32
+            if native.fits(average, param.data):  # one compiled loop (CPU): the same bits
+                native_optim.ema(average, param.data, d)
+            else:
+                average += (1.0 - d) * (param.data - average)  # a Python float keeps float32
         self.updates += 1
 
     @contextmanager

@@ -8,11 +8,12 @@ process with one BLAS thread. The processes share (``multiprocessing.shared_memo
 - the parameters, one flat buffer that the model's ``param.data`` arrays are views of, so
   the optimizer's in-place updates reach every replica;
 - the workers' slices of each batch (images and labels), written by the main process;
-- one gradient buffer per worker, and per-worker loss and correct-count slots.
+- the gradients, one flat row per slice, and per-worker loss and correct-count slots.
 
 Per step the main process sends each worker a ``(start, stop)`` slice over a socket, runs the
-first slice itself, and waits; then it combines the slice gradients (weighted by slice size,
-in a fixed order, so the same seed gives the same numbers for a given worker count).
+first slice itself, and waits; then it combines the slice gradients over the flat rows in a
+few array operations (weighted by slice size, in a fixed order, so the same seed gives the
+same numbers for a given worker count), and ``param.grad`` are views of the combined row.
 
 With augmentation, each process distorts its own slice at the batch's sampling grid. The grid
 of the whole next batch (it depends only on the images' indices) is computed by worker 1
@@ -47,14 +48,15 @@ from typing import Any
 from lenet_xp import native
 from lenet_xp.layers import Module
 from lenet_xp.layers.module import flat_views
-from lenet_xp.training.interrupt import Interrupted, signal_name
+from lenet_xp.training.interrupt import Interrupted
 from lenet_xp.training.workers import (  # noqa: F401  (PAUSE_ENV, in_worker: re-exported)
     _BOOT,
-    _HEADER,
     _MAIN_DECIDES,
     PAUSE_ENV,
     WorkerError,
+    _check_reply,
     _frame,
+    _Link,
     _preparation,
     _Shared,
     forward_backward,
@@ -75,51 +77,24 @@ _DOING = {
 }
 
 
-class _Link:
-    """The main process's end of one worker: its process and non-blocking socket."""
-
-    def __init__(self, index: int, proc: subprocess.Popen, sock: socket.socket) -> None:
-        self.index, self.proc, self.sock = index, proc, sock
-        sock.setblocking(False)
-        self.inbox = bytearray()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def take_message(self) -> tuple[bool, Any]:
-        """``(True, message)`` if the inbox holds a whole one (removed), else ``(False, None)``."""
-        if len(self.inbox) < _HEADER.size:
-            return False, None
-        end = _HEADER.size + _HEADER.unpack_from(self.inbox)[0]
-        if len(self.inbox) < end:
-            return False, None
-        message = pickle.loads(self.inbox[_HEADER.size : end])
-        del self.inbox[:end]
-        return True, message
-
-    def how_it_ended(self) -> str:
-        """How the process ended (it is killed first if it has not: its socket broke)."""
-        try:
-            code = self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        if code >= 0:
-            return f"exited with status {code}"
-        name = signal_name(-code)
-        return f"was killed by {name}" + (
-            " (out of memory, or kill -9)" if name == "SIGKILL" else ""
-        )
-
-
-def _check_reply(link: _Link, reply: Any, kind: str) -> None:
-    """Return on ``"ok"``, else raise what worker ``link`` reported."""
-    if reply == "ok":
-        return
-    if reply == "memory":
-        raise MemoryError(f"worker process {link.index} ran out of memory")
-    what = "could not start" if kind == "start" else "failed"
-    raise WorkerError(f"worker process {link.index} {what}: {reply[1]}")
+def _shared_specs(
+    model: Module, workers: int, max_batch: int, num_classes: int
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shared arrays of :class:`DataParallel` (name -> shape, dtype)."""
+    params = model.parameters()
+    dtype = str(params[0].data.dtype)
+    size = sum(int(p.data.size) for p in params)
+    side = model.input_size
+    return {
+        "params": ((size,), dtype),
+        "grads": ((workers, size), dtype),  # row i: slice i's; row 0 then the combined
+        "x": ((max_batch, 1, side, side), dtype),
+        "y": ((max_batch,), "int64"),
+        "ids": ((max_batch,), "int64"),  # with the grid: augmentation finished by slice
+        "grid": ((2, max_batch, side, side), "float32"),
+        "logits": ((max_batch, num_classes), dtype),
+        "stats": ((workers, 2), "float64"),
+    }
 
 
 class DataParallel:
@@ -158,18 +133,7 @@ class DataParallel:
         # One core per slice: this process's BLAS gets one thread too (restored by close).
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         params = model.parameters()
-        dtype = str(params[0].data.dtype)
-        size = sum(int(p.data.size) for p in params)
-        specs = {
-            "params": ((size,), dtype),
-            "grads": ((workers, size), dtype),  # row 0 unused: slice 0's are param.grad
-            "x": ((max_batch, 1, model.input_size, model.input_size), dtype),
-            "y": ((max_batch,), "int64"),
-            "ids": ((max_batch,), "int64"),  # with the grid: augmentation finished by slice
-            "grid": ((2, max_batch, model.input_size, model.input_size), "float32"),
-            "logits": ((max_batch, num_classes), dtype),
-            "stats": ((workers, 2), "float64"),
-        }
+        specs = _shared_specs(model, workers, max_batch, num_classes)
         self._shared = _Shared(specs)
         self._max_batch = max_batch
         self._prefetched: tuple[Any, Any] | None = None  # (distortion, ids) of a["grid"]
@@ -218,7 +182,7 @@ class DataParallel:
 
     def close(self) -> None:
         """Stop the workers (killing any that do not end within seconds) and free the shared
-        memory (parameters are copied back first)."""
+        memory (parameters and gradients are copied out of it first)."""
         if self._shared is None:
             return
         self._prefetched = None
@@ -233,8 +197,9 @@ class DataParallel:
                 link.proc.kill()
                 link.proc.wait()
             link.sock.close()
-        for param in self.model.parameters():
+        for param in self.model.parameters():  # own their memory again (data and gradient)
             param.data = param.data.copy()
+            param.grad = None if param.grad is None else param.grad.copy()
         self._links, self._grad_views = [], []
         self._shared.close(unlink=True)
         self._shared = None
@@ -400,10 +365,21 @@ class DataParallel:
         stats = self._shared.arrays["stats"]
         loss = loss * weights[0] + sum(w * stats[i, 0] for i, w in enumerate(weights) if i)
         correct = correct + int(stats[1 : len(parts), 1].sum())
-        for j, param in enumerate(self.model.parameters()):
-            if param.grad is None:  # a fixed parameter (e.g. RBF centres): nothing to combine
-                continue
-            param.grad *= weights[0]
-            for i in range(1, len(parts)):
-                param.grad += weights[i] * self._grad_views[i][j]
+        self._combine(weights)
         return loss, correct
+
+    def _combine(self, weights: list[float]) -> None:
+        """``param.grad`` = the slices' gradients weighted by ``weights``, summed in slice
+        order over the flat shared buffer (a few array operations, whatever the number of
+        parameters); ``param.grad`` becomes a view of its row 0."""
+        grads = self._shared.arrays["grads"]
+        views = zip(self.model.parameters(), self._grad_views[0], strict=True)
+        params = [(p, view) for p, view in views if p.grad is not None]  # RBF centres: none
+        for param, view in params:
+            view[...] = param.grad
+        combined = grads[0]
+        combined *= weights[0]
+        for i in range(1, len(weights)):
+            combined += weights[i] * grads[i]
+        for param, view in params:
+            param.grad = view

@@ -1,7 +1,8 @@
 """The worker processes of :class:`~lenet_xp.training.parallel.DataParallel`: how one boots
 (a ``python -c`` program of our own, :data:`_BOOT`, that imports no ``__main__``), the shared
 memory it maps, the messages it answers and what it computes (:func:`forward_backward` on its
-slice of the batch, the next batch's augmentation grid, evaluations).
+slice of the batch, the next batch's augmentation grid, evaluations); and the main process's
+end of one (:class:`_Link`: its process and socket).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pickle
 import signal
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from multiprocessing import resource_tracker, spawn
 from multiprocessing.shared_memory import SharedMemory
@@ -24,6 +26,7 @@ from lenet_xp.backend import host_view, host_zeros, tune_host_allocator
 from lenet_xp.layers import Dropout, Module
 from lenet_xp.layers.module import flat_views
 from lenet_xp.models.lenet5 import model_loss
+from lenet_xp.training.interrupt import signal_name
 
 
 class WorkerError(RuntimeError):
@@ -95,6 +98,53 @@ def in_worker() -> bool:
     """Whether this process is a worker (which imports ``__main__`` only for a model that
     holds a class defined there: training from that import is the script's mistake)."""
     return _in_worker
+
+
+class _Link:
+    """The main process's end of one worker: its process and non-blocking socket."""
+
+    def __init__(self, index: int, proc: subprocess.Popen, sock: socket.socket) -> None:
+        self.index, self.proc, self.sock = index, proc, sock
+        sock.setblocking(False)
+        self.inbox = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def take_message(self) -> tuple[bool, Any]:
+        """``(True, message)`` if the inbox holds a whole one (removed), else ``(False, None)``."""
+        if len(self.inbox) < _HEADER.size:
+            return False, None
+        end = _HEADER.size + _HEADER.unpack_from(self.inbox)[0]
+        if len(self.inbox) < end:
+            return False, None
+        message = pickle.loads(self.inbox[_HEADER.size : end])
+        del self.inbox[:end]
+        return True, message
+
+    def how_it_ended(self) -> str:
+        """How the process ended (it is killed first if it has not: its socket broke)."""
+        try:
+            code = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if code >= 0:
+            return f"exited with status {code}"
+        name = signal_name(-code)
+        return f"was killed by {name}" + (
+            " (out of memory, or kill -9)" if name == "SIGKILL" else ""
+        )
+
+
+def _check_reply(link: _Link, reply: Any, kind: str) -> None:
+    """Return on ``"ok"``, else raise what worker ``link`` reported."""
+    if reply == "ok":
+        return
+    if reply == "memory":
+        raise MemoryError(f"worker process {link.index} ran out of memory")
+    what = "could not start" if kind == "start" else "failed"
+    raise WorkerError(f"worker process {link.index} {what}: {reply[1]}")
 
 
 def _frame(message: Any) -> bytes:
