@@ -37,7 +37,7 @@ MOVED = {
     "summary": "layers.summary", "inspect": "models.feature_maps", "export_onnx": "models.onnx",
     "schedules": "optim.schedules", "averaging": "optim.averaging",
     "resume": "training.resume", "runlock": "training.runlock", "interrupt": "training.interrupt",
-    "parallel": "training.parallel", "fused": "training.fused", "stats": "training.stats",
+    "parallel": "training.parallel", "graph": "training.graph", "stats": "training.stats",
     "tblog": "training.logs", "train_args": "training.config",
     "checkpoint": "storage.checkpoint", "fsync": "storage.fsync", "serve_api": "web.api",
     "bench_torch": "benchmarks.torch_reference",

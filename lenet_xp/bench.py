@@ -1,11 +1,14 @@
 """``python -m lenet_xp.bench``: epoch time, images/s, launches per step, time to a target
 accuracy, per-layer profile and peak memory.
 
-Trains the default LeNet-5 (Adam, data resident on the device) with the real training loop
-and prints tables. Engines: ``layers`` (the array-op layers, every device), on CUDA also
-``kernels`` (our fused step) and ``graph`` (that step as one CUDA graph); with ``--torch``
-(``pip install "lenet_xp[bench]"``) the same network in PyTorch, eager (``torch``) and, on
-CUDA, as a captured CUDA graph (``torch-graph``), timed in the same run, epochs alternating.
+Trains a preset (``--arch``, default LeNet-5; Adam, data resident on the device) with the
+real training loop and prints tables. Engines: ``layers`` (the array-op layers, every
+device), on CUDA also ``kernels`` (the layers with our CUDA kernels) and ``graph`` (the
+layers' step captured as one CUDA graph); with ``--torch`` (``pip install
+"lenet_xp[bench]"``) LeNet-5 in PyTorch, eager (``torch``) and, on CUDA, as a captured CUDA
+graph (``torch-graph``), timed in the same run, epochs alternating. Per preset:
+``for a in lenet5 lenet5-nopad lenet5-sigmoid-avg lenet5-classic compact-cnn; do python -m
+lenet_xp.bench --device cuda --arch $a --batch-sizes 128 1024 --torch; done``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from lenet_xp.benchmarks.timing import (  # noqa: F401  (load_train_split: docum
     RACE_BATCH,
     RACE_LR,
     Timed,
-    fused_engine,
+    gpu_engine,
     load_train_split,
     machine_line,
     our_epoch,
     peak_memory_mib,
+    preset_model,
     profile_layers,
     time_to_accuracy,
     timed,
@@ -41,7 +45,7 @@ from lenet_xp.benchmarks.timing import (  # noqa: F401  (load_train_split: docum
 from lenet_xp.data.augment import parse_augment
 from lenet_xp.data.device_split import DeviceSplit, to_device_split
 from lenet_xp.data.mnist import DataError, load_mnist
-from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.models.presets import PRESETS
 from lenet_xp.optim.optimizers import Adam
 from lenet_xp.training.config import default_workers
 from lenet_xp.training.parallel import forward_backward
@@ -54,9 +58,9 @@ def _layers_engine(
     augment = parse_augment(args.augment or "none") if extras else None
     ema_decay = args.ema if extras else None
     epoch, close = our_epoch(
-        split, batch_size, args.workers, not args.plain_malloc, augment, ema_decay
+        split, batch_size, args.workers, not args.plain_malloc, augment, ema_decay, args.arch
     )
-    model = LeNet5(seed=0).to(split.device)
+    model = preset_model(args.arch).to(split.device)
     optimizer = Adam(model.parameters(), lr=1e-3)
     x, y = split.images[:batch_size], split.labels[:batch_size]
 
@@ -71,11 +75,13 @@ def engines(
     args: argparse.Namespace, split: DeviceSplit, batch_size: int
 ) -> tuple[list[Timed], list[str]]:
     """The engines to time on this device, and one line per engine that could not run."""
+    built, skipped = [], []
     names = ["layers"] + (["layers+aug"] if args.augment or args.ema else [])
     names += ["kernels", "graph"] if split.device.kind == "cuda" else []
-    if args.torch:
+    if args.torch and args.arch != "lenet5":
+        skipped.append(f"torch: PyTorch's network here is LeNet-5, not --arch {args.arch}")
+    elif args.torch:
         names += ["torch"] + (["torch-graph"] if split.device.kind == "cuda" else [])
-    built, skipped = [], []
     for name in names:
         try:
             if name == "layers":
@@ -83,7 +89,7 @@ def engines(
             elif name == "layers+aug":
                 built.append(_layers_engine(split, batch_size, args, extras=True))
             elif name in ("kernels", "graph"):
-                built.append(fused_engine(name, split, batch_size, args.epochs))
+                built.append(gpu_engine(name, split, batch_size, args.epochs, args.arch))
             elif not bench_torch.available():
                 skipped.append(f"{name}: PyTorch is not installed (pip install 'lenet_xp[bench]')")
             else:
@@ -96,6 +102,7 @@ def engines(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lenet_xp.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--arch", default="lenet5", choices=list(PRESETS), help="the preset to time")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128], help="batch sizes to time")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per batch size (median)")
     p.add_argument(
@@ -151,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace, device: Device) -> int:
     """:func:`main` on the resolved ``device``, inside :func:`use_device`: prints the tables."""
-    split, source = load_train_split(device, args.data_dir, args.limit_train)
-    print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}")
+    pad32 = preset_model(args.arch).input_size == 32
+    split, source = load_train_split(device, args.data_dir, args.limit_train, pad32)
+    print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}; --arch {args.arch}")
     rows, notes = [], []
     extra_costs: dict[int, list[float]] = {}  # per batch size: each epoch pair's extra time
     for batch_size in args.batch_sizes:
@@ -195,8 +203,9 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
             f"{100 * min(costs):+.1f} to {100 * max(costs):+.1f} %)"
         )
     print(
-        "launches: kernels and cuBLAS/reduction calls our fused step issues per step; CUPTI: "
-        "CUDA kernels and copies the GPU ran for one step (needs PyTorch's profiler)"
+        "launches: counted by scripts/count_launches.py on the CuPy stand-in; CUPTI: CUDA "
+        "kernels and copies the GPU ran for one step (needs PyTorch's profiler; a graph "
+        "replay's nodes)"
     )
     if args.time_to:
         _race(args, device, split)

@@ -1,56 +1,44 @@
-"""Launches per training step of LeNet-5: the fused step (``--engine kernels``, with cuBLAS
-GEMMs; ``--engine graph``, with ours) as issued by our code, at batch 128.
+"""Launches per training step of every preset (Adam, batch 128), counted on the strict CuPy
+stand-in: the eager layers (``--engine layers``), the layers with our kernels (``--engine
+kernels``) and the nodes of the graph engine's captured step (``--engine graph``: one
+launch per step).
 
-    python scripts/count_launches.py            # GPU if usable, else the CPU emulator
+    LENET_XP_FAKE_CUDA=1 python scripts/count_launches.py [--augment SPEC] [--ema DECAY]
 
-On a GPU the kernels are CuPy's compiled ones; elsewhere they run in the CPU emulator of
-``lenet_xp/testing/cuda_emulator.py`` (needs g++), which executes the same sources and launch
-arguments, so the count is the same. Each cuBLAS GEMM or reduction counts as one launch
-(cuBLAS may split one into two kernels: ``lenet_xp.bench --device cuda --torch`` also prints
-CUPTI's count of what the GPU ran). The array-op layers issue about 175 per step.
+Needs g++ (the stand-in runs our kernels in the CUDA emulator). See
+:mod:`lenet_xp.benchmarks.launches` for what a launch is here.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from lenet_xp.backend import cuda_unavailable_reason, get_device  # noqa: E402
-from lenet_xp.data.device_split import DeviceSplit  # noqa: E402
-from lenet_xp.kernels.ops import Kernels  # noqa: E402
-from lenet_xp.models.lenet5 import LeNet5  # noqa: E402
-from lenet_xp.optim.optimizers import Adam  # noqa: E402
-from lenet_xp.training.fused import FusedStep  # noqa: E402
+from lenet_xp.backend import fake_cuda  # noqa: E402
+from lenet_xp.benchmarks.launches import count_launches  # noqa: E402
+from lenet_xp.models.presets import PRESETS  # noqa: E402
 
 
-def main() -> int:
-    batch = 128
-    reason = cuda_unavailable_reason()
-    device = get_device("cpu" if reason else "cuda")
-    xp = device.xp
-    if reason:
-        from lenet_xp.testing.cuda_emulator import compiler_available, emulated_function
-
-        problem = compiler_available()
-        if problem:
-            print(f"count_launches: no GPU ({reason}) and no emulator ({problem})", file=sys.stderr)
-            return 1
-        kernels, where = Kernels(xp, emulated_function), "CPU emulator (no usable GPU)"
-    else:
-        kernels, where = Kernels(xp), "GPU"
-    images = xp.zeros((batch, 1, 28, 28), dtype=xp.float32)
-    labels = xp.arange(batch, dtype=xp.int64) % 10
-    split = DeviceSplit(images, labels, device)
-    print(f"launches per training step at batch {batch} ({where}):")
-    for flag, gemm in (("--engine kernels", "cublas"), ("--engine graph", "ours")):
-        model = LeNet5(seed=0).to(device)
-        fused = FusedStep(
-            model, Adam(model.parameters()), split, batch, [1e-3] * 2, 2, gemm, kernels
-        )
-        print(f"  {flag:<16} ({gemm} GEMMs): {fused.launches_per_step()}")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--augment", default="none")
+    p.add_argument("--ema", type=float, default=0.0)
+    args = p.parse_args(argv)
+    if not fake_cuda():
+        print("count_launches: run it on the stand-in: LENET_XP_FAKE_CUDA=1", file=sys.stderr)
+        return 1
+    extras = f", --augment {args.augment}" if args.augment != "none" else ""
+    extras += f", --ema {args.ema:g}" if args.ema else ""
+    print(f"launches per training step, Adam, batch {args.batch}{extras}:")
+    print(f"{'preset':<20} {'layers':>7} {'kernels':>8} {'graph nodes':>12}")
+    for arch in PRESETS:
+        c = count_launches(arch, args.batch, args.augment, args.ema)
+        print(f"{c.arch:<20} {c.layers:>7} {c.kernels:>8} {c.graph_nodes:>12}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -5,7 +5,8 @@
 #      of ours against the array-op reference, graph replay = eager, no hidden sync),
 #      and, on a host with two GPUs and the mpi-cuda12 extra, two MPI ranks through NCCL),
 #   2. default 10-epoch training runs on cuda with each engine: the array-op layers,
-#      --engine kernels (our fused step) and --engine graph (that step as one CUDA graph),
+#      --engine kernels (the layers' step with our kernels, eager) and --engine graph (that
+#      step captured as one CUDA graph),
 #   2b. determinism: the same short run twice per engine,
 #   3. the benchmark at batch 128 and 1024 with PyTorch side by side (eager and CUDA graph, if
 #      installed), launches per step, and time to 99 % test accuracy,
@@ -61,6 +62,12 @@ done
 echo "== 3. benchmark"
 $PY -m lenet_xp.bench --device "$DEVICE" --batch-sizes 128 1024 --epochs 3 --torch --time-to 0.99 \
   | tee "$OUT/bench.txt"
+
+echo "== 3a. every other preset: our engines at batch 128 and 1024"
+for arch in lenet5-nopad lenet5-sigmoid-avg lenet5-classic compact-cnn; do
+  $PY -m lenet_xp.bench --device "$DEVICE" --arch "$arch" --batch-sizes 128 1024 --epochs 3 \
+    --no-profile | tee "$OUT/bench_$arch.txt"
+done
 
 echo "== 3b. augmentation cost (issue budget: 30 % on a GPU): --recipe best's distortions and EMA"
 $PY -m lenet_xp.bench --device "$DEVICE" --epochs 5 --no-profile --augment default,elastic=8:3 \

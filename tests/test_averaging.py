@@ -5,7 +5,6 @@ import pytest
 from conftest import DATA, needs_mnist
 from reliability_helpers import metrics
 
-from lenet_xp import LeNet5
 from lenet_xp import evaluate as evaluate_cli
 from lenet_xp import train as train_cli
 from lenet_xp.backend import CPU
@@ -13,7 +12,6 @@ from lenet_xp.layers.module import Parameter
 from lenet_xp.optim.averaging import ParameterEMA
 from lenet_xp.optim.optimizers import make_optimizer
 from lenet_xp.storage.checkpoint import load_checkpoint
-from lenet_xp.training import fused
 from lenet_xp.training.evaluation import evaluate, load_model
 from lenet_xp.training.parallel import DataParallel
 
@@ -108,10 +106,6 @@ def test_the_optimizer_keeps_saves_and_restores_its_average():
     plain = make_optimizer("adam", _params(), 1e-2).state_dict()
     with pytest.raises(ValueError, match="holds none"):
         make_optimizer("adam", _params(), 1e-2, ema=0.9).load_state_dict(plain)
-    model = LeNet5()
-    assert "average" in fused.supports(
-        model, make_optimizer("adam", model.parameters(), 1, ema=0.9)
-    )
 
 
 @needs_mnist

@@ -36,8 +36,9 @@ HOST_IO_MODULES = {
     "training/evaluation.py",  # classify: host pictures in, host probabilities out
     "kernels/signatures.py",  # kernels' C types as NumPy dtypes: metadata, no array math
 }  # fmt: skip
-#: The CuPy stand-in and the kernel emulator are NumPy underneath by design.
-HOST_PACKAGES = ("testing",)
+#: The CuPy stand-in and the kernel emulator, and the compiled CPU kernels, are NumPy underneath
+#: by design (the ops call the latter only for NumPy arrays: ``native.fits``).
+HOST_PACKAGES = ("testing", "native")
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
 
 

@@ -4,7 +4,7 @@ time-to-accuracy race runs, and PyTorch's side runs where it is installed."""
 import importlib.util
 
 import pytest
-from conftest import DATA, needs_mnist
+from conftest import DATA, needs_cuda, needs_mnist
 
 from lenet_xp import bench
 from lenet_xp.benchmarks import torch_reference as bench_torch
@@ -57,3 +57,22 @@ def test_bench_rejects_a_bad_device_and_a_tiny_slice(capsys):
 
 def test_no_cupti_count_without_a_gpu():
     assert bench_torch.cupti_launches(lambda: None) is None
+
+
+@needs_mnist
+@needs_cuda
+@pytest.mark.parametrize("arch", ["lenet5", "lenet5-classic"])
+def test_bench_on_cuda_times_every_engine_of_a_preset(capsys, arch):
+    """``bench --device cuda --arch A``: the layers, the layers with our kernels and the
+    captured graph each time an epoch of the preset (on the stand-in: a smoke test); PyTorch
+    is compared for LeNet-5 only, and says so for another preset."""
+    args = ["--device", "cuda", "--epochs", "1", "--limit-train", "640", "--batch-sizes", "32"]
+    args += ["--no-profile", "--torch", "--arch", arch, "--data-dir", str(DATA)]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("    32")}
+    assert {"layers", "kernels", "graph"} <= set(rows), out
+    assert all(float(rows[name][2]) > 0 for name in ("layers", "kernels", "graph"))
+    assert f"--arch {arch}" in out.splitlines()[0]
+    if arch != "lenet5":
+        assert f"torch: PyTorch's network here is LeNet-5, not --arch {arch}" in out

@@ -188,6 +188,48 @@ def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "last.npz")[2]["step"] >= 5  # intact, loadable
 
 
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, monkeypatch):
+    """``kill -STOP`` of one rank (as a hung rank or a node lost without a word): the other
+    waits ``LENET_XP_COLLECTIVE_TIMEOUT`` seconds in the step's all-reduce, says so in one
+    line, and ends the job; no rank is left behind and the last checkpoint is intact."""
+    monkeypatch.setenv("LENET_XP_COLLECTIVE_TIMEOUT", "3")
+    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
+    proc, pids = _start_tagged(2, *flags, "--out", str(tmp_path), "--save-every", "5")
+    try:
+        assert wait_until(lambda: _step(tmp_path / "last.npz") >= 5, proc), proc.communicate()
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        assert 2 < time.monotonic() - stopped < 30  # its wait may start just before the stop
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("lenet_xp.train")]
+    assert len(lines) == 1 and "rank 0 waited 3 s for the other ranks' step" in lines[0], stderr
+    # no rank left behind: the stopped one, continued by the launcher, ends within its own wait
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids.values())
+    assert load_checkpoint(tmp_path / "last.npz")[2]["step"] >= 5  # intact, loadable
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone
+        return False
+
+
+def test_a_collective_timeout_that_is_not_a_number_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENET_XP_COLLECTIVE_TIMEOUT", "soon")
+    done = run_ranks(2, *RUN, "--out", str(tmp_path), timeout=120)
+    assert done.returncode == 1
+    assert "LENET_XP_COLLECTIVE_TIMEOUT='soon' is not a number of seconds" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_batch_smaller_than_the_ranks_is_one_line(tmp_path):
     done = run_ranks(2, *RUN[:6], "--batch-size", "1", "--out", str(tmp_path), timeout=120)
     assert done.returncode == 1

@@ -289,6 +289,57 @@ def test_a_graph_needs_every_buffer_it_touches_kept_alive():
         graph.launch()
 
 
+def test_a_pool_reserved_for_a_graph_keeps_its_temporaries_alive():
+    """Temporaries a capture allocates from a pool of its own (``using_allocator``) and then
+    drops stay valid while that pool lives (as CuPy's pool keeps freed blocks), so the graph
+    replays; from the default pool they are handed on, and the launch fails."""
+    x, y = device_array([1.0, 2.0]), cupy.zeros(2)
+
+    def step():
+        temporary = cupy.exp(x)  # dropped when step returns
+        cupy.multiply(temporary, 2.0, out=y)
+
+    pool = cupy.cuda.MemoryPool()
+    with cupy.cuda.using_allocator(pool.malloc):
+        graph = capture(step)
+    graph.launch()
+    np.testing.assert_allclose(y.get(), 2 * np.exp([1.0, 2.0]))
+    pool.free_all_blocks()  # the pool gives its blocks back: the graph's memory is gone
+    with pytest.raises(runtime.CUDARuntimeError, match="freed after capture"):
+        graph.launch()
+    with pytest.raises(runtime.CUDARuntimeError, match="freed after capture"):
+        capture(step).launch()  # the default pool
+
+
+def test_a_captured_gather_reads_its_indices_at_replay():
+    """Indices computed inside the capture hold garbage until the graph runs (as on a GPU):
+    the capture records the gather all the same, and each replay reads the indices then."""
+    order, offset = device_array([3, 1, 0, 2], np.int64), device_array([0], np.int64)
+    values, out = device_array([10.0, 11.0, 12.0, 13.0]), cupy.zeros(2)
+
+    def step():
+        ids = order.take(offset * 2 + cupy.arange(2))  # garbage while capturing
+        out[...] = values.take(ids)
+
+    pool = cupy.cuda.MemoryPool()
+    with cupy.cuda.using_allocator(pool.malloc):
+        graph = capture(step)
+    for start, expected in ((0, [13.0, 11.0]), (1, [10.0, 12.0])):
+        offset.fill(start)
+        graph.launch()
+        np.testing.assert_array_equal(out.get(), expected)
+
+
+def test_fill_and_empty_are_what_cupy_makes_them():
+    """``fill`` writes on the device (no host read); ``empty`` allocates without a launch."""
+    a = cupy.zeros(3)
+    before = launches()
+    with count_synchronizations() as syncs:
+        a.fill(2.0)
+        cupy.empty(4)
+    assert syncs.count == 0 and launches() == before + 1
+
+
 @needs_mnist
 def test_the_training_cli_runs_on_the_stand_in(tmp_path):
     """``LENET_XP_FAKE_CUDA=1 python -m lenet_xp.train --device cuda`` trains in a subprocess

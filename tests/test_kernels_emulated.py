@@ -14,12 +14,19 @@ import numpy as np
 import pytest
 
 from lenet_xp.data.device_split import shift_images
+from lenet_xp.functional import activation as F
 from lenet_xp.functional.conv import col2im, im2col, output_size
 from lenet_xp.functional.loss import log_softmax, softmax_cross_entropy
-from lenet_xp.functional.pool import max_pool2d_backward, max_pool2d_forward
-from lenet_xp.kernels import GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
+from lenet_xp.functional.pool import (
+    avg_pool2d_backward,
+    avg_pool2d_forward,
+    max_pool2d_backward,
+    max_pool2d_forward,
+)
+from lenet_xp.kernels import ACTIVATION_CODES, GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
+from lenet_xp.layers import BatchNorm1d
 from lenet_xp.layers.module import Parameter
-from lenet_xp.optim.optimizers import Adam, AdamW
+from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
 
 _NO_CXX = compiler_available()
@@ -126,11 +133,28 @@ POOL_CASES = [  # c, h, w, n, k
 ]
 
 
-def _pool_forward_reference(y, bias, k):
+#: Each activation code of the kernels and the layers' own forward and backward (from the
+#: output) it must reproduce.
+ACTS = {
+    "relu": (ACTIVATION_CODES["ReLU"], F.relu_forward, F.relu_backward),
+    "sigmoid": (ACTIVATION_CODES["Sigmoid"], F.sigmoid_forward, F.sigmoid_backward),
+    "tanh": (ACTIVATION_CODES["Tanh"], F.tanh_forward, F.tanh_backward),
+}
+
+
+def _pool_forward_reference(y, bias, k, act="relu"):
     z = y if bias is None else y + bias[:, None, None, None]
     x_nchw = z.transpose(3, 0, 1, 2)
     pooled, argmax = max_pool2d_forward(x_nchw, k, k)
-    return x_nchw, np.maximum(pooled, 0), argmax
+    return x_nchw, ACTS[act][1](pooled), argmax
+
+
+def _same(actual, expected, dtype, act):
+    """ReLU's values exactly; tanh's (a library function, FMA) to the dtype's rounding."""
+    if act == "relu":
+        np.testing.assert_array_equal(actual, expected)
+    else:
+        assert_close(actual, expected, dtype)
 
 
 def _has_ties(z, k):
@@ -144,7 +168,8 @@ def _has_ties(z, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_max_pool_bias_relu(modules, dtype, case, with_bias):
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_max_pool_bias_act(modules, dtype, case, with_bias, act):
     c, h, w, n, k = case
     rng = np.random.default_rng(3)
     # quantised: equal maxima in a window are common, and y + bias is exact
@@ -153,34 +178,114 @@ def test_max_pool_bias_relu(modules, dtype, case, with_bias):
     oh, ow = h // k, w // k
     out = np.full((c, oh, ow, n), np.nan, dtype)
     argmax = np.full((c, oh, ow, n), 255, np.uint8)
-    args = (y, bias, out, argmax, *map(i32, (n, c, h, w, k, oh, ow)))
-    launch_1d(kernel(modules, "pool.cu", "max_pool_bias_relu", dtype), out.size, args)
-    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k)
+    args = (y, bias, out, argmax, *map(i32, (n, c, h, w, k, oh, ow, ACTS[act][0])))
+    launch_1d(kernel(modules, "pool.cu", "max_pool_bias_act", dtype), out.size, args)
+    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k, act)
     assert _has_ties(x_nchw.transpose(1, 2, 3, 0), k)
-    np.testing.assert_array_equal(out, ref_out.transpose(1, 2, 3, 0))
+    _same(out, ref_out.transpose(1, 2, 3, 0), dtype, act)
     np.testing.assert_array_equal(argmax, ref_argmax.transpose(1, 2, 3, 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES)
 @pytest.mark.parametrize("how", ["cover", "gridstride"])
-def test_max_pool_relu_backward(modules, dtype, case, how):
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_max_pool_act_backward(modules, dtype, case, how, act):
     c, h, w, n, k = case
     rng = np.random.default_rng(4)
     y = (rng.integers(-3, 4, size=(c, h, w, n)) * 0.5).astype(dtype)
     bias = (rng.integers(-2, 3, size=c) * 0.25).astype(dtype)
-    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k)
+    x_nchw, ref_out, ref_argmax = _pool_forward_reference(y, bias, k, act)
     out = np.ascontiguousarray(ref_out.transpose(1, 2, 3, 0))
     argmax = np.ascontiguousarray(ref_argmax.transpose(1, 2, 3, 0))
     grad_out = rng.standard_normal(out.shape).astype(dtype)
     oh, ow = h // k, w // k
     grad_y = np.full((c, h, w, n), np.nan, dtype)
-    args = (grad_out, out, argmax, grad_y, *map(i32, (n, c, h, w, k, oh, ow)))
-    fn = kernel(modules, "pool.cu", "max_pool_relu_backward", dtype)
+    args = (grad_out, out, argmax, grad_y, *map(i32, (n, c, h, w, k, oh, ow, ACTS[act][0])))
+    fn = kernel(modules, "pool.cu", "max_pool_act_backward", dtype)
     launch_1d(fn, grad_y.size, args, how)
-    masked = (grad_out * (out > 0)).transpose(3, 0, 1, 2)  # ReLU's backward, then the pool's
-    expected = max_pool2d_backward(masked, ref_argmax, x_nchw, k, k).transpose(1, 2, 3, 0)
-    np.testing.assert_array_equal(grad_y, expected)
+    # the activation's backward, then the pool's
+    grad_pooled = ACTS[act][2](grad_out, out).transpose(3, 0, 1, 2)
+    expected = max_pool2d_backward(grad_pooled, ref_argmax, x_nchw, k, k).transpose(1, 2, 3, 0)
+    _same(grad_y, expected, dtype, act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_bias_act_avg_pool_and_backward(modules, dtype, case, act):
+    """conv bias, activation, average pool (the layers' order for --pool avg) and back."""
+    c, h, w, n, k = case
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((c, h, w, n)).astype(dtype)
+    bias = rng.standard_normal(c).astype(dtype)
+    code, forward, backward = ACTS[act]
+    a_nchw = forward((y + bias[:, None, None, None]).transpose(3, 0, 1, 2))
+    ref_out = avg_pool2d_forward(a_nchw, k, k).transpose(1, 2, 3, 0)
+    oh, ow = h // k, w // k
+    out = np.full((c, oh, ow, n), np.nan, dtype)
+    act_out = np.full((c, h, w, n), np.nan, dtype)
+    ints = map(i32, (n, c, h, w, k, oh, ow, code))
+    fn = kernel(modules, "pool.cu", "bias_act_avg_pool", dtype)
+    launch_1d(fn, out.size, (y, bias, act_out, out, *ints))
+    _same(out, ref_out, dtype, act)
+    inside = np.zeros((c, h, w, n), bool)
+    inside[:, : oh * k, : ow * k] = True
+    _same(act_out[inside], a_nchw.transpose(1, 2, 3, 0)[inside], dtype, act)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    grad_a = avg_pool2d_backward(grad_out.transpose(3, 0, 1, 2), a_nchw, k, k)
+    expected = backward(grad_a, a_nchw).transpose(1, 2, 3, 0)
+    grad_y = np.full((c, h, w, n), np.nan, dtype)
+    fn = kernel(modules, "pool.cu", "act_avg_pool_backward", dtype)
+    ints = map(i32, (n, c, h, w, k, oh, ow, code))
+    launch_1d(fn, grad_y.size, (grad_out, act_out, grad_y, *ints), "gridstride")
+    _same(grad_y, expected, dtype, act)
+
+
+# -- norm.cu ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
+@pytest.mark.parametrize("shape", [(16, 7), (3, 300), (1, 5)])
+def test_batch_norm_act_and_backward(modules, dtype, act, shape):
+    """Against BatchNorm1d in training (its running statistics included) and the
+    activation after it, forward and backward."""
+    n, f = shape
+    rng = np.random.default_rng(11)
+    x = (1.5 + 2 * rng.standard_normal(shape)).astype(dtype)
+    layer = BatchNorm1d(f, dtype=np.dtype(dtype).name)
+    layer.weight.data[...] = rng.standard_normal(f)
+    layer.bias.data[...] = rng.standard_normal(f)
+    layer.running_var[...] = 1 + rng.random(f)
+    weight, bias = layer.weight.data.copy(), layer.bias.data.copy()
+    running_mean, running_var = layer.running_mean.copy(), layer.running_var.copy()
+    tracked = np.array(4, np.int64)
+    code = -1 if act == "none" else ACTS[act][0]
+    ref = layer.forward(x)
+    ref_y = ref if act == "none" else ACTS[act][1](ref)
+    y, x_hat = np.full(shape, np.nan, dtype), np.full(shape, np.nan, dtype)
+    inv_std = np.full(f, np.nan, dtype)
+    args = (x, weight, bias, running_mean, running_var, tracked, x_hat, inv_std, y)
+    args += (i32(n), i32(f), np.float64(layer.eps), np.float64(layer.momentum), i32(code))
+    launch_1d(kernel(modules, "norm.cu", "batch_norm_act", dtype), f, args, "gridstride")
+    # a column of 3 close values is ill-conditioned: its statistics' rounding (row order
+    # here, pairwise in NumPy) shows in float32 at 10x the elementwise tolerance
+    tol = 10 * RTOL[np.dtype(dtype)]
+    for got, want in ((y, ref_y), (running_mean, layer.running_mean),
+                      (running_var, layer.running_var), (x_hat, layer._x_hat)):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+    assert tracked == 5
+    grad_y = rng.standard_normal(shape).astype(dtype)
+    grad = grad_y if act == "none" else ACTS[act][2](grad_y.copy(), ref_y)
+    ref_grad_x = layer.backward(grad)
+    grad_x = np.full(shape, np.nan, dtype)
+    grad_w, grad_b = np.full(f, np.nan, dtype), np.full(f, np.nan, dtype)
+    args = (grad_y, y, x_hat, inv_std, weight, grad_x, grad_w, grad_b, i32(n), i32(f), i32(code))
+    launch_1d(kernel(modules, "norm.cu", "batch_norm_act_backward", dtype), f, args)
+    scale = float(np.abs(ref_grad_x).max()) + 1.0  # n = 1: a gradient of rounding noise
+    np.testing.assert_allclose(grad_x, ref_grad_x, rtol=RTOL[np.dtype(dtype)] * 10,
+                               atol=RTOL[np.dtype(dtype)] * 10 * scale)  # fmt: skip
+    assert_close(grad_w, layer.weight.grad, dtype)
+    assert_close(grad_b, layer.bias.grad, dtype)
 
 
 # -- loss.cu ------------------------------------------------------------------------------
@@ -289,51 +394,66 @@ def test_gather_shift(modules, dtype, with_shifts):
         assert (x[len(idx) :] == 777).all() and (y[len(idx) :] == -5).all()  # untouched
 
 
-# -- adam.cu ------------------------------------------------------------------------------
+# -- optim.cu -----------------------------------------------------------------------------
+SHAPES = [(7, 5), (13,), (3, 2, 4)]
+OPTIMIZERS = {  # name: (make_optimizer name, weight decay)
+    "sgd": ("sgd", 0.0), "sgd_l2": ("sgd", 0.1), "nesterov": ("nesterov", 0.05),
+    "adam": ("adam", 0.0), "adam_l2": ("adam", 0.1), "adamw": ("adamw", 0.05),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["adam", "adam_l2", "adamw"])
-def test_adam(modules, dtype, variant):
-    shapes = [(7, 5), (13,), (3, 2, 4)]
-    sizes = [int(np.prod(s)) for s in shapes]
+@pytest.mark.parametrize("variant", sorted(OPTIMIZERS))
+def test_flat_optimizers_and_average(modules, dtype, variant):
+    """``sgd_flat``/``adam_flat`` and ``ema_flat`` over one flat buffer against the
+    optimizers (per parameter) and ``ParameterEMA``, five steps whose learning rates come
+    from a device table indexed by the clock (and a sixth past its end: the last rate)."""
+    sizes = [int(np.prod(s)) for s in SHAPES]
     size = sum(sizes)
     rng = np.random.default_rng(8)
     flat = rng.standard_normal(size).astype(dtype)
-    weight_decay = {"adam": 0.0, "adam_l2": 0.1, "adamw": 0.05}[variant]
-    decoupled = variant == "adamw"
-    betas, eps = (0.9, 0.999), 1e-8
+    name, weight_decay = OPTIMIZERS[variant]
+    params = [
+        Parameter(v.reshape(s).copy())
+        for v, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), SHAPES, strict=True)
+    ]  # noqa: E501
+    optimizer = make_optimizer(name, params, 1.0, weight_decay=weight_decay, ema=0.9)
     lr_of_step = np.array([1e-2, 3e-2, 5e-3, 2e-2, 1e-2])
-
-    ref_flat = flat.copy()
-    views = np.split(ref_flat, np.cumsum(sizes)[:-1])
-    params = [Parameter(v.reshape(s)) for v, s in zip(views, shapes, strict=True)]
-    optimizer = (AdamW if decoupled else Adam)(
-        params, lr=1.0, betas=betas, eps=eps, weight_decay=weight_decay
-    )
-
-    param, exp_avg, exp_avg_sq = flat.copy(), np.zeros(size, dtype), np.zeros(size, dtype)
-    counters = np.array([0, 99], np.int64)
-    fn = kernel(modules, "adam.cu", "adam", dtype)
-    for t in range(1, len(lr_of_step) + 1):
+    param, average = flat.copy(), flat.copy()
+    state = [np.zeros(size, dtype), np.zeros(size, dtype)]
+    clock = np.array([0, 7, 0, 0], np.int64)  # step, batch, updates, averaged
+    adam = name.startswith("adam")
+    fn = kernel(modules, "optim.cu", "adam_flat" if adam else "sgd_flat", dtype)
+    ema = kernel(modules, "optim.cu", "ema_flat", dtype)
+    for t in range(len(lr_of_step) + 1):
         grad = rng.standard_normal(size).astype(dtype)
         for p, g in zip(params, np.split(grad, np.cumsum(sizes)[:-1]), strict=True):
             p.grad = g.reshape(p.shape)
-        optimizer.lr = lr_of_step[t - 1]
+        optimizer.lr = lr_of_step[min(t, len(lr_of_step) - 1)]
         optimizer.step()
-
-        counters[0] = t  # counted by the loss kernel in a real step
-        scalars = (np.float64(betas[0]), np.float64(betas[1]), np.float64(eps))
-        args = (param, grad, exp_avg, exp_avg_sq, lr_of_step, counters, *scalars)
-        args += (np.float64(weight_decay), i32(decoupled), i64(size))
+        table = (lr_of_step, i64(lr_of_step.size), clock)
+        if adam:
+            hyper = (*map(np.float64, (*optimizer.betas, optimizer.eps, weight_decay)),)
+            args = (param, grad, *state, *table, *hyper, i32(name == "adamw"), i64(size))
+        else:
+            hyper = (*map(np.float64, (optimizer.momentum, 0.0, weight_decay)),)
+            args = (param, grad, state[0], *table, *hyper, i32(optimizer.nesterov), i64(0))
+            args += (i64(size),)
         launch_1d(fn, size, args, "gridstride" if t % 2 else "cover")
-
-        assert_close(param, ref_flat, dtype)
-        ref_m = np.concatenate([s["exp_avg"].ravel() for s in optimizer.state])
-        ref_v = np.concatenate([s["exp_avg_sq"].ravel() for s in optimizer.state])
-        assert_close(exp_avg, ref_m, dtype)
-        # v is a sum of positive terms: compared per element (1 - beta2 rounded from double,
-        # as the reference; rounding T(1) - T(beta2) instead is 1.3e-5 off in float32)
-        np.testing.assert_allclose(exp_avg_sq, ref_v, rtol=RTOL[np.dtype(dtype)], atol=0)
-    assert counters[1] == 99
+        launch_1d(ema, size, (average, param, clock, np.float64(0.9), i64(size)))
+        clock += 1
+        assert_close(param, np.concatenate([p.data.ravel() for p in params]), dtype)
+        ref_average = np.concatenate([a.ravel() for a in optimizer.average.averages])
+        assert_close(average, ref_average, dtype)
+        keys = ("exp_avg", "exp_avg_sq") if adam else ("momentum_buffer",)
+        for flat_state, key in zip(state, keys, strict=False):
+            ref = np.concatenate([s[key].ravel() for s in optimizer.state])
+            if key == "exp_avg_sq":  # a sum of positive terms: compared per element (1 -
+                # beta2 rounded from double, as the reference; T(1) - T(beta2) is 1.3e-5 off)
+                np.testing.assert_allclose(flat_state, ref, rtol=RTOL[np.dtype(dtype)], atol=0)
+            else:
+                assert_close(flat_state, ref, dtype)
+    assert clock[1] == 13
 
 
 # -- dense.cu -----------------------------------------------------------------------------
@@ -350,6 +470,31 @@ def test_bias_act(modules, dtype, shape, relu):
     fn = kernel(modules, "dense.cu", "bias_act", dtype)
     launch_1d(fn, y.size, (y, bias, i32(shape[0]), i32(shape[1]), i32(relu)), "gridstride")
     np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(13, 7), (33, 120), (1, 1)])
+@pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
+def test_bias_act_cols_and_act_backward(modules, dtype, shape, act):
+    """A Linear's output ``(N, out)`` plus its bias, then the activation (the layers'
+    ``y += bias`` and their forward), and the activation's backward in place."""
+    rng = np.random.default_rng(9)
+    y = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
+    expected = y + bias
+    code = -1 if act == "none" else ACTS[act][0]
+    if act != "none":
+        expected = ACTS[act][1](expected)
+    fn = kernel(modules, "dense.cu", "bias_act_cols", dtype)
+    launch_1d(fn, y.size, (y, bias, i64(shape[0]), i32(shape[1]), i32(code)), "gridstride")
+    _same(y, expected, dtype, "relu" if act == "none" else act)
+    if act == "none":
+        return
+    grad = rng.standard_normal(shape).astype(dtype)
+    expected_grad = ACTS[act][2](grad.copy(), y)
+    fn = kernel(modules, "dense.cu", "act_backward", dtype)
+    launch_1d(fn, grad.size, (grad, y, i64(grad.size), i32(code)))
+    _same(grad, expected_grad, dtype, act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,6 +11,7 @@ import pytest
 from lenet_xp import native
 from lenet_xp.functional import conv, pool
 from lenet_xp.models import presets
+from lenet_xp.native import pool as native_pool
 from lenet_xp.optim.averaging import ParameterEMA
 from lenet_xp.optim.optimizers import make_optimizer
 from lenet_xp.training.workers import forward_backward
@@ -64,6 +65,7 @@ def test_im2col_and_conv_forward(monkeypatch, dtype, stride, padding):
     rng = np.random.default_rng(stride * 10 + padding)
     x = chwn(rng, (8, 3, 13, 13), dtype)
     weight = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+    assert native_pool.batch_innermost(x) is not None  # the kernels take it
     cols = both_ways(monkeypatch, lambda: conv.im2col(x, 5, 5, stride, padding))
     assert same_bits(*cols)
     outputs = both_ways(monkeypatch, lambda: conv.conv2d_forward(x, weight, None, stride, padding))
@@ -195,3 +197,14 @@ def test_the_alternating_benchmark_times_both_paths(monkeypatch, capsys):
     assert all(float(t) > 0 for v in rows.values() for t in v)
     assert lines[3].startswith("the compiled kernels take ")
     assert native.enabled()  # the setting it found is back
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_warm_up_compiles_every_kernel(monkeypatch, dtype):
+    """Training calls it in each process before the first step; for a GPU array or with the
+    kernels off it does nothing."""
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.warm_up(np.zeros(3, dtype))
+    native.warm_up(None)
+    monkeypatch.setenv("LENET_XP_NATIVE", "0")
+    native.warm_up(np.zeros(3, dtype))

@@ -106,7 +106,7 @@ def test_changing_the_configuration_on_resume_is_one_line(tmp_path, capsys):
         assert err.count("\n") == 0, err
         assert err == (
             f"lenet_xp.train: error: checkpoint {last} holds {flag} {saved}, not {flag} {value}: "
-            "a resumed run keeps its configuration (only --epochs may change); drop "
+            "a resumed run keeps its configuration (only --epochs and --workers may change); drop "
             f"{flag}, or start a new run in another --out"
         )
     with pytest.raises(CheckpointError, match="holds --lr 0.002, not --lr 0.1"):
@@ -114,6 +114,29 @@ def test_changing_the_configuration_on_resume_is_one_line(tmp_path, capsys):
     # The same values again are no change.
     assert _resume(last, "--quiet", "--epochs", "2", *RUN) == 0
     assert load_checkpoint(last)[2]["epoch"] == 2
+
+
+@needs_mnist
+def test_another_workers_on_resume_goes_on_to_rounding(tmp_path, capsys):
+    """A run moved to a machine with other cores: ``--workers`` may change on resume, with a
+    note; in float64 the run ends as the uninterrupted one to 1e-9 (the order of the gradient
+    sums differs), and the checkpoint keeps the new value."""
+    run64 = [*SMALL, "--dtype", "float64", "--schedule", "constant"]
+    assert train_cli.main([*run64, "--epochs", "2", "--out", str(tmp_path / "straight")]) == 0
+    assert train_cli.main([*run64, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    last = tmp_path / "run" / "last.npz"
+    assert _resume(last, "--epochs", "2", "--workers", "2") == 0
+    err = capsys.readouterr().err
+    assert "note: --workers 2 (the checkpoint's run used 1): the same weights and optimizer" in err
+    moved, straight = (metrics(tmp_path / d / "metrics.jsonl") for d in ("run", "straight"))
+    assert moved[0] == straight[0] and moved[1].keys() == straight[1].keys()
+    for key, value in moved[1].items():
+        if isinstance(value, float):
+            assert value == pytest.approx(straight[1][key], rel=1e-9, abs=1e-12), key
+        else:
+            assert value == straight[1][key], key
+    assert load_checkpoint(last)[2]["config"]["workers"] == 2
 
 
 @needs_mnist

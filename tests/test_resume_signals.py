@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import DATA, ON_STAND_IN, needs_cuda, needs_mnist
+from conftest import DATA, needs_cuda, needs_mnist
 from reliability_helpers import metrics, run_train, temp_files, train_cmd, wait_until
 
 from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
@@ -140,10 +140,12 @@ def _gpu_cmd() -> list[str]:
 
 @needs_mnist
 @needs_cuda
-def test_mid_epoch_resume_on_a_gpu_matches_to_rounding(tmp_path):
-    """The array-op layers on a GPU stop and resume mid-epoch as on the CPU; GPU sums are
-    not bit-reproducible, so the metrics must agree to rounding."""
-    flags = [*RUN, "--quiet", "--no-cuda-kernels"]
+@pytest.mark.parametrize("engine", ["layers", "graph"])
+def test_mid_epoch_resume_on_a_gpu_matches_to_rounding(tmp_path, engine):
+    """The array-op layers, eager or captured as a CUDA graph (``--engine graph``), stop on
+    SIGTERM after a step, save mid-epoch and resume there as on the CPU; GPU sums are not
+    bit-reproducible, so the metrics must agree to rounding."""
+    flags = [*RUN, "--quiet", "--engine", engine]
     reference = subprocess.run(
         [*_gpu_cmd(), *flags, "--out", str(tmp_path / "ref")], capture_output=True, text=True
     )
@@ -158,7 +160,9 @@ def test_mid_epoch_resume_on_a_gpu_matches_to_rounding(tmp_path):
     assert proc.returncode == 143
     assert load_checkpoint(out / "last.npz")[2]["mid_epoch"] is not None
     resumed = subprocess.run(
-        [*_gpu_cmd(), "--quiet", "--resume", str(out / "last.npz")], capture_output=True, text=True
+        [*_gpu_cmd(), "--quiet", "--engine", engine, "--resume", str(out / "last.npz")],
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     expected = metrics(tmp_path / "ref" / "metrics.jsonl")
@@ -171,26 +175,3 @@ def test_mid_epoch_resume_on_a_gpu_matches_to_rounding(tmp_path):
         assert {k: got[k] for k in numbers} == pytest.approx(
             {k: want[k] for k in numbers}, rel=1e-5
         )
-
-
-@needs_mnist
-@needs_cuda
-def test_the_fused_cuda_step_finishes_its_epoch_on_a_signal(tmp_path):
-    """The fused step saves at epoch ends only: ``--save-every`` says it does not apply, and a
-    SIGTERM lets the epoch finish (about a second), saves its end and exits 143."""
-    flags = ["--cuda-kernels", "--limit-train", "12000", "--limit-test", "500", "--epochs", "50"]
-    if ON_STAND_IN:  # the CPU emulates each kernel: a smaller epoch
-        flags[2] = "7000"
-    proc = subprocess.Popen(  # not --quiet: that would silence the note asserted below
-        [*_gpu_cmd(), *flags, "--save-every", "10", "--out", str(tmp_path)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = tmp_path / "metrics.jsonl"
-    assert wait_until(lambda: lines.exists() and lines.read_text(), proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert "--save-every applies to the array-op layers" in err
-    assert "stopped by SIGTERM after epoch" in err.splitlines()[-1]
-    assert "mid_epoch" not in load_checkpoint(tmp_path / "last.npz")[2]

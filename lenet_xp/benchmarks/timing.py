@@ -23,34 +23,42 @@ from lenet_xp.data.device_split import DeviceSplit, to_device_split
 from lenet_xp.data.mnist import DataError, load_mnist
 from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.models.lenet5 import LeNet5
+from lenet_xp.models.presets import Options, build
 from lenet_xp.optim.optimizers import Adam, make_optimizer
 from lenet_xp.optim.schedules import ConstantLR, make_schedule
 from lenet_xp.training.engines import make_engine
 
 
 def load_train_split(
-    device: Device, data_dir: str | None, limit: int = 60_000
+    device: Device, data_dir: str | None, limit: int = 60_000, pad32: bool = False
 ) -> tuple[DeviceSplit, str]:
-    """MNIST's first ``limit`` training images on ``device``, or random images as many."""
+    """MNIST's first ``limit`` training images on ``device`` (padded to 32 x 32 if
+    ``pad32``), or random images as many."""
     try:
         mnist = load_mnist(data_dir, download=False)
         images, labels = mnist.train_images[:limit], mnist.train_labels[:limit]
-        return to_device_split(images, labels, device), "MNIST"
+        source = "MNIST"
     except DataError:
         rng = host_rng(0)
         images = rng.integers(0, 256, (limit, 28, 28), dtype="uint8")
         labels = rng.integers(0, 10, limit, dtype="uint8")
-        return to_device_split(images, labels, device), "random images (MNIST not found)"
+        source = "random images (MNIST not found)"
+    return to_device_split(images, labels, device, pad_to_32=pad32), source
+
+
+def preset_model(arch: str) -> Any:
+    """Preset ``arch`` as ``train --arch`` builds it (seed 0, float32)."""
+    return build(arch, Options())
 
 
 def our_epoch(
     split: DeviceSplit, batch_size: int, workers: int, tune_allocator: bool = True,
-    augment: Any = None, ema_decay: float | None = None,
+    augment: Any = None, ema_decay: float | None = None, arch: str = "lenet5",
 ) -> tuple[Any, Any]:  # fmt: skip
     """``(run_one_epoch, close)`` for lenet_xp's training loop (images distorted as
     ``augment``, an :class:`~lenet_xp.data.augment.Augment`, and the weights averaged with
-    ``ema_decay``, if given), after a 20-step warm-up."""
-    model = LeNet5(seed=0).to(split.device)
+    ``ema_decay``, if given), after a 20-step warm-up; ``arch``: the preset."""
+    model = preset_model(arch).to(split.device)
     optimizer = make_optimizer("adam", model.parameters(), 1e-3, ema=ema_decay or None)
     rng, n_warm = host_rng(0), 20 * batch_size
     warmup = DeviceSplit(split.images[:n_warm], split.labels[:n_warm], split.device)
@@ -132,22 +140,37 @@ class Timed:
     issued: int | None = None
 
 
-def fused_engine(name: str, split: DeviceSplit, batch_size: int, epochs: int) -> Timed:
-    model = LeNet5(seed=0).to(split.device)
-    optimizer = Adam(model.parameters(), lr=1e-3)
+def gpu_engine(
+    name: str, split: DeviceSplit, batch_size: int, epochs: int, arch: str = "lenet5",
+    augment: Any = None, ema_decay: float | None = None,
+) -> Timed:  # fmt: skip
+    """Engine ``name`` (``kernels``: the layers with our kernels; ``graph``: their step
+    captured as a CUDA graph) training preset ``arch`` with Adam, after a warm-up epoch;
+    ``one_step`` is one step of it (a graph replay for ``graph``)."""
+    model = preset_model(arch).to(split.device)
+    optimizer = make_optimizer("adam", model.parameters(), 1e-3, ema=ema_decay or None)
     steps = (epochs + 3) * -(-len(split) // batch_size) + 10
     why: list[str] = []
     engine = make_engine(
         name, model, optimizer, split, batch_size, ConstantLR(1e-3), total_steps=steps,
-        count_launches=True, note=why.append,
+        augment=augment, note=why.append,
     )  # fmt: skip
     if engine.name != name:
         engine.close()
         raise RuntimeError(why[0] if why else f"the {name} engine cannot run here")
     rng = host_rng(0)
-    engine.train_epoch(rng, 0, None)  # warm-up
+    engine.train_epoch(rng, 0, None)  # warm-up (and the capture)
     epoch = lambda: engine.train_epoch(rng, 0, None)  # noqa: E731
-    return Timed(name, epoch, engine.fused.step_once, engine.close, issued=engine.issued)
+    if name == "graph":
+        one_step = lambda: engine.step.run(batch_size)  # noqa: E731
+    else:
+        x, y = split.images[:batch_size], split.labels[:batch_size]
+
+        def one_step() -> None:
+            engine.runner.forward_backward(x, y)
+            optimizer.step()
+
+    return Timed(name, epoch, one_step, engine.close)
 
 
 def torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Timed:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from lenet_xp import native
-from lenet_xp.backend import gemm_block, get_array_module
+from lenet_xp.backend import gemm_block, get_array_module, is_gpu
 from lenet_xp.kernels import record_fallback
-from lenet_xp.kernels.ops import Kernels
+from lenet_xp.kernels.ops import Kernels, matmul
 from lenet_xp.native import conv as native_conv
 
 
@@ -72,10 +70,7 @@ def _cols(x_pad: Any, kh: int, kw: int, stride: int, rows: tuple[int, int], ow: 
     the CPU, a compiled loop when :mod:`lenet_xp.native` is on: the same values)."""
     x_chwn = x_pad.transpose(1, 2, 3, 0)
     if native.fits(x_chwn):
-        (r0, r1), c = rows, x_pad.shape[1]
-        out = np.empty((c * kh * kw, (r1 - r0) * ow * x_pad.shape[0]), x_pad.dtype)
-        native_conv.cols(x_chwn, kh, kw, stride, r0, r1, ow, out)
-        return out
+        return native_conv.cols(x_chwn, kh, kw, stride, rows, ow)
     patches = get_array_module(x_pad).ascontiguousarray(_patches(x_pad, kh, kw, stride, rows, ow))
     return patches.reshape(patches.shape[0] * kh * kw, -1)
 
@@ -119,14 +114,15 @@ def _grad_x_adder(grad_pad: Any, grad_y_mat: Any, weight: Any, stride: int, ow: 
     oc, _, kh, kw = weight.shape
     n, width = grad_pad.shape[3], grad_pad.shape[2]
     w_mat_t = weight.reshape(oc, -1).T
-    if stride != 1 or type(grad_pad) is not np.ndarray or native.fits(grad_pad):
+    xp = get_array_module(grad_pad)
+    if stride != 1 or is_gpu(xp) or native.fits(grad_pad):
 
         def add(r0: int, r1: int) -> None:
             block = grad_y_mat[:, r0 * ow * n : r1 * ow * n]
             _add_cols(grad_pad, w_mat_t @ block, kh, kw, stride, r0, ow)
 
         return add
-    grad_y_wide = np.zeros((oc, grad_y_mat.shape[1] // (ow * n), width, n), grad_y_mat.dtype)
+    grad_y_wide = xp.zeros((oc, grad_y_mat.shape[1] // (ow * n), width, n), grad_y_mat.dtype)
     grad_y_wide[:, :, :ow] = grad_y_mat.reshape(oc, -1, ow, n)
     grad_y_wide = grad_y_wide.reshape(oc, -1)
     w_rows = weight.transpose(2, 3, 1, 0).reshape(kh * kw * weight.shape[1], oc)
@@ -206,7 +202,7 @@ def conv2d_forward(
         except Exception as exc:  # cannot compile or launch here: the reference takes over
             record_fallback("im2col", str(exc))
         else:
-            y_mat = w_mat @ x_cols
+            y_mat = matmul(w_mat, x_cols, kernels)
             if bias is not None:
                 y_mat += bias[:, None]
             cache = (None, x_cols, x.shape, stride, padding)
@@ -243,13 +239,12 @@ def conv2d_backward(
     grad_y_mat = xp.ascontiguousarray(grad_y.transpose(1, 2, 3, 0)).reshape(oc, -1)
     w_mat = weight.reshape(oc, -1)
     if x_pad is None:  # the forward pass ran im2col as our kernel (GPU) and kept x_cols
-        grad_w = (kept_cols @ grad_y_mat.T).T.reshape(weight.shape)
+        grad_w = matmul(grad_y_mat, kept_cols.T, kernels).reshape(weight.shape)
         grad_b = grad_y_mat.sum(axis=1)
         grad_x = None
         if need_grad_x:
-            grad_x = _col2im_gpu(
-                w_mat.T @ grad_y_mat, x_shape, kh, kw, stride, padding, oh, ow, kernels
-            )
+            grad_cols = matmul(w_mat.T, grad_y_mat, kernels)
+            grad_x = _col2im_gpu(grad_cols, x_shape, kh, kw, stride, padding, oh, ow, kernels)
         return grad_x, grad_w, grad_b
     pad_shape = (c, h + 2 * padding, w + 2 * padding, n)
     grad_pad = xp.zeros(pad_shape, dtype=grad_y.dtype) if need_grad_x else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import get_array_module
+from lenet_xp.kernels.ops import Kernels
 
 
 def log_softmax(logits: Any) -> Any:
@@ -31,17 +32,39 @@ def _minus_onehot_over_n(probs: Any, rows: Any, labels: Any) -> Any:
     return probs
 
 
-def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
+def softmax_cross_entropy(
+    logits: Any, labels: Any, kernels: Kernels | None = None, sums: tuple[Any, Any] | None = None
+) -> tuple[Any, Any]:
     """Mean cross-entropy of ``logits (N, K)`` against integer ``labels (N,)`` and its gradient.
 
     Returns ``(loss, grad_logits)``: ``loss`` is a 0-d array on the logits' device (no host
-    sync), ``grad_logits (N, K) = (softmax(logits) - onehot(labels)) / N``.
+    sync), ``grad_logits (N, K) = (softmax(logits) - onehot(labels)) / N``. ``kernels``: our
+    CUDA kernels, which compute all of it in one launch (``softmax_cross_entropy``), and with
+    ``sums = (loss_sum, correct)`` (0-d ``float64`` and ``int64`` device arrays) also add the
+    batch's summed loss and correct predictions to them (an epoch's running sums).
     """
+    if kernels is not None:
+        return _softmax_cross_entropy_kernel(logits, labels, kernels, sums)
+    if sums is not None:
+        raise ValueError("running sums are kept by the CUDA kernel only")
     xp = get_array_module(logits)
     rows = _rows(logits, labels)
     log_probs = log_softmax(logits)
     loss = -log_probs[rows, labels].mean()
     return loss, _minus_onehot_over_n(xp.exp(log_probs), rows, labels)
+
+
+def _softmax_cross_entropy_kernel(
+    logits: Any, labels: Any, kernels: Kernels, sums: tuple[Any, Any] | None
+) -> tuple[Any, Any]:
+    xp = get_array_module(logits)
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
+    grad = xp.empty(logits.shape, logits.dtype)
+    loss = xp.empty(1, logits.dtype)
+    loss_sum, correct = (None, None) if sums is None else sums
+    kernels.softmax_cross_entropy(logits.T, labels, grad.T, loss, loss_sum, correct)
+    return loss.reshape(()), grad
 
 
 #: Default ``j`` of :func:`rbf_loss`. The paper asks only for a positive constant (it gives

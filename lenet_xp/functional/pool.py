@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from lenet_xp import native
 from lenet_xp.backend import get_array_module
 from lenet_xp.functional.conv import output_size
@@ -35,15 +33,8 @@ def _window_slices(x_shape: tuple[int, ...], kernel: int, stride: int) -> list[t
 
 
 def _batch_innermost(a: Any, dtype: Any = None) -> Any:
-    """``a (N, C, H, W)`` as its ``(C, H, W, N)`` C-contiguous memory, for the compiled kernels
-    (:mod:`lenet_xp.native`); ``None`` where they do not apply (off, a GPU array, another
-    layout or dtype)."""
-    if type(a) is not np.ndarray or a.ndim != 4 or not native.enabled():
-        return None
-    if a.dtype not in ((np.float32, np.float64) if dtype is None else (dtype,)):
-        return None
-    chwn = a.transpose(1, 2, 3, 0)
-    return chwn if chwn.flags.c_contiguous else None
+    """``a``'s ``(C, H, W, N)`` memory for :mod:`lenet_xp.native`'s kernels, or ``None``."""
+    return native_pool.batch_innermost(a, dtype) if native.enabled() else None
 
 
 def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
@@ -53,10 +44,8 @@ def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
     so ties send the gradient to exactly one input.
     """
     if (x_chwn := _batch_innermost(x)) is not None:
-        n, c = x.shape[:2]
         oh, ow = (output_size(size, kernel, stride, 0) for size in x.shape[2:])
-        y, argmax = np.empty((c, oh, ow, n), x.dtype), np.empty((c, oh, ow, n), np.uint8)
-        native_pool.max_pool_forward(x_chwn, y, argmax, kernel, stride)
+        y, argmax = native_pool.max_pool_forward(x_chwn, kernel, stride, oh, ow)
         return y.transpose(3, 0, 1, 2), argmax.transpose(3, 0, 1, 2)
     xp = get_array_module(x)
     slices = _window_slices(x.shape, kernel, stride)
@@ -74,17 +63,10 @@ def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
 def max_pool2d_backward(grad_y: Any, argmax: Any, x: Any, kernel: int, stride: int) -> Any:
     """Route each window's gradient to its first maximum: ``grad_x`` shaped (and laid out)
     like the forward input ``x (N, C, H, W)``."""
-    grad_chwn, argmax_chwn = _batch_innermost(grad_y), _batch_innermost(argmax, np.uint8)
+    grad_chwn, argmax_chwn = _batch_innermost(grad_y), _batch_innermost(argmax, "uint8")
     native_fits = grad_chwn is not None and argmax_chwn is not None and grad_y.dtype == x.dtype
     if native_fits and stride >= kernel:  # windows do not overlap: each input gets one term
-        n, c, h, w = x.shape
-        oh, ow = grad_y.shape[2:]
-        tiled = stride == kernel and (h, w) == (oh * kernel, ow * kernel)  # all written
-        grad_x = (np.empty if tiled else np.zeros)((c, h, w, n), x.dtype)
-        cast = x.dtype.type
-        native_pool.max_pool_backward(
-            grad_chwn, argmax_chwn, grad_x, kernel, stride, cast(0), cast(1)
-        )
+        grad_x = native_pool.max_pool_backward(grad_chwn, argmax_chwn, x.shape, kernel, stride)
         return grad_x.transpose(3, 0, 1, 2)
     xp = get_array_module(grad_y)
     grad_x = xp.zeros_like(x)

@@ -43,16 +43,33 @@ def fell_back(name: str) -> bool:
 #: instantiated for float and double (``"im2col<float>"``, ...).
 SOURCES: dict[str, tuple[str, ...]] = {
     "conv.cu": ("im2col", "col2im"),
-    "pool.cu": ("max_pool_bias_relu", "max_pool_relu_backward"),
+    "pool.cu": (
+        "max_pool_bias_act",
+        "max_pool_act_backward",
+        "bias_act_avg_pool",
+        "act_avg_pool_backward",
+    ),
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
-    "adam.cu": ("adam",),
-    "dense.cu": ("bias_act", "relu_mask", "gemm", "gemm_reduce"),
+    "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),
+    "norm.cu": ("batch_norm_act", "batch_norm_act_backward"),
+    "dense.cu": (
+        "bias_act",
+        "bias_act_cols",
+        "act_backward",
+        "relu_mask",
+        "gemm",
+        "gemm_reduce",
+    ),
 }
 DTYPES = {"float32": "float", "float64": "double"}
 #: Threads per block of the 1-d kernels; the loss kernel is one block of LOSS_THREADS.
 THREADS = 256
+#: Activation codes of the fused kernels (common.cuh): layer class name -> code.
+ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2}
 LOSS_THREADS = 256
+#: Activation codes of the fused kernels (common.cuh): layer class name -> code.
+ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2}
 GEMM_TILE = 16
 _HERE = Path(__file__).resolve().parent
 

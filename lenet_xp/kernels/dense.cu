@@ -11,6 +11,23 @@ __global__ void bias_act(T* y, const T* bias, int m, int n, int relu) {
   }
 }
 
+// y (R, C) contiguous (batch-major: a Linear's output): y = act(y + bias[c]) (act: a code of
+// common.cuh, or -1: none).
+template <typename T>
+__global__ void bias_act_cols(T* y, const T* bias, long long rows, int cols, int act) {
+  GRID_STRIDE_LOOP(idx, rows * cols) {
+    const T value = y[idx] + bias[idx % cols];
+    y[idx] = act < 0 ? value : activate(value, act);
+  }
+}
+
+// grad, in place: the backward of activation act (a code of common.cuh) from its output out
+// (same size, contiguous).
+template <typename T>
+__global__ void act_backward(T* grad, const T* out, long long size, int act) {
+  GRID_STRIDE_LOOP(idx, size) { grad[idx] = activate_backward(grad[idx], out[idx], act); }
+}
+
 // grad (M, N) contiguous: grad = grad where out > 0, else 0 (ReLU's backward).
 template <typename T>
 __global__ void relu_mask(T* grad, const T* out, long long size) {

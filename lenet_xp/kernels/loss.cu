@@ -8,7 +8,8 @@
 // (sgi, sgk), so feature-major (K, N) arrays work as they are. labels (N,) int64.
 //   grad_logits = (softmax(logits) - onehot(labels)) / N
 //   batch_loss[0] = mean cross-entropy (a label outside [0, K) makes it NaN)
-//   loss_sum[0] += batch_loss * N;  correct[0] += #(first argmax == label)   (running sums)
+//   loss_sum[0] += batch_loss * N;  correct[0] += #(first argmax == label)   (running sums;
+//   either may be null: not kept)
 //   counters[i] += 1 for i < n_counters (the step counters of a captured step; may be 0)
 template <typename T>
 __global__ void softmax_cross_entropy(const T* logits, long long sli, long long slk,
@@ -56,8 +57,8 @@ __global__ void softmax_cross_entropy(const T* logits, long long sli, long long 
   }
   if (tid == 0) {
     batch_loss[0] = (T)(part_loss[0] / n);
-    loss_sum[0] += part_loss[0];
-    correct[0] += part_correct[0];
+    if (loss_sum) loss_sum[0] += part_loss[0];
+    if (correct) correct[0] += part_correct[0];
     for (int c = 0; c < n_counters; ++c) counters[c] += 1;
   }
 }

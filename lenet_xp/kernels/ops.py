@@ -35,6 +35,8 @@ from lenet_xp.kernels.signatures import (
 #: ``(file, "kernel<ctype>") -> fn(grid, block, args)``, e.g. :func:`cupy_function`.
 KernelProvider = Callable[[str, str], Any]
 _MAX_BLOCKS = 4096  # grid-stride loops cover the rest
+#: K per chunk of our GEMM when K is long and the output small (weight gradients).
+SPLIT_K = 2048
 
 
 @functools.cache
@@ -70,10 +72,14 @@ class CheckedKernel:
 
 class Kernels:
     """Typed launchers of every kernel for namespace ``xp`` (``cupy``, or ``numpy`` with an
-    emulating ``provider``). ``launches`` counts kernel launches issued through it."""
+    emulating ``provider``). ``launches`` counts kernel launches issued through it.
+    ``own_gemm``: :func:`matmul` runs our GEMM always (``True``), or only while the current
+    stream captures a CUDA graph (``False``: cuBLAS eagerly, as CuPy allows)."""
 
-    def __init__(self, xp: ModuleType, provider: KernelProvider = cupy_function) -> None:
-        self.xp, self.provider = xp, provider
+    def __init__(
+        self, xp: ModuleType, provider: KernelProvider = cupy_function, own_gemm: bool = False
+    ) -> None:
+        self.xp, self.provider, self.own_gemm = xp, provider, own_gemm
         self.launches = 0
         self._functions: dict[tuple[str, str], Any] = {}
 
@@ -142,30 +148,86 @@ class Kernels:
         return grad_x
 
     # -- pooling ---------------------------------------------------------------------------
-    def max_pool_bias_relu(
-        self, y: Any, bias: Any, k: int, out: Any = None, argmax: Any = None
+    def max_pool_bias_act(
+        self, y: Any, bias: Any, k: int, act: int, out: Any = None, argmax: Any = None
     ) -> tuple[Any, Any]:
-        """``y (C, H, W, N)`` -> ``(relu(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``."""
+        """``y (C, H, W, N)`` -> ``(act(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``;
+        ``act``: a code of :data:`~lenet_xp.kernels.ACTIVATION_CODES`."""
         c, h, w, n = y.shape
         oh, ow = h // k, w // k
         out = self._empty((c, oh, ow, n), y.dtype, out)
         argmax = self._empty((c, oh, ow, n), self.xp.uint8, argmax)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow)]
-        fn = self._fn("pool.cu", "max_pool_bias_relu", y.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "max_pool_bias_act", y.dtype)
         self._launch(fn, out.size, (y, bias, out, argmax, *args))
         return out, argmax
 
-    def max_pool_relu_backward(
-        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, grad_y: Any = None
-    ) -> Any:
-        """Gradient of :meth:`max_pool_bias_relu` w.r.t. ``y``: ``(C, H, W, N)``."""
+    def max_pool_act_backward(
+        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, act: int,
+        grad_y: Any = None,
+    ) -> Any:  # fmt: skip
+        """Gradient of :meth:`max_pool_bias_act` w.r.t. ``y``: ``(C, H, W, N)``."""
         c, h, w, n = y_shape
         oh, ow = out.shape[1:3]
         grad_y = self._empty((c, h, w, n), grad_out.dtype, grad_y)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow)]
-        fn = self._fn("pool.cu", "max_pool_relu_backward", grad_out.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "max_pool_act_backward", grad_out.dtype)
         self._launch(fn, grad_y.size, (grad_out, out, argmax, grad_y, *args))
         return grad_y
+
+    def bias_act_avg_pool(self, y: Any, bias: Any, k: int, act: int) -> tuple[Any, Any]:
+        """``y (C, H, W, N)`` -> ``(avgpool(act(y + bias)) (C, OH, OW, N), act(y + bias)
+        (C, H, W, N), for the backward)``."""
+        c, h, w, n = y.shape
+        oh, ow = h // k, w // k
+        out = self.xp.empty((c, oh, ow, n), y.dtype)
+        act_out = self.xp.empty((c, h, w, n), y.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "bias_act_avg_pool", y.dtype)
+        self._launch(fn, out.size, (y, bias, act_out, out, *args))
+        return out, act_out
+
+    def act_avg_pool_backward(self, grad_out: Any, act_out: Any, k: int, act: int) -> Any:
+        """Gradient of :meth:`bias_act_avg_pool` w.r.t. ``y``: ``(C, H, W, N)``."""
+        c, h, w, n = act_out.shape
+        oh, ow = grad_out.shape[1:3]
+        grad_y = self.xp.empty((c, h, w, n), grad_out.dtype)
+        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
+        fn = self._fn("pool.cu", "act_avg_pool_backward", grad_out.dtype)
+        self._launch(fn, grad_y.size, (grad_out, act_out, grad_y, *args))
+        return grad_y
+
+    # -- batch normalisation ---------------------------------------------------------------
+    def batch_norm_act(
+        self, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+        tracked: Any, eps: float, momentum: float, act: int,
+    ) -> tuple[Any, Any, Any]:  # fmt: skip
+        """Training batch norm of ``x (N, F)`` (contiguous) then activation ``act`` (-1:
+        none), running statistics updated in place: ``(y, x_hat, inv_std)``."""
+        n, f = x.shape
+        y, x_hat = self.xp.empty_like(x), self.xp.empty_like(x)
+        inv_std = self.xp.empty(f, x.dtype)
+        f64 = self.xp.float64
+        args = (
+            x, weight, bias, running_mean, running_var, tracked, x_hat, inv_std, y,
+            self._i32(n), self._i32(f), f64(eps), f64(momentum), self._i32(act),
+        )  # fmt: skip
+        self._launch(self._fn("norm.cu", "batch_norm_act", x.dtype), f, args)
+        return y, x_hat, inv_std
+
+    def batch_norm_act_backward(
+        self, grad_y: Any, y: Any, x_hat: Any, inv_std: Any, weight: Any, act: int
+    ) -> tuple[Any, Any, Any]:
+        """Gradients of :meth:`batch_norm_act`: ``(grad_x, grad_weight, grad_bias)``."""
+        n, f = grad_y.shape
+        grad_x = self.xp.empty_like(grad_y)
+        grad_w, grad_b = self.xp.empty(f, grad_y.dtype), self.xp.empty(f, grad_y.dtype)
+        args = (
+            grad_y, y, x_hat, inv_std, weight, grad_x, grad_w, grad_b, self._i32(n),
+            self._i32(f), self._i32(act),
+        )  # fmt: skip
+        self._launch(self._fn("norm.cu", "batch_norm_act_backward", grad_y.dtype), f, args)
+        return grad_x, grad_w, grad_b
 
     # -- loss, data, optimizer -------------------------------------------------------------
     def softmax_cross_entropy(
@@ -190,39 +252,93 @@ class Kernels:
 
     def gather_shift(
         self, images: Any, labels: Any, order: Any, shifts: Any, batch_index: Any, x: Any,
-        y: Any, fill: float,
+        y: Any, fill: float, batch: int | None = None,
     ) -> None:  # fmt: skip
-        """Fill ``x (B, 1, H, W)`` and ``y (B,)`` with batch ``batch_index[0]`` of ``order``,
-        each image translated by its ``shifts (2, M)`` (or not, if ``None``)."""
+        """Fill ``x (R, 1, H, W)`` and ``y (R,)`` with batch ``batch_index[0]`` of ``order`` in
+        batches of ``batch`` (default ``R``; an epoch's short last batch has ``R < batch``
+        rows, and the kernel writes none past the epoch's end), each image translated by its
+        ``shifts (2, M)`` (or not, if ``None``)."""
         m, _, h, w = images.shape
-        b = x.shape[0]
+        b = x.shape[0] if batch is None else batch
         ints = [self._i32(v) for v in (b, m, h, w)]
         fn = self._fn("data.cu", "gather_shift", images.dtype)
         fill_t = images.dtype.type(fill)
         self._launch(fn, x.size, (images, labels, order, shifts, batch_index, *ints, fill_t, x, y))
 
-    def adam(
-        self, param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, lr_of_step: Any,
-        counters: Any, betas: tuple[float, float], eps: float, weight_decay: float,
-        decoupled: bool,
+    # -- flat-buffer optimizers and the weight average ----------------------------------------
+    def sgd_flat(
+        self, param: Any, grad: Any, buf: Any, lr_of_step: Any, clock: Any, momentum: float,
+        dampening: float, weight_decay: float, nesterov: bool, first: int,
     ) -> None:  # fmt: skip
-        """One Adam/AdamW step over flat buffers; step ``t = counters[0]``, learning rate
-        ``lr_of_step[t - 1]``."""
+        """One SGD step over flat buffers (``buf``: the momentum buffer, or ``None`` without
+        momentum); learning rate ``lr_of_step[clock[0]]``; the buffer starts as the gradient
+        when ``clock[2] == first``."""
         f64 = self.xp.float64
         args = (
-            param, grad, exp_avg, exp_avg_sq, lr_of_step, counters, f64(betas[0]),
-            f64(betas[1]), f64(eps), f64(weight_decay), self._i32(int(decoupled)),
-            self._i64(param.size),
+            param, grad, buf, lr_of_step, self._i64(lr_of_step.size), clock, f64(momentum),
+            f64(dampening),
+            f64(weight_decay), self._i32(int(nesterov)), self._i64(first), self._i64(param.size),
         )  # fmt: skip
-        self._launch(self._fn("adam.cu", "adam", param.dtype), param.size, args)
+        self._launch(self._fn("optim.cu", "sgd_flat", param.dtype), param.size, args)
+
+    def adam_flat(
+        self, param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, lr_of_step: Any,
+        clock: Any, betas: tuple[float, float], eps: float, weight_decay: float,
+        decoupled: bool,
+    ) -> None:  # fmt: skip
+        """One Adam/AdamW step over flat buffers: ``t = clock[2] + 1``, learning rate
+        ``lr_of_step[clock[0]]``."""
+        f64 = self.xp.float64
+        args = (
+            param, grad, exp_avg, exp_avg_sq, lr_of_step, self._i64(lr_of_step.size), clock,
+            f64(betas[0]), f64(betas[1]),
+            f64(eps), f64(weight_decay), self._i32(int(decoupled)), self._i64(param.size),
+        )  # fmt: skip
+        self._launch(self._fn("optim.cu", "adam_flat", param.dtype), param.size, args)
+
+    def ema_flat(self, average: Any, param: Any, clock: Any, decay: float) -> None:
+        """The weight average's update over flat buffers, ``clock[3]`` updates done."""
+        args = (average, param, clock, self.xp.float64(decay), self._i64(param.size))
+        self._launch(self._fn("optim.cu", "ema_flat", param.dtype), param.size, args)
 
     # -- dense -----------------------------------------------------------------------------
+    def capturing(self) -> bool:
+        """Whether the current CUDA stream is capturing a graph (never on the CPU)."""
+        return is_gpu(self.xp) and bool(self.xp.cuda.get_current_stream().is_capturing())
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        """``a (M, K) @ b (K, N)`` (any strides) into a new ``(M, N)`` array by our GEMM;
+        a long ``K`` with a small output is split (:data:`SPLIT_K` per chunk) and summed in
+        a fixed order by ``gemm_reduce``."""
+        (m, k), n = a.shape, b.shape[1]
+        c = self.xp.empty((m, n), dtype=a.dtype)
+        splits = -(-k // SPLIT_K)
+        partial = None
+        if splits > 1 and m * n * GEMM_TILE * GEMM_TILE < 2**22:
+            partial = self.xp.empty((splits, m, n), dtype=a.dtype)
+        return self.gemm(a, b, c, partial=partial)
+
     def bias_act(self, y: Any, bias: Any, relu: bool) -> Any:
         """``y (M, N)`` contiguous, in place: ``act(y + bias[:, None])``."""
         m, n = y.shape
         args = (y, bias, self._i32(m), self._i32(n), self._i32(int(relu)))
         self._launch(self._fn("dense.cu", "bias_act", y.dtype), y.size, args)
         return y
+
+    def bias_act_cols(self, y: Any, bias: Any, act: int) -> Any:
+        """``y (R, C)`` contiguous, in place: ``act(y + bias[None, :])`` (``act``: a code of
+        :data:`~lenet_xp.kernels.ACTIVATION_CODES`, or -1: none)."""
+        r, c = y.shape
+        args = (y, bias, self._i64(r), self._i32(c), self._i32(act))
+        self._launch(self._fn("dense.cu", "bias_act_cols", y.dtype), y.size, args)
+        return y
+
+    def act_backward(self, grad: Any, out: Any, act: int) -> Any:
+        """In place: ``grad`` through activation ``act``'s backward, from its output ``out``
+        (same shape, both contiguous)."""
+        args = (grad, out, self._i64(grad.size), self._i32(act))
+        self._launch(self._fn("dense.cu", "act_backward", grad.dtype), grad.size, args)
+        return grad
 
     def relu_mask(self, grad: Any, out: Any) -> Any:
         """In place: ``grad`` zeroed where ``out <= 0`` (same shape, contiguous)."""
@@ -254,6 +370,15 @@ class Kernels:
             args = (partial, self._i32(splits), c, s[4], s[5], bias, mask)
             self._launch(fn, m * n, (*args, self._i32(m), self._i32(n), self._i32(int(relu))))
         return c
+
+
+def matmul(a: Any, b: Any, kernels: Kernels | None) -> Any:
+    """``a @ b`` for 2-d arrays: by our GEMM (:meth:`Kernels.matmul`) when ``kernels`` is
+    given and uses it now (its ``own_gemm``, or the stream is capturing a CUDA graph, where
+    CuPy refuses cuBLAS), else by the array namespace (cuBLAS on a GPU, BLAS on the CPU)."""
+    if kernels is not None and (kernels.own_gemm or kernels.capturing()):
+        return kernels.matmul(a, b)
+    return a @ b
 
 
 @functools.cache

@@ -1,13 +1,14 @@
-// Max-pooling fused with the convolution's bias before it and the ReLU after it, on
+// Pooling fused with the convolution's bias before it and the activation next to it, on
 // batch-innermost (C, H, W, N) arrays; non-overlapping K x K windows (stride K).
-// Reference: conv2d_forward's bias add, max_pool2d_forward, ReLU (functional/pool.py).
+// Reference: conv2d_forward's bias add, functional/pool.py, functional/activation.py.
 
 // y (C, H, W, N) is the convolution's GEMM output without bias. out (C, OH, OW, N) =
-// relu(max over the window of (y + bias[c])); argmax = window offset i*K + j of the *first*
-// maximum (ties keep the earlier offset, as PyTorch).
+// act(max over the window of (y + bias[c])); argmax = window offset i*K + j of the *first*
+// maximum (ties keep the earlier offset, as PyTorch). (Max-pooling before a monotone
+// activation: the layers' order for --pool max.)
 template <typename T>
-__global__ void max_pool_bias_relu(const T* y, const T* bias, T* out, unsigned char* argmax,
-                                   int n, int c, int h, int w, int k, int oh, int ow) {
+__global__ void max_pool_bias_act(const T* y, const T* bias, T* out, unsigned char* argmax,
+                                  int n, int c, int h, int w, int k, int oh, int ow, int act) {
   const long long total = (long long)c * oh * ow * n;
   GRID_STRIDE_LOOP(idx, total) {
     long long rest = idx;
@@ -28,18 +29,18 @@ __global__ void max_pool_bias_relu(const T* y, const T* bias, T* out, unsigned c
         }
       }
     }
-    out[idx] = best > T(0) ? best : T(0);
+    out[idx] = activate(best, act);
     argmax[idx] = (unsigned char)best_offset;
   }
 }
 
-// Backward of max_pool_bias_relu: grad_y (C, H, W, N) gets grad_out where the pixel is its
-// window's first maximum and the pooled output was positive (ReLU's gradient), else 0.
-// Pixels outside every window (H or W not a multiple of K) get 0.
+// Backward of max_pool_bias_act: grad_y (C, H, W, N) gets the activation's backward of
+// grad_out where the pixel is its window's first maximum, else 0. Pixels outside every
+// window (H or W not a multiple of K) get 0.
 template <typename T>
-__global__ void max_pool_relu_backward(const T* grad_out, const T* out,
-                                       const unsigned char* argmax, T* grad_y, int n, int c,
-                                       int h, int w, int k, int oh, int ow) {
+__global__ void max_pool_act_backward(const T* grad_out, const T* out,
+                                      const unsigned char* argmax, T* grad_y, int n, int c,
+                                      int h, int w, int k, int oh, int ow, int act) {
   const long long total = (long long)c * h * w * n;
   GRID_STRIDE_LOOP(idx, total) {
     long long rest = idx;
@@ -51,7 +52,59 @@ __global__ void max_pool_relu_backward(const T* grad_out, const T* out,
     T grad = 0;
     if (oy < oh && ox < ow) {
       const long long o = (((long long)ic * oh + oy) * ow + ox) * n + in;
-      if (argmax[o] == (y % k) * k + (x_ % k) && out[o] > T(0)) grad = grad_out[o];
+      if (argmax[o] == (y % k) * k + (x_ % k)) grad = activate_backward(grad_out[o], out[o], act);
+    }
+    grad_y[idx] = grad;
+  }
+}
+
+// The activation before average pooling (the layers' order for --pool avg): act_out (C, H,
+// W, N) = act(y + bias[c]) on every pixel of a window (kept for the backward), out (C, OH,
+// OW, N) = the window's activations summed in row-major offset order, times 1 / K^2.
+template <typename T>
+__global__ void bias_act_avg_pool(const T* y, const T* bias, T* act_out, T* out, int n, int c,
+                                  int h, int w, int k, int oh, int ow, int act) {
+  const long long total = (long long)c * oh * ow * n;
+  const T scale = (T)(1.0 / ((double)k * k));
+  GRID_STRIDE_LOOP(idx, total) {
+    long long rest = idx;
+    const int in = rest % n; rest /= n;
+    const int ox = rest % ow; rest /= ow;
+    const int oy = rest % oh;
+    const int ic = rest / oh;
+    const T b = bias ? bias[ic] : T(0);
+    const long long base = (((long long)ic * h + oy * k) * w + ox * k) * n + in;
+    T sum = 0;
+    for (int i = 0; i < k; ++i) {
+      for (int j = 0; j < k; ++j) {
+        const long long at = base + ((long long)i * w + j) * n;
+        const T a = activate(y[at] + b, act);
+        act_out[at] = a;
+        sum = (i == 0 && j == 0) ? a : sum + a;
+      }
+    }
+    out[idx] = sum * scale;
+  }
+}
+
+// Backward of bias_act_avg_pool: grad_y = the activation's backward (from act_out) of
+// grad_out / K^2 inside a window, 0 outside every window.
+template <typename T>
+__global__ void act_avg_pool_backward(const T* grad_out, const T* act_out, T* grad_y, int n,
+                                      int c, int h, int w, int k, int oh, int ow, int act) {
+  const long long total = (long long)c * h * w * n;
+  const T scale = (T)(1.0 / ((double)k * k));
+  GRID_STRIDE_LOOP(idx, total) {
+    long long rest = idx;
+    const int in = rest % n; rest /= n;
+    const int x_ = rest % w; rest /= w;
+    const int y = rest % h;
+    const int ic = rest / h;
+    const int oy = y / k, ox = x_ / k;
+    T grad = 0;
+    if (oy < oh && ox < ow) {
+      const long long o = (((long long)ic * oh + oy) * ow + ox) * n + in;
+      grad = activate_backward(grad_out[o] * scale, act_out[idx], act);
     }
     grad_y[idx] = grad;
   }

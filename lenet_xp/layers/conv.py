@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lenet_xp.backend import get_array_module, host_rng
+from lenet_xp.backend import host_rng
 from lenet_xp.functional.conv import conv2d_backward, conv2d_forward
-from lenet_xp.kernels.ops import Kernels, gpu_kernels
 from lenet_xp.layers.init import init_bias, init_weight
 from lenet_xp.layers.module import Module, Parameter
 
@@ -39,10 +38,6 @@ class Conv2d(Module):
         self.stride, self.padding = stride, padding
         self.needs_input_grad = True
         self._cache: Any = None
-
-    def _kernels(self, x: Any) -> Kernels | None:
-        """Our CUDA kernels for ``x``'s device if this layer uses them, else ``None``."""
-        return gpu_kernels(get_array_module(x)) if self.cuda_kernels else None
 
     def forward(self, x: Any) -> Any:
         bias = None if self.bias is None else self.bias.data

@@ -33,7 +33,8 @@ class Linear(Module):
         if x.ndim != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"Linear expects (N, {self.weight.shape[1]}) input, got {x.shape}")
         self._x = x if self.training else None
-        return linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+        bias = None if self.bias is None else self.bias.data
+        return linear_forward(x, self.weight.data, bias, self._kernels(x))
 
     def macs(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> int:
         return self.weight.shape[0] * self.weight.shape[1]
@@ -41,7 +42,7 @@ class Linear(Module):
     def backward(self, grad_y: Any) -> Any:
         has_bias = self.bias is not None
         grad_x, self.weight.grad, grad_b = linear_backward(
-            grad_y, self._x, self.weight.data, has_bias
+            grad_y, self._x, self.weight.data, has_bias, self._kernels(grad_y)
         )
         if has_bias:
             self.bias.grad = grad_b

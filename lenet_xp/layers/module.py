@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from lenet_xp.backend import Device, device_of, get_device, to_device
+from lenet_xp.backend import Device, device_of, get_array_module, get_device, to_device
+from lenet_xp.kernels.ops import Kernels, gpu_kernels
 
 
 class Parameter:
@@ -151,6 +152,10 @@ class Module:
             child.use_cuda_kernels(on)
         return self
 
+    def _kernels(self, x: Any) -> Kernels | None:
+        """Our CUDA kernels for ``x``'s device if this layer uses them, else ``None``."""
+        return gpu_kernels(get_array_module(x)) if self.cuda_kernels else None
+
     def summary(self, batch: int = 128) -> str:
         """A table of the layers: output shapes, parameters and MACs per image, with totals
         (see :mod:`lenet_xp.layers.summary`)."""
@@ -169,6 +174,9 @@ class Sequential(Module):
     """
 
     input_shape: tuple[int, ...] | None = None
+    #: ``fuse(layers, kernels) -> steps``: :func:`lenet_xp.layers.fusion.plan`, set by the
+    #: package (its blocks are made of layers defined after this class).
+    fuse: Any = None
 
     def __init__(
         self, *layers: Module | list[Module], input_shape: tuple[int, ...] | None = None,
@@ -201,11 +209,20 @@ class Sequential(Module):
             raise ValueError(
                 f"{type(self).__name__} expects images of shape (N, {shape}), got {tuple(x.shape)}"
             )
-        for layer in self.layers():
-            x = layer.forward(x)
+        self._steps = self._plan(x)
+        for step in self._steps:
+            x = step.forward(x)
         return x
 
     def backward(self, grad_out: Any) -> Any:
-        for layer in reversed(self.layers()):
-            grad_out = layer.backward(grad_out)
+        for step in reversed(getattr(self, "_steps", None) or self.layers()):
+            grad_out = step.backward(grad_out)
         return grad_out
+
+    def _plan(self, x: Any) -> list[Any]:
+        """The layers, with adjacent ones fused into one kernel where ours run on ``x``'s
+        device (:mod:`lenet_xp.layers.fusion`); on the CPU, the layers."""
+        kernels = self._kernels(x)
+        if kernels is None or Sequential.fuse is None:
+            return self.layers()
+        return Sequential.fuse(self.layers(), kernels)

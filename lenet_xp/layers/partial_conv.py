@@ -16,7 +16,6 @@ from typing import Any
 
 from lenet_xp.backend import device_of, get_array_module, host_rng, host_zeros, to_device
 from lenet_xp.functional.conv import conv2d_backward, conv2d_forward
-from lenet_xp.kernels.ops import Kernels, gpu_kernels
 from lenet_xp.layers.module import Module, Parameter
 from lenet_xp.layers.unit_init import init_biases, init_weights
 
@@ -144,10 +143,6 @@ class PartialConv2d(Module):
         if bool((dense[outside] != 0).any()):
             raise ValueError("has non-zero kernels outside the connection table")
         return dense[out_index, in_index]
-
-    def _kernels(self, x: Any) -> Kernels | None:
-        """Our CUDA kernels for ``x``'s device if this layer uses them, else ``None``."""
-        return gpu_kernels(get_array_module(x)) if self.cuda_kernels else None
 
     def forward(self, x: Any) -> Any:
         """``x (N, in_channels, H, W)`` -> ``(N, out_channels, OH, OW)`` (batch-innermost)."""

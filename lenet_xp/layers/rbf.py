@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import asnumpy, host_zeros
+from lenet_xp.kernels.ops import matmul
 from lenet_xp.layers.module import Module, Parameter
 
 #: The digits 0-9 on a 7-wide, 12-tall grid ('#' = +1, '.' = -1), drawn after LeCun et al.
@@ -87,7 +88,7 @@ class RBFOutput(Module):
             raise ValueError(f"RBFOutput expects (N, {self.in_features}) input, got {x.shape}")
         c = self.centres.data
         # -|x - c|^2 = 2 x.c - |x|^2 - |c|^2: one GEMM instead of an (N, K, F) difference
-        logits = x @ c.T
+        logits = matmul(x, c.T, self._kernels(x))
         logits *= 2.0
         logits -= (x * x).sum(axis=1, keepdims=True)
         logits -= (c * c).sum(axis=1)
@@ -97,7 +98,7 @@ class RBFOutput(Module):
     def backward(self, grad_logits: Any) -> Any:
         """``grad_logits (N, K)`` -> ``grad_x (N, in_features) = 2 (g @ c - x * sum_j g_j)``."""
         x = self._x
-        grad_x = grad_logits @ self.centres.data
+        grad_x = matmul(grad_logits, self.centres.data, self._kernels(grad_logits))
         grad_x -= x * grad_logits.sum(axis=1, keepdims=True)
         grad_x *= 2.0
         self._x = None

@@ -53,7 +53,10 @@ class LeNet5(Sequential):
 def model_loss(model: Module, logits: Any, labels: Any) -> tuple[Any, Any]:
     """``(mean loss, grad_logits)`` of ``model``'s output: its ``loss_fn`` if it has one (e.g.
     LeCun's RBF loss for ``lenet5-classic --output rbf``), else softmax cross-entropy."""
-    return getattr(model, "loss_fn", softmax_cross_entropy)(logits, labels)
+    loss_fn = getattr(model, "loss_fn", None)
+    if loss_fn is not None:
+        return loss_fn(logits, labels)
+    return softmax_cross_entropy(logits, labels, model._kernels(logits))
 
 
 def loss_and_grads(model: Module, x: Any, labels: Any) -> tuple[Any, dict[str, Any]]:

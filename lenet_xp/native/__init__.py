@@ -81,10 +81,8 @@ def warm_up(like: Any) -> None:
         return numpy.zeros(shape, of)
 
     conv.add_cols(zeros(1, 2, 2, 1), zeros(4, 1), 2, 2, 1, 0, 1)
-    conv.cols(zeros(1, 2, 2, 1), 2, 2, 1, 0, 1, 1, zeros(4, 1))
-    pool.max_pool_forward(zeros(1, 2, 2, 1), zeros(1, 1, 1, 1), zeros(1, 1, 1, 1, of="uint8"), 2, 2)
-    zero, one = dtype.type(0), dtype.type(1)
-    uint8s = zeros(1, 1, 1, 1, of="uint8")
-    pool.max_pool_backward(zeros(1, 1, 1, 1), uint8s, zeros(1, 2, 2, 1), 2, 2, zero, one)
+    conv.cols(zeros(1, 2, 2, 1), 2, 2, 1, (0, 1), 1)
+    y, argmax = pool.max_pool_forward(zeros(1, 2, 2, 1), 2, 2, 1, 1)
+    pool.max_pool_backward(y, argmax, (1, 1, 2, 2), 2, 2)
     optim.adam(*(zeros(1) for _ in range(4)), (0.9, 0.999), 1.0, 1e-8, 1e-3, 0.0)
     optim.ema(zeros(1), zeros(1), 0.9)

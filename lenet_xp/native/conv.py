@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
 from lenet_xp.native import jit
 
 
@@ -30,7 +32,7 @@ def add_cols(grad_pad: Any, cols: Any, kh: int, kw: int, stride: int, r0: int, o
 
 
 @jit
-def cols(x_pad: Any, kh: int, kw: int, stride: int, r0: int, r1: int, ow: int, out: Any) -> None:
+def _cols(x_pad: Any, kh: int, kw: int, stride: int, r0: int, r1: int, ow: int, out: Any) -> None:
     """``out (C*kh*kw, (r1-r0)*OW*N)`` = the windows of output rows ``r0..r1`` of ``x_pad
     (C, H, W, N)`` (both C-contiguous): row ``(c, i, j)``, column ``(r, q, n)``."""
     c, n = x_pad.shape[0], x_pad.shape[3]
@@ -45,3 +47,12 @@ def cols(x_pad: Any, kh: int, kw: int, stride: int, r0: int, r1: int, ow: int, o
                         base = (r * ow + q) * n
                         for b in range(n):
                             out[row, base + b] = source[b]
+
+
+def cols(x_pad: Any, kh: int, kw: int, stride: int, rows: tuple[int, int], ow: int) -> Any:
+    """``x_cols (C*kh*kw, R*OW*N)`` of output rows ``rows = (r0, r1)`` of ``x_pad (C, H, W, N)``
+    (C-contiguous), in a new array."""
+    (r0, r1), (c, n) = rows, (x_pad.shape[0], x_pad.shape[3])
+    out = numpy.empty((c * kh * kw, (r1 - r0) * ow * n), x_pad.dtype)
+    _cols(x_pad, kh, kw, stride, r0, r1, ow, out)
+    return out

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
 from lenet_xp.native import jit
 
 
 @jit
-def max_pool_forward(x: Any, y: Any, argmax: Any, kernel: int, stride: int) -> None:
+def _forward(x: Any, y: Any, argmax: Any, kernel: int, stride: int) -> None:
     """``x (C, H, W, N)`` -> ``y (C, OH, OW, N)`` and ``argmax`` (uint8, the window offset
     ``i*kernel + j`` of the first maximum), written in place. As the reference: a later value
     takes over only when strictly greater, and a NaN in a window makes its maximum NaN."""
@@ -33,7 +35,7 @@ def max_pool_forward(x: Any, y: Any, argmax: Any, kernel: int, stride: int) -> N
 
 
 @jit
-def max_pool_backward(
+def _backward(
     grad_y: Any, argmax: Any, grad_x: Any, kernel: int, stride: int, zero: Any, one: Any
 ) -> None:
     """Windows that do not overlap (``stride >= kernel``): each input of a window gets
@@ -50,3 +52,35 @@ def max_pool_backward(
                     target = grad_x[ch, r * stride + i, q * stride + j]
                     for b in range(n):
                         target[b] = grads[b] * (one if at[b] == offset else zero)
+
+
+def batch_innermost(a: Any, dtype: Any = None) -> Any:
+    """``a (N, C, H, W)`` as its ``(C, H, W, N)`` C-contiguous memory, for these kernels;
+    ``None`` where they do not apply (a GPU array, another layout, a dtype other than
+    ``dtype``, default float32 or float64)."""
+    if type(a) is not numpy.ndarray or a.ndim != 4:
+        return None
+    if a.dtype not in ((numpy.float32, numpy.float64) if dtype is None else (dtype,)):
+        return None
+    chwn = a.transpose(1, 2, 3, 0)
+    return chwn if chwn.flags.c_contiguous else None
+
+
+def max_pool_forward(x: Any, kernel: int, stride: int, oh: int, ow: int) -> tuple[Any, Any]:
+    """``x (C, H, W, N)`` -> new ``(y, argmax)``, both ``(C, OH, OW, N)``."""
+    c, n = x.shape[0], x.shape[3]
+    y, argmax = numpy.empty((c, oh, ow, n), x.dtype), numpy.empty((c, oh, ow, n), numpy.uint8)
+    _forward(x, y, argmax, kernel, stride)
+    return y, argmax
+
+
+def max_pool_backward(grad_y: Any, argmax: Any, x_shape: tuple, kernel: int, stride: int) -> Any:
+    """``grad_y`` and ``argmax (C, OH, OW, N)`` -> a new ``grad_x (C, H, W, N)`` of the forward
+    input's ``x_shape (N, C, H, W)`` (not zeroed first where the windows tile it)."""
+    n, c, h, w = x_shape
+    oh, ow = grad_y.shape[1:3]
+    tiled = stride == kernel and (h, w) == (oh * kernel, ow * kernel)  # every input written
+    grad_x = (numpy.empty if tiled else numpy.zeros)((c, h, w, n), grad_y.dtype)
+    cast = grad_y.dtype.type
+    _backward(grad_y, argmax, grad_x, kernel, stride, cast(0), cast(1))
+    return grad_x

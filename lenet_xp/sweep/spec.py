@@ -20,8 +20,6 @@ gives the same runs.
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import hashlib
 import itertools
 import math
@@ -32,37 +30,23 @@ from pathlib import Path
 from typing import Any
 
 from lenet_xp.backend import host_rng
-from lenet_xp.data.augment import parse_augment
-from lenet_xp.models import presets
-from lenet_xp.training.config import CONFIG_KEYS, RECIPES, build_parser
+from lenet_xp.sweep.flags import (  # noqa: F401  (SweepError: re-exported)
+    FlagParser,
+    SweepError,
+    SweepFileError,
+    Where,
+    kind,
+)
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-#: Train flags a sweep sets itself, and what to write instead.
-SET_BY_SWEEP = {
-    "out": "each run's folder is OUT/<run>: give --out to lenet_xp.sweep",
-    "resume": "the sweep resumes interrupted runs itself",
-    "metrics": "each run writes OUT/<run>/metrics.jsonl",
-    "seed": "list them as seeds = [...] at the top of the file",
-    "quiet": "runs are always quiet",
-    "tensorboard": "one folder per run is not supported: use lenet_xp.report on a run",
-}
 DISTRIBUTIONS = ("uniform", "log-uniform", "int-uniform", "choice")
 SORTS = ("validation", "file")
 TOP_KEYS = ("seeds", "sort", "train", "grid", "random", "asha")
 ROW_KEYS = ("name", "note")  # a row's keys that are not flags
-
-
-class SweepError(Exception):
-    """The sweep cannot run (its file, its output folder, Ray); the message is one line
-    naming the problem and the fix."""
-
-
-class SweepFileError(SweepError):
-    """The sweep file is wrong; the message names the file, the place in it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +130,11 @@ def load(source: str | Path | Mapping[str, Any], seeds: list[int] | None = None)
 
 
 def _build(table: dict, source: str, seeds: list[int] | None) -> Sweep:
-    where = _Where(source)
+    where = Where(source)
     for key in table:
         if key not in TOP_KEYS:
             where.fail(key, f"unknown key; a sweep file has {', '.join(TOP_KEYS)}")
-    parser = _FlagParser()
+    parser = FlagParser()
     base = parser.flags(where, "[train]", _table(where, table, "train"))
     device = check_device(str(base.pop("device", "auto")), f"{source}: [train] device")
     axes = _grid_axes(parser, where, _table(where, table, "grid"))
@@ -214,29 +198,14 @@ class _Axis:
     rows: bool = False  # its values are rows (tables of flags)
 
 
-class _Where:
-    """Names the file in every :class:`SweepError`."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, place: str, problem: str) -> None:
-        raise SweepFileError(f"{self.source}: {place}: {problem}")
-
-
-def _table(where: _Where, table: dict, key: str) -> dict:
+def _table(where: Where, table: dict, key: str) -> dict:
     value = table.get(key, {})
     if not isinstance(value, dict):
-        where.fail(key, f"must be a table ([{key}]), not {_kind(value)}")
+        where.fail(key, f"must be a table ([{key}]), not {kind(value)}")
     return value
 
 
-def _kind(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)  # fmt: skip
-
-
-def _seeds(where: _Where, seeds: Any) -> list[int]:
+def _seeds(where: Where, seeds: Any) -> list[int]:
     if not isinstance(seeds, list) or not seeds:
         where.fail("seeds", "must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
@@ -246,7 +215,7 @@ def _seeds(where: _Where, seeds: Any) -> list[int]:
     return list(seeds)
 
 
-def _asha(where: _Where, table: Any) -> Asha | None:
+def _asha(where: Where, table: Any) -> Asha | None:
     if table is None:
         return None
     if not isinstance(table, dict):
@@ -262,12 +231,12 @@ def _asha(where: _Where, table: Any) -> Asha | None:
     return asha
 
 
-def _grid_axes(parser: _FlagParser, where: _Where, grid: dict) -> list[_Axis]:
+def _grid_axes(parser: FlagParser, where: Where, grid: dict) -> list[_Axis]:
     axes = []
     for key, values in grid.items():
         place = f"[grid] {key}"
         if not isinstance(values, list):
-            where.fail(place, f"must be a list of values, not {_kind(values)}")
+            where.fail(place, f"must be a list of values, not {kind(values)}")
         if not values:
             where.fail(place, "is an empty axis: give at least one value")
         if all(isinstance(v, dict) for v in values):
@@ -284,7 +253,7 @@ def _grid_axes(parser: _FlagParser, where: _Where, grid: dict) -> list[_Axis]:
     return axes
 
 
-def _row(parser: _FlagParser, where: _Where, place: str, i: int, axis: str, row: dict) -> _Choice:
+def _row(parser: FlagParser, where: Where, place: str, i: int, axis: str, row: dict) -> _Choice:
     place = f"{place}[{i}]"
     flag_part = {k: v for k, v in row.items() if k not in ROW_KEYS}
     flags = parser.flags(where, place, flag_part)
@@ -295,7 +264,7 @@ def _row(parser: _FlagParser, where: _Where, place: str, i: int, axis: str, row:
     return _Choice(((axis, row.get("name", default)),), flags, row.get("note", ""))
 
 
-def _random_axes(parser: _FlagParser, where: _Where, table: dict) -> list[_Axis]:
+def _random_axes(parser: FlagParser, where: Where, table: dict) -> list[_Axis]:
     draws = {k: v for k, v in table.items() if k not in ("samples", "seed")}
     if not draws:
         if table:
@@ -317,7 +286,7 @@ def _random_axes(parser: _FlagParser, where: _Where, table: dict) -> list[_Axis]
     return [_Axis("[random]", choices)]
 
 
-def _draw(where: _Where, place: str, spec: Any, rng: Any) -> Any:
+def _draw(where: Where, place: str, spec: Any, rng: Any) -> Any:
     """One value drawn as ``spec`` says (``{ log-uniform = [low, high] }`` and the like)."""
     if not isinstance(spec, dict) or len(spec) != 1:
         where.fail(place, f"must be one of {{ {' | '.join(DISTRIBUTIONS)} = [...] }}")
@@ -351,7 +320,7 @@ def _round(value: float) -> float:
     return float(f"{value:.3g}")
 
 
-def _check_disjoint(where: _Where, axes: list[_Axis]) -> None:
+def _check_disjoint(where: Where, axes: list[_Axis]) -> None:
     """No flag is set by two axes (which one wins would depend on their order)."""
     owner: dict[str, str] = {}
     for axis in axes:
@@ -394,69 +363,3 @@ def _dedupe(runs: list[Run]) -> list[Run]:
         run = Run(config, run.seed, run.flags, run.values, run.epochs, run.note, run.varied)
         unique.setdefault(run.name, run)
     return list(unique.values())
-
-
-class _FlagParser:
-    """Train's own parser, raising :class:`SweepError` instead of exiting: flags of the
-    sweep file become argv and each configuration is parsed as ``train`` would."""
-
-    def __init__(self) -> None:
-        self.actions = {  # flag name without "--" -> its argparse action
-            option[2:]: action
-            for action in build_parser()._actions
-            for option in action.option_strings
-            if option.startswith("--") and action.dest != "help"
-        }
-
-    @staticmethod
-    def _error(message: str) -> None:
-        raise SweepError(message)
-
-    def flags(self, where: _Where, place: str, table: dict) -> dict[str, Any]:
-        """``table`` checked: every key a train flag the sweep does not set itself, every
-        value a boolean for a switch, else a string or a number."""
-        for key, value in table.items():
-            if key in SET_BY_SWEEP:
-                where.fail(f"{place} {key}", f"is set by the sweep: {SET_BY_SWEEP[key]}")
-            if key == "device" and place != "[train]":
-                where.fail(f"{place} {key}", "is the same for a whole sweep: set it in [train]")
-            action = self.actions.get(key)
-            if action is None or key.startswith("no-"):
-                close = difflib.get_close_matches(key.replace("_", "-"), self.actions, 1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                where.fail(f"{place} {key}", f"unknown train flag{hint}; see train --help")
-            switch = action.nargs == 0
-            if switch != isinstance(value, bool):
-                kind = "true or false" if switch else "a value (string or number)"
-                where.fail(f"{place} {key}", f"takes {kind}, got {value!r}")
-            if not isinstance(value, bool | int | float | str):
-                where.fail(f"{place} {key}", f"takes one value, got {_kind(value)}")
-        return dict(table)
-
-    def argv(self, flags: dict[str, Any]) -> list[str]:
-        """``--key value`` for each flag (``--key`` / ``--no-key`` for a switch)."""
-        argv = []
-        for key, value in flags.items():
-            if isinstance(value, bool):
-                negatable = isinstance(self.actions[key], argparse.BooleanOptionalAction)
-                argv += [f"--{key}"] if value else [f"--no-{key}"] if negatable else []
-            else:
-                argv += [f"--{key}", str(value)]
-        return argv
-
-    def check(self, flags: dict[str, Any], config: str, where: _Where) -> int:
-        """Parse one configuration as ``train`` would (the recipe's values, then the flags;
-        a fresh parser, as the recipe changes its defaults) and build its network; returns
-        its number of epochs."""
-        argv = self.argv(flags)
-        parser = build_parser()
-        parser.error = self._error  # type: ignore[method-assign]
-        try:
-            args = parser.parse_args(argv)
-            parser.set_defaults(**RECIPES[args.recipe])
-            args = parser.parse_args(argv)
-            parse_augment(args.augment)
-            presets.build_from_config({key: getattr(args, key) for key in CONFIG_KEYS})
-        except (SweepError, ValueError, presets.PresetError) as exc:
-            where.fail(f"configuration {config}", str(exc).removeprefix("argument "))
-        return args.epochs

@@ -35,6 +35,9 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 #: Kept options that checkpoints written before they existed lack, with the value those
 #: runs had (the other missing ones had their flag's default).
 _BEFORE_THEY_EXISTED = {"shift": 0, "workers": 1}
+#: Kept options a resumed run may change: ``epochs`` (the schedule is planned over the new
+#: total) and ``workers`` (how a step is split: the same model and state, another machine).
+RESUME_MAY_CHANGE = {"epochs", "workers"}
 
 
 def _number(kind: type, minimum: float, strict: bool) -> Any:
@@ -235,8 +238,9 @@ class TrainConfig:
     engine: str = option(
         _default_engine,
         "how a training step runs: layers (the array-op layers; on the CPU over --workers "
-        "processes), kernels (CUDA: our fused step, about 35 launches) or graph (CUDA: that step "
-        "captured once as a CUDA graph); default from $LENET_XP_CUDA_KERNELS (1: kernels)",
+        "processes), kernels (CUDA: the layers with our CUDA kernels behind their ops) or graph "
+        "(CUDA: the layers' whole step captured once as a CUDA graph and replayed, any network); "
+        "default from $LENET_XP_CUDA_KERNELS (1: kernels)",
         choices=ENGINES,
     )
     stats_every: int = option(
@@ -276,23 +280,24 @@ class TrainConfig:
     def resumed(self, saved: dict, given: Collection[str]) -> TrainConfig:
         """This configuration resuming a run whose checkpoint keeps ``saved``: its kept
         options are ``saved``'s, but ``--epochs`` if given (the schedule is then planned over
-        the new total, as if the run had asked for it from the start);
+        the new total, as if the run had asked for it from the start) and ``--workers`` if
+        given (:data:`RESUME_MAY_CHANGE`);
         :class:`CheckpointError` (one line) for another kept option ``given`` with another
         value than the checkpoint's."""
         for key in CONFIG_KEYS:
-            if key == "epochs" or key not in given or key not in saved:
+            if key in RESUME_MAY_CHANGE or key not in given or key not in saved:
                 continue
             if getattr(self, key) != saved[key]:
                 flag = "--" + key.replace("_", "-")
                 raise CheckpointError(
                     f"checkpoint {self.resume} holds {flag} {saved[key]}, not {flag} "
                     f"{getattr(self, key)}: a resumed run keeps its configuration (only --epochs "
-                    f"may change); drop {flag}, or start a new run in another --out"
+                    f"and --workers may change); drop {flag}, or start a new run in another --out"
                 )
         fresh = dataclasses.replace(self, **_BEFORE_THEY_EXISTED)
         values = {key: saved.get(key, getattr(fresh, key)) for key in CONFIG_KEYS}
-        if "epochs" in given:
-            values["epochs"] = self.epochs
+        for key in RESUME_MAY_CHANGE & set(given):
+            values[key] = getattr(self, key)
         return dataclasses.replace(self, **values)
 
     @property

@@ -1,10 +1,15 @@
 """How a training step runs: an *engine*, chosen by ``train --engine NAME``.
 
 - ``layers``: the array-op layers (:mod:`lenet_xp.layers`), in this process, or on the CPU
-  split over ``workers`` processes (:class:`~lenet_xp.training.parallel.DataParallel`); on a
-  GPU with ``cuda_kernels`` their convolutions and Adam run as our CUDA kernels;
-- ``kernels``: LeNet-5's whole step fused into our CUDA kernels (:mod:`.fused`);
-- ``graph``: that step captured once as a CUDA graph and replayed per batch.
+  split over ``workers`` processes (:class:`~lenet_xp.training.parallel.DataParallel`);
+- ``kernels`` (CUDA): the same layers with our CUDA kernels behind their ops (im2col,
+  col2im, the loss with its running sums, the batch gather, one launch for the optimizer
+  and one for the weight average) and adjacent layers fused (:mod:`lenet_xp.layers.fusion`),
+  every host value on the device (:mod:`.graph`), run eagerly;
+- ``graph`` (CUDA): that step captured once as a CUDA graph and replayed per batch.
+
+Any network, optimizer (SGD, Nesterov, Adam, AdamW) and dtype runs on each; on the CPU every
+engine is the layers.
 
 Every engine trains an epoch with the same call (:meth:`Engine.train_epoch`) and evaluates
 with the layers; :func:`make_engine` builds the one a run asks for, or says in one line why
@@ -20,9 +25,12 @@ from typing import Any
 from lenet_xp.data.augment import Augment, Distortion
 from lenet_xp.data.device_split import DeviceSplit, permutation, random_shifts
 from lenet_xp.data.mnist import BACKGROUND
+from lenet_xp.kernels import record_fallback
+from lenet_xp.kernels.ops import gpu_kernels
 from lenet_xp.optim.optimizers import Optimizer
-from lenet_xp.training import fused as fused_step
 from lenet_xp.training.evaluation import evaluate
+from lenet_xp.training.flat import supports as flat_supports
+from lenet_xp.training.graph import GraphStep, train_epoch_graph
 from lenet_xp.training.parallel import DataParallel
 from lenet_xp.training.resume import EpochPosition, Keeper
 
@@ -96,8 +104,6 @@ class Engine:
     processes). ``name`` is what the run's metrics record as ``"engine"``."""
 
     name = "layers"
-    #: Launches per step our code issues (a fused engine built with ``count_launches``).
-    issued: int | None = None
 
     def __init__(self, runner: DataParallel) -> None:
         self.runner = runner
@@ -144,21 +150,23 @@ class LayersEngine(Engine):
         )  # fmt: skip
 
 
-class FusedEngine(Engine):
-    """LeNet-5's step as our fused CUDA kernels (``kernels``), or as one CUDA graph
-    (``graph``); it starts and saves at epoch boundaries only."""
+class GraphEngine(Engine):
+    """The layers' step with every host value on the device (:mod:`.graph`): captured once
+    as a CUDA graph and replayed per batch (``graph``), or run eagerly (``kernels``); it
+    resumes and saves inside an epoch as the layers do."""
 
-    def __init__(self, runner: DataParallel, fused: fused_step.FusedStep, name: str) -> None:
+    def __init__(self, runner: DataParallel, step: GraphStep) -> None:
         super().__init__(runner)
-        self.fused, self.name = fused, name
-        self.issued = fused.issued
+        self.step = step
+        self.name = "graph" if step.captured else "kernels"
 
     def train_epoch(
         self, rng: Any, step: int, bar: Any, epoch: int = 0,
         position: EpochPosition | None = None, keeper: Keeper | None = None,
         on_step: Callable[[], Any] | None = None,
     ) -> tuple[float, float, int]:  # fmt: skip
-        return fused_step.train_epoch_fused(self.fused, rng, bar)
+        self.runner.train()
+        return train_epoch_graph(self.step, rng, step, bar, epoch, position, keeper, on_step)
 
 
 def make_engine(
@@ -166,15 +174,14 @@ def make_engine(
     schedule: Any, *, total_steps: int, shift: int = 0, augment: Augment | None = None,
     workers: int = 1, max_batch: int = 2048, position: EpochPosition | None = None,
     stop_requested: Callable[[], int | None] | None = None, tune_allocator: bool = True,
-    count_launches: bool = False, note: Callable[[str], Any] = lambda line: None,
+    note: Callable[[str], Any] = lambda line: None,
 ) -> Engine:  # fmt: skip
     """The engine ``name`` (one of :data:`ENGINES`) for training ``model`` with ``optimizer``
     on ``split`` (on its device) as far as it can run here, else the layers, with one
-    ``note(line)`` saying why. ``total_steps``: the run's steps (the fused step's learning
-    rates are planned for all of them); ``shift``, ``augment``: as :func:`train_epoch`'s;
-    ``workers``: CPU processes for the layers (1 on a GPU); ``position``: a run resumed inside
-    an epoch (only the layers resume there); ``count_launches``: the fused engines count one
-    step's launches first (:attr:`Engine.issued`; ``python -m lenet_xp.bench``)."""
+    ``note(line)`` saying why. ``total_steps``: the run's steps (the GPU step's learning
+    rates are planned on the device for all of them); ``shift``, ``augment``: as
+    :func:`train_epoch`'s; ``workers``: CPU processes for the layers (1 on a GPU);
+    ``position``: unused (every engine resumes inside an epoch through ``train_epoch``)."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; one of {', '.join(ENGINES)}")
     on_gpu = split.device.kind == "cuda"
@@ -186,19 +193,23 @@ def make_engine(
         stop_requested=stop_requested,
     )  # fmt: skip
     layers = LayersEngine(runner, optimizer, schedule, split, batch_size, shift, augment)
-    if not ours:
+    if name == "layers":
+        return layers
+    if not on_gpu:
         if name == "graph":
             note(f"--engine graph applies to CUDA devices; training on {split.device}")
         return layers
-    if (augment is not None and not augment.is_identity) or position is not None:
-        why = "--augment runs there" if position is None else "resuming inside an epoch"
-        note(f"training with the array-op layers: {why}")
-        return layers
-    lr_of_step = [schedule(s) for s in range(total_steps)]
-    fused, why = fused_step.build(
-        model, optimizer, split, batch_size, lr_of_step, shift, name == "graph", count_launches
-    )
-    if fused is None:
-        note(f"training with the array-op layers: {why}")
-        return layers
-    return FusedEngine(runner, fused, why)
+    why = flat_supports(optimizer)
+    if why is None:
+        try:
+            lr_of_step = [schedule(s) for s in range(total_steps)]
+            graph_step = GraphStep(
+                model, optimizer, split, batch_size, lr_of_step, gpu_kernels(split.device.xp),
+                shift, augment, captured=name == "graph",
+            )  # fmt: skip
+            return GraphEngine(runner, graph_step)
+        except Exception as exc:  # a kernel that does not compile or load: the layers train
+            record_fallback("graph step", " ".join(str(exc).split())[:300])
+            why = f"our kernels failed here ({type(exc).__name__}); see the line above"
+    note(f"training with the array-op layers: {why}")
+    return layers

@@ -118,11 +118,6 @@ def _engine(run: Run, keeper: Keeper) -> Engine:
         max_batch=max(config.batch_size, config.eval_batch_size), position=run.position,
         stop_requested=lambda: keeper.stop.requested, note=note,
     )  # fmt: skip
-    if engine.name != "layers" and config.save_every:
-        note(
-            "--save-every applies to the array-op layers; the fused CUDA step saves at "
-            "epoch ends (a signal lets the epoch finish, about a second, then saves)"
-        )
     return engine
 
 

@@ -185,6 +185,14 @@ def _restore(run: Run, state: tuple[dict, dict, dict]) -> None:
     if not run.config.quiet and run.config.epochs != meta["config"]["epochs"]:
         line = _replanned(meta, run.stored, run.step, run.schedule(run.step))
         print(f"note: {line}", file=sys.stderr)
+    before, now = meta["config"].get("workers", 1), run.stored.get("workers", 1)
+    if not run.config.quiet and run.device.kind == "cpu" and before != now:
+        print(
+            f"note: --workers {now} (the checkpoint's run used {before}): the same weights and "
+            "optimizer state go on, but each step's gradient is now summed in another order, "
+            "so from here the metrics equal an uninterrupted run's to rounding, not bit for bit",
+            file=sys.stderr,
+        )
 
 
 def _nothing_left(meta: dict, config: TrainConfig) -> str | None:

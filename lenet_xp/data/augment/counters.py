@@ -41,17 +41,23 @@ def _mix(xp: Any, z: Any) -> Any:
     return z
 
 
-def image_keys(ids: Any, seed: int, epoch: int) -> Any:
+def epoch_key(seed: int, epoch: int) -> int:
+    """The 64-bit key of ``(seed, epoch)`` that :func:`image_keys` mixes into every image's."""
+    return _mix_int(_mix_int(int(seed) + _GOLDEN) ^ ((int(epoch) * _GOLDEN) & _MASK64))
+
+
+def image_keys(ids: Any, seed: int, epoch: int, key: Any = None) -> Any:
     """One 64-bit key per image, ``(N,) uint64``: a hash of ``(seed, epoch, ids[i])``.
 
     ``seed`` and ``epoch`` are host ints (mixed on the host); ``ids`` is a device integer
     array (each image's index in the training set), so an image gets the same key in a
-    given epoch whatever batch it is in and whatever the device."""
+    given epoch whatever batch it is in and whatever the device. ``key``, if given, is
+    :func:`epoch_key` already on the device (``(1,) uint64``; ``seed`` and ``epoch`` are then
+    ignored): a captured CUDA graph reads it there at every replay."""
     xp = get_array_module(ids)
-    key = _mix_int(_mix_int(int(seed) + _GOLDEN) ^ ((int(epoch) * _GOLDEN) & _MASK64))
     z = ids.astype(xp.uint64)
     z *= xp.uint64(_GOLDEN)
-    z += xp.uint64(key)
+    z += xp.uint64(epoch_key(seed, epoch)) if key is None else key
     return _mix(xp, z)
 
 

@@ -17,6 +17,7 @@ from lenet_xp.data.augment.counters import (
     uniforms,
 )
 from lenet_xp.data.augment.spec import Augment
+from lenet_xp.kernels.ops import Kernels, matmul
 
 
 @functools.lru_cache(maxsize=32)
@@ -84,14 +85,14 @@ def _pixel_basis(device: Device, h: int, w: int) -> Any:
         return xp.stack([rows, cols, xp.ones(h * w, dtype=xp.float32)])
 
 
-def sample_grid(theta: Any, h: int, w: int) -> Any:
+def sample_grid(theta: Any, h: int, w: int, kernels: Kernels | None = None) -> Any:
     """The sampling grid ``(2, N, h, w)`` float32 of affine maps ``theta (N, 2, 3)``
     (``theta[i] @ (row, col, 1)`` = the source of output pixel ``(row, col)``): ``grid[0]``
     the source rows, ``grid[1]`` the source columns. One GEMM; a view of ``(N, 2, h, w)``."""
     xp = get_array_module(theta)
     n = theta.shape[0]
     basis = _pixel_basis(device_of(theta), h, w)
-    grid = xp.ascontiguousarray(theta, dtype=xp.float32).reshape(2 * n, 3) @ basis
+    grid = matmul(xp.ascontiguousarray(theta, dtype=xp.float32).reshape(2 * n, 3), basis, kernels)
     return grid.reshape(n, 2, h, w).transpose(1, 0, 2, 3)
 
 
@@ -147,7 +148,9 @@ def elastic_matrices(device: Device, h: int, w: int, sigma: float) -> tuple[Any,
         return rows, xp.ascontiguousarray(cols.T)
 
 
-def elastic_field(aug: Augment, keys: Any, h: int, w: int, theta: Any = None) -> Any:
+def elastic_field(
+    aug: Augment, keys: Any, h: int, w: int, theta: Any = None, kernels: Kernels | None = None
+) -> Any:
     """Elastic displacements ``(2, N, h, w)`` float32 (rows, columns; pixels), a view of an
     ``(h, 2, N, w)`` array. With ``theta (N, 2, 3)`` (:func:`affine_theta`) the affine grid
     is added in the same two GEMMs: the result is then the whole sampling grid.
@@ -187,6 +190,6 @@ def elastic_field(aug: Augment, keys: Any, h: int, w: int, theta: Any = None) ->
         block[gy, :, :, gx + 1] = theta[:, :, 0].T
         block[gy + 1, :, :, gx] = theta[:, :, 1].T
         block[gy + 1, :, :, gx + 1] = theta[:, :, 2].T
-    field = rows @ block.reshape(gy + 2, 2 * n * (gx + 2))  # (h, 2 N (gx + 2))
-    field = field.reshape(h * 2 * n, gx + 2) @ cols_t  # (h 2 N, w)
+    field = matmul(rows, block.reshape(gy + 2, 2 * n * (gx + 2)), kernels)  # (h, 2 N (gx + 2))
+    field = matmul(field.reshape(h * 2 * n, gx + 2), cols_t, kernels)  # (h 2 N, w)
     return field.reshape(h, 2, n, w).transpose(1, 2, 0, 3)

@@ -3,11 +3,17 @@ noise, and the per-batch entry points :func:`augment_batch` and :class:`Distorti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lenet_xp.backend import get_array_module
-from lenet_xp.data.augment.counters import STREAM_NOISE, _box_muller, _hash, image_keys
+from lenet_xp.data.augment.counters import (
+    STREAM_NOISE,
+    _box_muller,
+    _hash,
+    epoch_key,
+    image_keys,
+)
 from lenet_xp.data.augment.geometry import affine_theta, elastic_field, sample_grid
 from lenet_xp.data.augment.spec import Augment
 from lenet_xp.data.mnist import BACKGROUND
@@ -104,14 +110,17 @@ def augment_batch(
     return finish(x, aug, keys, distortion_grid(aug, keys, *x.shape[2:]), fill)
 
 
-def distortion_grid(aug: Augment, keys: Any, h: int, w: int) -> Any:
+def distortion_grid(aug: Augment, keys: Any, h: int, w: int, kernels: Any = None) -> Any:
     """The sampling grid ``(2, N, h, w)`` of images ``keys`` (:func:`image_keys`): the affine
     map plus the elastic field; ``None`` when ``aug`` moves no pixel. Its GEMMs depend on the
-    batch size in the last bits, so a batch's grid is computed whole."""
+    batch size in the last bits, so a batch's grid is computed whole (``kernels``: our CUDA
+    kernels, whose GEMM runs inside a graph capture)."""
     if not aug.geometric:
         return None
     theta = affine_theta(aug, keys, h, w)
-    return elastic_field(aug, keys, h, w, theta) if aug.elastic_alpha else sample_grid(theta, h, w)
+    if aug.elastic_alpha:
+        return elastic_field(aug, keys, h, w, theta, kernels)
+    return sample_grid(theta, h, w, kernels)
 
 
 def finish(x: Any, aug: Augment, keys: Any, grid: Any, fill: float = BACKGROUND) -> Any:
@@ -142,17 +151,33 @@ class Distortion:
     seed: int
     epoch: int
     fill: float = BACKGROUND
+    #: The epoch's key on the device (``(1,) uint64``, :func:`epoch_key`), read there by a
+    #: captured CUDA graph; ``None``: from ``seed`` and ``epoch`` on the host.
+    device_key: Any = field(default=None, compare=False)
+    #: Our CUDA kernels (their GEMM inside a graph capture), or ``None``.
+    kernels: Any = field(default=None, compare=False)
 
     def __call__(self, x: Any, ids: Any) -> Any:
-        return augment_batch(x, self.augment, ids, self.seed, self.epoch, self.fill)
+        if self.device_key is None and self.kernels is None:
+            return augment_batch(x, self.augment, ids, self.seed, self.epoch, self.fill)
+        keys = self._keys(ids)
+        grid = distortion_grid(self.augment, keys, *x.shape[2:], self.kernels)
+        return finish(x, self.augment, keys, grid, self.fill)
+
+    def key(self) -> int:
+        """The epoch's 64-bit key (:func:`epoch_key` of ``seed`` and ``epoch``)."""
+        return epoch_key(self.seed, self.epoch)
+
+    def _keys(self, ids: Any) -> Any:
+        return image_keys(ids, self.seed, self.epoch, self.device_key)
 
     def grid(self, ids: Any, h: int, w: int) -> Any:
         """The batch's sampling grid ``(2, N, h, w)``, or ``None`` (no geometric distortion)."""
         if not self.augment.geometric:
             return None
-        return distortion_grid(self.augment, image_keys(ids, self.seed, self.epoch), h, w)
+        return distortion_grid(self.augment, self._keys(ids), h, w, self.kernels)
 
     def finish(self, x: Any, ids: Any, grid: Any) -> Any:
         """Images ``ids`` of the batch, ``x (n, C, H, W)``, distorted at ``grid (2, n, H, W)``."""
-        keys = image_keys(ids, self.seed, self.epoch) if self.augment.noise else None
+        keys = self._keys(ids) if self.augment.noise else None
         return finish(x, self.augment, keys, grid, self.fill)

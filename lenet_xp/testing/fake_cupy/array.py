@@ -10,6 +10,7 @@ graph is launched, as on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -193,7 +194,7 @@ def _poisoned(data: numpy.ndarray) -> numpy.ndarray:
     if data.dtype.kind in "fc":
         data.fill(numpy.nan)
     elif data.dtype.kind != "V":
-        data.view(numpy.uint8).fill(0xA5) if data.flags.c_contiguous else data.fill(0)
+        data.reshape(-1).view(numpy.uint8).fill(0xA5) if data.flags.c_contiguous else data.fill(0)
     return data
 
 
@@ -277,14 +278,52 @@ def call(what: str, function: Callable[..., Any], args: tuple, kwargs: dict,
     if "out" in kwargs and kwargs["out"] is not None:
         operands.check_devices(what)
         return _call_out(what, function, np_args, np_kwargs, operands, kwargs["out"])
-    result = function(*np_args, **np_kwargs)
+    try:
+        with _quiet_if_capturing():  # during a capture the operands may hold garbage
+            result = function(*np_args, **np_kwargs)
+    except IndexError:
+        if not runtime.capturing():
+            raise
+        # A captured gather's indices hold garbage until the graph runs (as on a GPU): only
+        # the result's shape matters now; the replay runs the real indices (and fails there,
+        # more strictly than a GPU, if they are out of range).
+        result = function(*_zero_integers(np_args), **_zero_integers(np_kwargs))
     wrapped, fresh = _wrap_result(result, operands, what)
     if fresh:
         _issue(what, function, np_args, np_kwargs, operands, fresh)
     return wrapped
 
 
+def _quiet_if_capturing() -> Any:
+    """No NumPy warnings for values computed during a capture (garbage until replay)."""
+    if not runtime.capturing():
+        return contextlib.nullcontext()
+    return numpy.errstate(all="ignore")
+
+
+def _zero_integers(value: Any) -> Any:
+    """``value`` with every integer array replaced by zeros (indices valid for any axis)."""
+    if isinstance(value, numpy.ndarray) and value.dtype.kind in "iu":
+        return numpy.zeros_like(value)
+    if isinstance(value, (list, tuple)):
+        items = [_zero_integers(v) for v in value]
+        return type(value)(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {k: _zero_integers(v) for k, v in value.items()}
+    return value
+
+
+#: Operations that only allocate: no kernel on a GPU (nothing counted, nothing captured;
+#: what they return during a capture holds garbage, as any new device memory).
+_ALLOCATIONS = {"cupy.empty", "cupy.empty_like"}
+
+
 def _issue(what, function, np_args, np_kwargs, operands, fresh) -> None:
+    if what in _ALLOCATIONS:
+        if runtime.capturing():
+            for array in fresh:
+                _poisoned(array._data)
+        return
     if not runtime.capturing():
         runtime.count_launch()
         return

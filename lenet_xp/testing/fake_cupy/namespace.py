@@ -420,7 +420,8 @@ def _method(name: str, params: list | None) -> Callable[..., Any]:
         if name == "dot":
             _check_cublas(name, (self, *args))
         if name in _INPLACE_METHODS:
-            return arrays.inplace(qualname, numpy_method, self, args, kwargs) and None
+            arrays.inplace(qualname, numpy_method, self, args, kwargs)  # no bool(): a read
+            return None
         return call(qualname, numpy_method, (self, *args), kwargs)
 
     method.__name__ = name

@@ -175,10 +175,18 @@ class _Usage:
 
 class MemoryPool:
     """As ``cupy.cuda.MemoryPool``: one pool object, accounts per device (its methods speak
-    of the current device); freed blocks stay cached until :meth:`free_all_blocks`."""
+    of the current device); freed blocks stay cached until :meth:`free_all_blocks`.
+
+    A pool other than the default one keeps every block it handed out until
+    :meth:`free_all_blocks` (or until the pool itself goes): as in CuPy, a freed block is
+    still device memory of the pool, so a graph captured with the pool as its allocator
+    (``using_allocator(pool.malloc)``) stays valid while the pool lives. Blocks of the default
+    pool are modelled as handed to the next allocation once freed: a graph that touches a
+    freed one fails at launch (the bug a reserved pool avoids)."""
 
     def __init__(self, allocator: Any = None) -> None:
         self._usage: dict[int, _Usage] = {}
+        self._kept: list[Memory] | None = []  # None: the default pool
 
     def _here(self, device: int | None = None) -> _Usage:
         return self._usage.setdefault(current_device() if device is None else device, _Usage())
@@ -192,7 +200,10 @@ class MemoryPool:
             raise OutOfMemoryError(size, usage.used + usage.free, usage.limit)
         usage.free -= min(size, usage.free)
         usage.used += size
-        return Memory(device, size, self)
+        memory = Memory(device, size, self)
+        if self._kept is not None:
+            self._kept.append(memory)
+        return memory
 
     def _release(self, device: int, size: int) -> None:
         usage = self._here(device)
@@ -212,6 +223,8 @@ class MemoryPool:
         return self._here().used + self._here().free
 
     def free_all_blocks(self, stream: Any = None) -> None:
+        if self._kept is not None:
+            self._kept.clear()  # blocks no array holds are gone: a graph on them fails
         self._here().free = 0
 
     def n_free_blocks(self) -> int:
@@ -227,6 +240,7 @@ class MemoryPool:
 
 
 _DEFAULT_POOL = MemoryPool()
+_DEFAULT_POOL._kept = None
 _allocator: list[Callable[[int], Any] | None] = [None]
 
 

@@ -19,6 +19,11 @@ LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_
 #: How long a rank that has finished (or failed) waits for the others at the end before it
 #: aborts the whole job (a rank that failed alone would otherwise leave them waiting forever).
 FINISH_GRACE_S = 20.0
+#: How long a step's all-reduce may wait for the other ranks before this rank ends the job
+#: (seconds; ``$LENET_XP_COLLECTIVE_TIMEOUT``): a rank that hangs or is stopped, or a node
+#: that drops off the network without closing its connections, never answers. PyTorch's
+#: default for its collectives is 10 minutes too.
+COLLECTIVE_TIMEOUT_S = 600.0
 
 
 class DistributedError(Exception):
@@ -52,8 +57,23 @@ class World:
         return self.rank == 0
 
     def allreduce_sum(self, buffer: Any) -> None:
-        """Sum ``buffer`` (a contiguous host array) over the ranks, in place."""
-        self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+        """Sum ``buffer`` (a contiguous host array) over the ranks, in place; if the others do
+        not all join within :func:`collective_timeout` seconds, say so in one line and end
+        the whole job (exit status 1) rather than wait forever."""
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+        if request.Test():
+            return
+        deadline = time.monotonic() + collective_timeout()
+        while not request.Test():  # MPI's own blocking wait polls as well
+            if time.monotonic() > deadline:
+                print(
+                    f"lenet_xp.train: error: rank {self.rank} waited {collective_timeout():g} s "
+                    "for the other ranks' step: one of them hangs, is stopped, or lost its "
+                    "node; ending the job (the last checkpoint is kept; resume from it; "
+                    "LENET_XP_COLLECTIVE_TIMEOUT sets the wait)",
+                    file=sys.stderr,
+                )
+                self.abort(1)
 
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (any picklable object), in rank order."""
@@ -75,9 +95,23 @@ class World:
             time.sleep(0.01)
 
     def abort(self, status: int) -> None:
-        """End every rank of the job now, with exit status ``status`` (at least 1)."""
+        """End every rank of the job now, with exit status ``status`` (at least 1). MPI's
+        abort may return before it has ended this process (MPICH's does while a rank is
+        stopped): this process then ends itself, and its launcher ends the rest."""
         sys.stderr.flush()
         self.comm.Abort(status or 1)
+        os._exit(status or 1)
+
+
+def collective_timeout() -> float:
+    """:data:`COLLECTIVE_TIMEOUT_S`, or ``$LENET_XP_COLLECTIVE_TIMEOUT`` seconds if set."""
+    value = os.environ.get("LENET_XP_COLLECTIVE_TIMEOUT", "").strip()
+    try:
+        return float(value) if value else COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        raise DistributedError(
+            f"LENET_XP_COLLECTIVE_TIMEOUT={value!r} is not a number of seconds"
+        ) from None
 
 
 def world() -> World | None:
@@ -92,5 +126,6 @@ def world() -> World | None:
             f"started as one of {launched_size()} MPI ranks, but mpi4py cannot be imported "
             f'({exc}): pip install "lenet_xp[mpi]"'
         ) from None
+    collective_timeout()  # a bad $LENET_XP_COLLECTIVE_TIMEOUT is one line now, not mid-run
     found = World(MPI.COMM_WORLD)
     return found if found.size > 1 else None

@@ -1,0 +1,223 @@
+"""Adjacent layers that run as one kernel on a GPU: what :class:`~lenet_xp.layers.Sequential`
+forms when its layers use our CUDA kernels (:meth:`Module.use_cuda_kernels`).
+
+- ``Conv2d -> MaxPool2d -> act`` (windows not overlapping; ``act`` ReLU, Sigmoid or Tanh):
+  the convolution's GEMM without its bias, then ``max_pool_bias_act`` (bias, pool and
+  activation in one launch); backward ``max_pool_act_backward`` (one launch), then the
+  convolution's own backward;
+- ``Conv2d -> act -> AvgPool2d``: ``bias_act_avg_pool`` and ``act_avg_pool_backward``;
+- ``Linear -> act``: the GEMM, then ``bias_act_cols`` (bias and activation); backward
+  ``act_backward`` (one launch), then the linear layer's;
+- ``BatchNorm1d -> act`` in training: ``batch_norm_act`` (the batch's statistics, the
+  running ones, the activation) and ``batch_norm_act_backward``.
+
+Each replaces about ten array operations by one kernel each way. A block's CPU reference is
+exactly the composition of its layers (the layers themselves run on the CPU and wherever the
+kernels are off), and the kernels compute the layers' operations in the same order (bias
+added before the maximum, ties to the first maximum, the activation's formula and backward as
+``functional.activation`` writes them, window sums in offset order), so a fused block equals
+its layers to the GEMM's rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lenet_xp.backend import get_array_module
+from lenet_xp.functional.conv import conv2d_forward
+from lenet_xp.kernels import ACTIVATION_CODES
+from lenet_xp.kernels.ops import matmul
+from lenet_xp.layers.activation import ReLU, Sigmoid, Tanh
+from lenet_xp.layers.batchnorm import BatchNorm1d
+from lenet_xp.layers.conv import Conv2d
+from lenet_xp.layers.linear import Linear
+from lenet_xp.layers.module import Module
+from lenet_xp.layers.pool import AvgPool2d, MaxPool2d
+
+_ACTIVATIONS = (ReLU, Sigmoid, Tanh)
+
+
+def _act_code(layer: Module) -> int | None:
+    """The kernels' code of activation ``layer`` (``None``: not one they run)."""
+    return ACTIVATION_CODES[type(layer).__name__] if type(layer) in _ACTIVATIONS else None
+
+
+def _conv_fits(conv: Module, pool: Module, pool_type: type) -> bool:
+    return (
+        type(conv) is Conv2d
+        and conv.bias is not None
+        and type(pool) is pool_type
+        and pool.stride == pool.kernel
+    )
+
+
+def _conv_gemm(conv: Conv2d, x: Any, kernels: Any) -> Any:
+    """The convolution's output without its bias, as its GEMM stores it: ``(C, H, W, N)``."""
+    y, cache = conv2d_forward(x, conv.weight.data, None, conv.stride, conv.padding, kernels)
+    conv._cache = cache if conv.training else None
+    return y.transpose(1, 2, 3, 0)
+
+
+def _chwn(grad: Any) -> Any:
+    """``grad (N, C, H, W)`` as contiguous ``(C, H, W, N)`` (free when stored so)."""
+    return get_array_module(grad).ascontiguousarray(grad.transpose(1, 2, 3, 0))
+
+
+class ConvPoolAct:
+    """``conv -> max-pool -> act`` as two kernels forward and one backward (see the module)."""
+
+    size = 3
+
+    def __init__(self, conv: Conv2d, pool: MaxPool2d, act: Module, kernels: Any) -> None:
+        self.conv, self.pool, self.kernels = conv, pool, kernels
+        self.act = _act_code(act)
+        self._out = self._argmax = self._y_shape = None
+
+    @staticmethod
+    def fits(layers: list[Module]) -> bool:
+        """Whether ``layers`` start with a block this class runs."""
+        return len(layers) >= 3 and _conv_fits(*layers[:2], MaxPool2d) and bool(
+            _act_code(layers[2]) is not None
+        )  # fmt: skip
+
+    def forward(self, x: Any) -> Any:
+        y = _conv_gemm(self.conv, x, self.kernels)
+        out, argmax = self.kernels.max_pool_bias_act(
+            y, self.conv.bias.data, self.pool.kernel, self.act
+        )
+        self._out, self._argmax, self._y_shape = out, argmax, y.shape
+        return out.transpose(3, 0, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        grad_y = self.kernels.max_pool_act_backward(
+            _chwn(grad_out), self._out, self._argmax, self._y_shape, self.pool.kernel, self.act
+        )
+        self._out = self._argmax = None
+        return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
+
+
+class ConvActAvgPool:
+    """``conv -> act -> average pool`` as two kernels forward and one backward."""
+
+    size = 3
+
+    def __init__(self, conv: Conv2d, act: Module, pool: AvgPool2d, kernels: Any) -> None:
+        self.conv, self.pool, self.kernels = conv, pool, kernels
+        self.act = _act_code(act)
+        self._act_out = None
+
+    @staticmethod
+    def fits(layers: list[Module]) -> bool:
+        return (
+            len(layers) >= 3
+            and _act_code(layers[1]) is not None
+            and _conv_fits(layers[0], layers[2], AvgPool2d)
+        )
+
+    def forward(self, x: Any) -> Any:
+        y = _conv_gemm(self.conv, x, self.kernels)
+        out, self._act_out = self.kernels.bias_act_avg_pool(
+            y, self.conv.bias.data, self.pool.kernel, self.act
+        )
+        return out.transpose(3, 0, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        grad_y = self.kernels.act_avg_pool_backward(
+            _chwn(grad_out), self._act_out, self.pool.kernel, self.act
+        )
+        self._act_out = None
+        return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
+
+
+class LinearAct:
+    """``linear -> act``: the GEMM and one kernel forward, one kernel and the linear layer's
+    backward (see the module)."""
+
+    size = 2
+
+    def __init__(self, linear: Linear, act: Module, kernels: Any) -> None:
+        self.linear, self.kernels = linear, kernels
+        self.act = _act_code(act)
+        self._y: Any = None
+
+    @staticmethod
+    def fits(layers: list[Module]) -> bool:
+        if len(layers) < 2:
+            return False
+        linear, act = layers[:2]
+        return type(linear) is Linear and linear.bias is not None and _act_code(act) is not None
+
+    def forward(self, x: Any) -> Any:
+        linear = self.linear
+        linear._x = x if linear.training else None
+        y = matmul(x, linear.weight.data.T, self.kernels)  # (N, out), contiguous
+        self._y = self.kernels.bias_act_cols(y, linear.bias.data, self.act)
+        return self._y
+
+    def backward(self, grad_y: Any) -> Any:
+        xp = get_array_module(grad_y)
+        # in place: the gradient the next layer handed back is not held elsewhere
+        grad = grad_y if grad_y.flags.c_contiguous else xp.ascontiguousarray(grad_y)
+        self.kernels.act_backward(grad, self._y, self.act)
+        self._y = None
+        return self.linear.backward(grad)
+
+
+class BatchNormAct:
+    """``BatchNorm1d -> act`` in training: one kernel each way (the batch's statistics, the
+    running ones and the activation; in evaluation the layers run)."""
+
+    size = 2
+
+    def __init__(self, norm: BatchNorm1d, act: Module, kernels: Any) -> None:
+        self.norm, self.kernels = norm, kernels
+        self.act = _act_code(act)
+        self._y: Any = None
+
+    @staticmethod
+    def fits(layers: list[Module]) -> bool:
+        if len(layers) < 2:
+            return False
+        norm, act = layers[:2]
+        return type(norm) is BatchNorm1d and norm.training and _act_code(act) is not None
+
+    def forward(self, x: Any) -> Any:
+        bn = self.norm
+        if x.ndim != 2 or x.shape[1] != bn.weight.shape[0]:
+            return bn.forward(x)  # the layer's own one-line error
+        x = get_array_module(x).ascontiguousarray(x)
+        self._y, bn._x_hat, bn._inv_std = self.kernels.batch_norm_act(
+            x, bn.weight.data, bn.bias.data, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.eps, bn.momentum, self.act,
+        )  # fmt: skip
+        return self._y
+
+    def backward(self, grad_y: Any) -> Any:
+        bn = self.norm
+        grad_y = get_array_module(grad_y).ascontiguousarray(grad_y)
+        grad_x, bn.weight.grad, bn.bias.grad = self.kernels.batch_norm_act_backward(
+            grad_y, self._y, bn._x_hat, bn._inv_std, bn.weight.data, self.act
+        )
+        self._y = None
+        return grad_x
+
+
+#: The blocks :func:`plan` tries at each layer, in order.
+BLOCKS = (ConvPoolAct, ConvActAvgPool, LinearAct, BatchNormAct)
+
+
+def plan(layers: list[Module], kernels: Any) -> list[Any]:
+    """What runs, in order: ``layers`` with each run of adjacent layers that a block of
+    :data:`BLOCKS` fuses replaced by that block (``kernels``: ours, or ``None``: no fusion)."""
+    steps, i = [], 0
+    while i < len(layers):
+        for block in BLOCKS if kernels is not None else ():
+            run = layers[i : i + block.size]
+            if block.fits(run) and all(layer.cuda_kernels for layer in run):
+                steps.append(block(*run, kernels))
+                i += block.size
+                break
+        else:
+            steps.append(layers[i])
+            i += 1
+    return steps
