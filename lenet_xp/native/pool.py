@@ -76,7 +76,8 @@ def max_pool_forward(x: Any, kernel: int, stride: int, oh: int, ow: int) -> tupl
 
 def max_pool_backward(grad_y: Any, argmax: Any, x_shape: tuple, kernel: int, stride: int) -> Any:
     """``grad_y`` and ``argmax (C, OH, OW, N)`` -> a new ``grad_x (C, H, W, N)`` of the forward
-    input's ``x_shape (N, C, H, W)`` (windows that do not overlap: ``stride >= kernel``)."""
+    input's ``x_shape (N, C, H, W)``; windows that do not overlap (``stride >= kernel``), and
+    not zeroed first where they tile it."""
     n, c, h, w = x_shape
     oh, ow = grad_y.shape[1:3]
     tiled = stride == kernel and (h, w) == (oh * kernel, ow * kernel)  # every input written
