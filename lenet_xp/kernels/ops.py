@@ -72,14 +72,10 @@ class CheckedKernel:
 
 class Kernels:
     """Typed launchers of every kernel for namespace ``xp`` (``cupy``, or ``numpy`` with an
-    emulating ``provider``). ``launches`` counts kernel launches issued through it.
-    ``own_gemm``: :func:`matmul` runs our GEMM always (``True``), or only while the current
-    stream captures a CUDA graph (``False``: cuBLAS eagerly, as CuPy allows)."""
+    emulating ``provider``). ``launches`` counts kernel launches issued through it."""
 
-    def __init__(
-        self, xp: ModuleType, provider: KernelProvider = cupy_function, own_gemm: bool = False
-    ) -> None:
-        self.xp, self.provider, self.own_gemm = xp, provider, own_gemm
+    def __init__(self, xp: ModuleType, provider: KernelProvider = cupy_function) -> None:
+        self.xp, self.provider = xp, provider
         self.launches = 0
         self._functions: dict[tuple[str, str], Any] = {}
 
@@ -374,9 +370,9 @@ class Kernels:
 
 def matmul(a: Any, b: Any, kernels: Kernels | None) -> Any:
     """``a @ b`` for 2-d arrays: by our GEMM (:meth:`Kernels.matmul`) when ``kernels`` is
-    given and uses it now (its ``own_gemm``, or the stream is capturing a CUDA graph, where
-    CuPy refuses cuBLAS), else by the array namespace (cuBLAS on a GPU, BLAS on the CPU)."""
-    if kernels is not None and (kernels.own_gemm or kernels.capturing()):
+    given and the current stream is capturing a CUDA graph (where CuPy refuses cuBLAS),
+    else by the array namespace (cuBLAS on a GPU, BLAS on the CPU)."""
+    if kernels is not None and kernels.capturing():
         return kernels.matmul(a, b)
     return a @ b
 
