@@ -430,6 +430,13 @@ def large_photo(digit: np.ndarray, size: tuple[int, int], fmt: str) -> bytes:
     return out.getvalue()
 
 
+def ctrl_c_stops() -> None:
+    """In the server's process, before it starts: SIGINT as a terminal's Ctrl+C delivers it,
+    even when these tests run where SIGINT is ignored (a shell's background job), which the
+    server would inherit (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def peak_mib(pid: int) -> float:
     """The peak resident memory of process ``pid`` so far, in MiB (Linux's VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -448,7 +455,9 @@ def test_large_pictures_refused_from_the_header_memory_stays_small(trained_check
         pytest.skip("reads peak memory from /proc (Linux)")
     images, labels = digits
     cmd = [sys.executable, "-m", "lenet_xp.serve", "--checkpoint", str(trained_checkpoint)]
-    proc = subprocess.Popen([*cmd, "--port", "0"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--port", "0"], stdout=subprocess.PIPE, text=True, preexec_fn=ctrl_c_stops
+    )
     try:
         line = ""
         while not line.startswith("open "):
@@ -525,7 +534,10 @@ def test_cli_serves_until_ctrl_c(trained_checkpoint):
     for host in (None, "0.0.0.0"):
         cmd = [sys.executable, "-m", "lenet_xp.serve", "--checkpoint", str(trained_checkpoint)]
         cmd += ["--port", "0"] + (["--host", host] if host else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=ctrl_c_stops,
+        )  # fmt: skip
         try:
             lines = []
             while not (lines and lines[-1].startswith("open ")):
