@@ -53,7 +53,7 @@ def same_run(got: list[dict], expected: list[dict], tol: float = 1e-9) -> None:
     """The records agree to ``tol`` (numbers), exactly otherwise; ``ranks`` aside."""
     assert len(got) == len(expected)
     for mine, theirs in zip(got, expected, strict=True):
-        mine = {k: v for k, v in mine.items() if k != "ranks"}
+        mine, theirs = ({k: v for k, v in r.items() if k != "ranks"} for r in (mine, theirs))
         assert mine.keys() == theirs.keys()
         for key, value in mine.items():
             if isinstance(value, float):
@@ -311,6 +311,58 @@ def test_two_gpu_ranks_train_the_single_gpu_run(tmp_path):
     records = metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["device"] for r in records] == ["cuda:0", "cuda:0"]  # rank 0's
     same_run(records, metrics(tmp_path / "one" / "metrics.jsonl"), tol=1e-7)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("engine", ["graph", "kernels"])
+def test_two_gpu_ranks_train_the_single_gpu_run_of_the_graph_engine(tmp_path, engine):
+    """``--engine graph`` over two GPU ranks: each captures its slice's two halves of the
+    step around the NCCL all-reduce; the metrics are the single-GPU graph run's, an epoch's
+    short last batch included (--limit-train 476: 444 = 27 * 16 + 12 training images)."""
+    flags = [*RUN[:1], "476", *RUN[2:], "--device", "cuda", "--engine", engine]
+    alone = subprocess.run(
+        train_cmd(*flags, "--out", str(tmp_path / "one")), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    done = run_ranks(2, *flags, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr
+    assert "note:" not in done.stderr, done.stderr  # no fallback to the layers
+    records = metrics(tmp_path / "two" / "metrics.jsonl")
+    expected = metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["engine"] for r in records] == [engine, engine]
+    same_run(records, expected, tol=1e-9)
+
+
+@needs_two_gpus
+def test_sigterm_to_one_gpu_rank_of_the_graph_engine_stops_all_then_resume_is_exact(tmp_path):
+    """The graph engine's ranks read their summed stop requests every ``READ_EVERY`` (50)
+    steps: SIGTERM to rank 1 during epoch 2 (steps 29-56) stops both at step 50, mid-epoch,
+    with a checkpoint from which two ranks finish the uninterrupted run."""
+    from lenet_xp.training.distributed.graph import READ_EVERY
+
+    flags = [
+        ("3" if flag == "2" and RUN[i - 1] == "--epochs" else flag) for i, flag in enumerate(RUN)
+    ]
+    flags += ["--device", "cuda", "--engine", "graph"]
+    whole = run_ranks(2, *flags, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "run"
+    proc, pids = _start_tagged(2, *flags, "--out", str(out), "--save-every", "6")
+    try:
+        assert wait_until(lambda: _step(out / "last.npz") >= 30, proc), proc.communicate()
+        os.kill(pids[1], signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr
+    meta = load_checkpoint(out / "last.npz")[2]
+    assert meta["step"] == READ_EVERY and meta["mid_epoch"]["batch"] == 50 - STEPS_PER_EPOCH
+    assert f"stopped by SIGTERM at step {READ_EVERY} (epoch 2, batch 22 " in stderr, stderr
+    done = run_ranks(2, "--resume", str(out / "last.npz"), *flags[-4:])
+    assert done.returncode == 0, done.stderr
+    same_run(metrics(out / "metrics.jsonl"), metrics(tmp_path / "whole" / "metrics.jsonl"))
 
 
 def test_the_one_mechanism_bench_runs_and_prints_its_table(capsys):
