@@ -285,6 +285,41 @@ def test_ranks_holding_other_parameters_are_found(perturb):
     assert done.stdout.count(why) == (2 if perturb else 0), done.stdout
 
 
+#: Under mpiexec -n 2: each rank's first dropout layer draws a mask; rank 0 prints whether
+#: the two ranks' masks are the same.
+MASKS = """
+import numpy as np
+from lenet_xp.backend import get_device
+from lenet_xp.layers import Dropout
+from lenet_xp.models.presets import build_from_config
+from lenet_xp.training.distributed.comm import world
+from lenet_xp.training.distributed.engine import AgreedStop, RankParallel
+from lenet_xp.training.interrupt import StopSignals
+
+ranks = world()
+config = {"arch": "lenet5", "seed": 0, "dtype": "float64", "dropout": 0.5}
+model = build_from_config(config).to(get_device("cpu"))
+runner = RankParallel(ranks, model, 1, 16, StopSignals(), AgreedStop())
+drop = next(layer for layer in model.modules() if isinstance(layer, Dropout))
+masks = ranks.allgather(drop.forward(np.ones((8, 84))) > 0)
+if ranks.rank == 0:
+    print("same" if (masks[0] == masks[1]).all() else "differ", masks[0].mean())
+runner.close()
+"""
+
+
+def test_the_ranks_draw_their_own_dropout_masks():
+    """Every rank holds the same seed; rank 1 forks its dropout stream (it drew rank 0's
+    masks for its own slice: every slice's image ``i`` lost the same units)."""
+    done = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, "-c", MASKS], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    verdict, kept = done.stdout.split()
+    assert verdict == "differ" and 0.3 < float(kept) < 0.7, done.stdout
+
+
 def test_an_out_in_use_stops_every_rank_with_one_line(tmp_path):
     with RunLock(tmp_path):  # another run holds --out
         started = time.monotonic()

@@ -87,7 +87,7 @@ class GraphStep:
         self.sums = (self.loss_sum, self.correct)  # what :meth:`compute` adds a step's to
         self.positions = xp.arange(batch_size, dtype=xp.int64)
         model.use_cuda_kernels(True)
-        dropouts = [layer for layer in _modules(model) if isinstance(layer, Dropout)]
+        dropouts = [layer for layer in model.modules() if isinstance(layer, Dropout)]
         for stream, layer in enumerate(dropouts):
             layer.use_clock(self.clock, stream)
         x, y = split.images[:batch_size], split.labels[:batch_size]
@@ -178,13 +178,6 @@ class GraphStep:
             self.graph.launch()
         else:
             self.step(rows)
-
-
-def _modules(module: Module) -> list[Module]:
-    found = [module]
-    for _, child in module.named_children():
-        found += _modules(child)
-    return found
 
 
 def train_epoch_graph(
