@@ -21,7 +21,7 @@ import numpy
 
 from lenet_xp.testing.cupy_names import SNAPSHOT
 from lenet_xp.testing.fake_cupy import array as arrays
-from lenet_xp.testing.fake_cupy import kernels, runtime
+from lenet_xp.testing.fake_cupy import kernels, runtime, streams
 from lenet_xp.testing.fake_cupy.array import call, ndarray
 
 _NAMES: dict[str, Any] = json.loads(SNAPSHOT.read_text())
@@ -172,8 +172,8 @@ def get_default_memory_pool() -> runtime.MemoryPool:
     return runtime.default_pool()
 
 
-def get_current_stream(device_id: int | None = None) -> runtime.Stream:
-    return runtime.current_stream(device_id)
+def get_current_stream(device_id: int | None = None) -> streams.Stream:
+    return streams.current_stream(device_id)
 
 
 @contextlib.contextmanager
@@ -294,7 +294,7 @@ def _runtime_module() -> Module:
         "deviceSynchronize": device_synchronize,
         "memGetInfo": mem_get_info,
         "streamIsCapturing": lambda ptr: (
-            runtime.current_stream().ptr == ptr and runtime.capturing()
+            streams.current_stream().ptr == ptr and runtime.capturing()
         ),
         "is_hip": False,
     }
@@ -324,15 +324,15 @@ def _cuda_module(runtime_module: Module) -> Module:
     memory.MemoryPool = runtime.MemoryPool
     own = {
         "Device": runtime.Device,
-        "Stream": runtime.Stream,
-        "Event": runtime.Event,
-        "Graph": runtime.Graph,
+        "Stream": streams.Stream,
+        "Event": streams.Event,
+        "Graph": streams.Graph,
         "MemoryPool": runtime.MemoryPool,
         "runtime": runtime_module,
         "memory": memory,
         "get_current_stream": get_current_stream,
         "get_device_id": runtime.current_device,
-        "get_elapsed_time": runtime.elapsed_ms,
+        "get_elapsed_time": streams.elapsed_ms,
         "is_available": is_available,
         "using_allocator": using_allocator,
         "set_allocator": set_allocator,
