@@ -154,8 +154,18 @@ def test_what_the_kernels_take(monkeypatch):
     assert not native.fits(a, np.zeros((4, 4), np.float64))  # one dtype
     assert not native.fits(a.T[::2])  # not C-contiguous
     assert not native.fits(np.zeros(3, np.int64))  # not a float
+    assert native.fits(np.zeros(3, np.uint8), dtypes=(np.dtype(np.uint8),))  # asked for
+    # batch-innermost (N, C, H, W) views: the same checks, on their (C, H, W, N) memory
+    stored = np.zeros((3, 4, 4, 2), np.float32).transpose(3, 0, 1, 2)  # N innermost
+    assert native_pool.batch_innermost(stored).base is stored.base
+    assert native_pool.batch_innermost(stored.astype(np.uint8), "uint8") is not None
+    assert native_pool.batch_innermost(stored.astype(np.uint8)) is None  # not a float
+    assert native_pool.batch_innermost(stored.astype(np.float64), "float32") is None
+    assert native_pool.batch_innermost(np.ascontiguousarray(stored)) is None  # N outermost
+    assert native_pool.batch_innermost(a) is None  # not 4-D
     monkeypatch.setenv("LENET_XP_NATIVE", "0")
     assert not native.fits(a)
+    assert native_pool.batch_innermost(stored) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
