@@ -168,23 +168,38 @@ def test_sigterm_to_one_rank_stops_all_then_resume_is_exact(single, tmp_path, re
     same_run(metrics(out / "metrics.jsonl"), single)
 
 
-def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
-    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
-    proc, pids = _start_tagged(2, *flags, "--out", str(tmp_path), "--save-every", "5")
+def _alive(pid: int) -> bool:
     try:
-        assert wait_until(lambda: _step(tmp_path / "last.npz") >= 5, proc), proc.communicate()
-        os.kill(pids[1], signal.SIGKILL)
-        killed = time.monotonic()
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone
+        return False
+
+
+def _signal_rank_1_mid_run(out: Path, signum: int) -> tuple[int, dict[int, int], str, str, float]:
+    """Two ranks on a 20-epoch run saving every 5 steps into ``out``; once a checkpoint of
+    step 5 or later is there, ``signum`` to rank 1 and wait (at most 60 s) for ``mpiexec``
+    to end (it is killed with its ranks if it has not). ``(mpiexec's exit status, the ranks'
+    pids by rank, its stdout, its stderr, seconds from the signal to its end)``."""
+    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
+    proc, pids = _start_tagged(2, *flags, "--out", str(out), "--save-every", "5")
+    try:
+        assert wait_until(lambda: _step(out / "last.npz") >= 5, proc), proc.communicate()
+        os.kill(pids[1], signum)
+        signalled = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
-        assert time.monotonic() - killed < 30
+        return proc.returncode, pids, stdout, stderr, time.monotonic() - signalled
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+
+
+def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
+    status, pids, stdout, stderr, seconds = _signal_rank_1_mid_run(tmp_path, signal.SIGKILL)
+    assert seconds < 30
+    assert status != 0
     said = stdout + stderr  # MPICH's mpiexec says it on its stdout
     assert f"PID {pids[1]}" in said and "signal 9" in said, said
-    for pid in pids.values():  # no rank left behind
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert not any(_alive(pid) for pid in pids.values())  # no rank left behind
     assert load_checkpoint(tmp_path / "last.npz")[2]["step"] >= 5  # intact, loadable
 
 
@@ -193,18 +208,9 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, monk
     waits ``LENET_XP_COLLECTIVE_TIMEOUT`` seconds in the step's all-reduce, says so in one
     line, and ends the job; no rank is left behind and the last checkpoint is intact."""
     monkeypatch.setenv("LENET_XP_COLLECTIVE_TIMEOUT", "3")
-    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
-    proc, pids = _start_tagged(2, *flags, "--out", str(tmp_path), "--save-every", "5")
-    try:
-        assert wait_until(lambda: _step(tmp_path / "last.npz") >= 5, proc), proc.communicate()
-        os.kill(pids[1], signal.SIGSTOP)
-        stopped = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=60)
-        assert 2 < time.monotonic() - stopped < 30  # its wait may start just before the stop
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    status, pids, _, stderr, seconds = _signal_rank_1_mid_run(tmp_path, signal.SIGSTOP)
+    assert 2 < seconds < 30  # its wait may start just before the stop
+    assert status != 0
     lines = [line for line in stderr.splitlines() if line.startswith("lenet_xp.train")]
     assert len(lines) == 1 and "rank 0 waited 3 s for the other ranks' step" in lines[0], stderr
     # no rank left behind: the stopped one, continued by the launcher, ends within its own wait
@@ -213,13 +219,6 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, monk
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids.values())
     assert load_checkpoint(tmp_path / "last.npz")[2]["step"] >= 5  # intact, loadable
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # gone
-        return False
 
 
 def test_a_collective_timeout_that_is_not_a_number_is_one_line(tmp_path, monkeypatch):
