@@ -31,16 +31,24 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from lenet_xp.backend import DeviceError, get_device, use_device
+from lenet_xp.data.images import BYTES_PER_PIXEL
 from lenet_xp.storage.checkpoint import CheckpointError
 from lenet_xp.web.api import ApiError, Classifier, body_of, parse_body
+from lenet_xp.web.budget import DecodeBudget, unmap_freed_blocks
 
 PROG = "python -m lenet_xp.serve"
 #: The largest request body accepted by default (a phone photo is a few MB).
 DEFAULT_MAX_BODY_MB = 20.0
 #: The most pixels a picture may decode to by default (a JPEG of a phone photo, 12 to 50
 #: megapixels, decodes at 1/2 to 1/8 scale, so to a few megapixels at most). Decoding costs
-#: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency), for 4 pictures at once.
+#: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency).
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Requests parsed at once (a body being decoded or a JSON array being read).
+PARSED_AT_ONCE = 4
+#: The memory budget of the pictures decoded at once, in grey pictures of ``max_pixels``
+#: (:mod:`lenet_xp.web.budget`): four grey ones at the limit (240 MB at 40 megapixels), or
+#: one in colour, at a time.
+DECODE_BUDGET_PICTURES = 4
 #: Static files of the page, by URL path: ``(file in lenet_xp/web/static, Content-Type)``.
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -135,9 +143,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             maps = parse_qs(url.query).get("maps", ["1"])[-1] not in ("0", "false", "no")
             body = self._read_body()
-            with self.server.slots:  # bounds the memory of pictures decoded at once
+            with self.server.slots:
                 x = parse_body(
-                    body_of(self.headers.get("Content-Type"), body), self.server.max_pixels
+                    body_of(self.headers.get("Content-Type"), body),
+                    self.server.max_pixels,
+                    self.server.decoding.reserve,  # bounds the memory of decodes under way
                 )
                 answer = self.server.classifier.classify(x, maps)
         except ApiError as exc:
@@ -238,7 +248,9 @@ class Server(ThreadingHTTPServer):
         self.verbose = verbose
         self.quiet = quiet
         self.files = static_files()
-        self.slots = threading.BoundedSemaphore(4)
+        self.slots = threading.BoundedSemaphore(PARSED_AT_ONCE)
+        grey_bytes = max_pixels * BYTES_PER_PIXEL["grey"]
+        self.decoding = DecodeBudget(int(DECODE_BUDGET_PICTURES * grey_bytes))
         super().__init__(address, Handler)
 
     @property
@@ -369,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: {_bind_error(exc, args.host, args.port)}", file=sys.stderr)
         return 1
+    unmap_freed_blocks()  # a decoded picture's memory goes back to the system when freed
     _announce(server, args.checkpoint, args.host)
     try:
         server.serve_forever()
