@@ -31,7 +31,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from lenet_xp.backend import DeviceError, get_device, use_device
-from lenet_xp.data.images import BYTES_PER_PIXEL
 from lenet_xp.storage.checkpoint import CheckpointError
 from lenet_xp.web.api import ApiError, Classifier, body_of, parse_body
 from lenet_xp.web.budget import DecodeBudget, unmap_freed_blocks
@@ -43,12 +42,8 @@ DEFAULT_MAX_BODY_MB = 20.0
 #: megapixels, decodes at 1/2 to 1/8 scale, so to a few megapixels at most). Decoding costs
 #: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency).
 DEFAULT_MAX_PIXELS = 40_000_000
-#: Requests parsed at once (a body being decoded or a JSON array being read).
+#: Requests parsed at once (a picture being decoded, within a memory budget, or JSON read).
 PARSED_AT_ONCE = 4
-#: The memory budget of the pictures decoded at once, in grey pictures of ``max_pixels``
-#: (:mod:`lenet_xp.web.budget`): four grey ones at the limit (240 MB at 40 megapixels), or
-#: one in colour, at a time.
-DECODE_BUDGET_PICTURES = 4
 #: Static files of the page, by URL path: ``(file in lenet_xp/web/static, Content-Type)``.
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -249,8 +244,7 @@ class Server(ThreadingHTTPServer):
         self.quiet = quiet
         self.files = static_files()
         self.slots = threading.BoundedSemaphore(PARSED_AT_ONCE)
-        grey_bytes = max_pixels * BYTES_PER_PIXEL["grey"]
-        self.decoding = DecodeBudget(int(DECODE_BUDGET_PICTURES * grey_bytes))
+        self.decoding = DecodeBudget.for_limit(max_pixels)  # lenet_xp.web.budget
         super().__init__(address, Handler)
 
     @property

@@ -61,6 +61,7 @@ def test_reservations_wait_their_turn_and_never_exceed_the_budget():
     for holder in (first, second, third, alone):
         holder.thread.join(10)
     assert budget.in_use == 0 and budget.peak == 25
+    assert DecodeBudget.for_limit(40_000_000).capacity == 240_000_000  # 4 grey, 1.5 B a pixel
     with pytest.raises(ValueError, match="positive"):
         DecodeBudget(0)
 

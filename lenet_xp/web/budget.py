@@ -25,6 +25,12 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 
+from lenet_xp.data.images import BYTES_PER_PIXEL
+
+#: A server's budget, in grey pictures of its ``max_pixels`` (:meth:`DecodeBudget.for_limit`):
+#: four grey ones at the limit (240 MB at 40 megapixels), or one in colour, at a time.
+GREY_PICTURES = 4
+
 #: glibc's ``mallopt`` parameter for the mmap threshold (``M_MMAP_THRESHOLD``, malloc.h).
 _M_MMAP_THRESHOLD = -3
 
@@ -53,6 +59,12 @@ class DecodeBudget:
         self.peak = 0  # the most bytes reserved at once so far
         self._changed = threading.Condition()
         self._waiting: deque[object] = deque()  # tickets of the reservations asked for, in order
+
+    @classmethod
+    def for_limit(cls, max_pixels: int) -> DecodeBudget:
+        """The budget of a server refusing pictures over ``max_pixels``: :data:`GREY_PICTURES`
+        grey pictures at the limit."""
+        return cls(int(GREY_PICTURES * max_pixels * BYTES_PER_PIXEL["grey"]))
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
