@@ -208,11 +208,12 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, monk
     waits ``LENET_XP_COLLECTIVE_TIMEOUT`` seconds in the step's all-reduce, says so in one
     line, and ends the job; no rank is left behind and the last checkpoint is intact."""
     monkeypatch.setenv("LENET_XP_COLLECTIVE_TIMEOUT", "3")
-    status, pids, _, stderr, seconds = _signal_rank_1_mid_run(tmp_path, signal.SIGSTOP)
-    assert 2 < seconds < 30  # its wait may start just before the stop
-    assert status != 0
+    status, pids, stdout, stderr, seconds = _signal_rank_1_mid_run(tmp_path, signal.SIGSTOP)
+    said = f"{pids}\n{stdout}\n{stderr}"
+    assert 2 < seconds < 30, said  # its wait may start just before the stop
+    assert status != 0, said
     lines = [line for line in stderr.splitlines() if line.startswith("lenet_xp.train")]
-    assert len(lines) == 1 and "rank 0 waited 3 s for the other ranks' step" in lines[0], stderr
+    assert len(lines) == 1 and "rank 0 waited 3 s for the other ranks' step" in lines[0], said
     # no rank left behind: the stopped one, continued by the launcher, ends within its own wait
     deadline = time.monotonic() + 20
     while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:

@@ -117,7 +117,13 @@ def test_without_the_recorded_folder_the_defaults_are_read(run, no_default_data,
     meta["config"]["data_dir"] = str(tmp_path / "gone")
     save_checkpoint(checkpoint, model_state, optim_state, meta)
     assert evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu"]) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    note = lines[0] if lines else ""
+    error = lines[-1] if lines else ""
+    assert note == (
+        f"note: {tmp_path / 'gone'}, the MNIST folder this run was trained on, is gone; "
+        "reading $LENET_XP_DATA or the cache instead (--data-dir chooses)"
+    ), lines
     assert error.startswith("lenet_xp.evaluate: error:") and str(no_default_data) in error
 
 

@@ -4,6 +4,7 @@ and its probabilities for host images (:func:`classify`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,14 @@ def run_data_dir(config: dict, data_dir: str | None) -> str | None:
     if data_dir is not None:
         return data_dir
     recorded = config.get("data_dir")
-    return recorded if recorded and Path(recorded).is_dir() else None
+    if recorded and not Path(recorded).is_dir():
+        print(
+            f"note: {recorded}, the MNIST folder this run was trained on, is gone; reading "
+            "$LENET_XP_DATA or the cache instead (--data-dir chooses)",
+            file=sys.stderr,
+        )
+        return None
+    return recorded or None
 
 
 def test_split(

@@ -24,6 +24,8 @@ FINISH_GRACE_S = 20.0
 #: that drops off the network without closing its connections, never answers. PyTorch's
 #: default for its collectives is 10 minutes too.
 COLLECTIVE_TIMEOUT_S = 600.0
+#: Before an abort, how long the launcher gets to forward this rank's last lines.
+FORWARD_S = 0.5
 
 
 class DistributedError(Exception):
@@ -97,8 +99,12 @@ class World:
     def abort(self, status: int) -> None:
         """End every rank of the job now, with exit status ``status`` (at least 1). MPI's
         abort may return before it has ended this process (MPICH's does while a rank is
-        stopped): this process then ends itself, and its launcher ends the rest."""
+        stopped): this process then ends itself, and its launcher ends the rest. First the
+        launcher gets :data:`FORWARD_S` to pass on what this rank wrote (MPICH's proxy reads
+        its stderr through a pipe; an abort at once could lose the line saying why)."""
         sys.stderr.flush()
+        sys.stdout.flush()
+        time.sleep(FORWARD_S)
         self.comm.Abort(status or 1)
         os._exit(status or 1)
 
