@@ -63,22 +63,46 @@ def _chwn(grad: Any) -> Any:
     return get_array_module(grad).ascontiguousarray(grad.transpose(1, 2, 3, 0))
 
 
-class ConvPoolAct:
-    """``conv -> max-pool -> act`` as two kernels forward and one backward (see the module)."""
+def _layer(position: int) -> property:
+    """The block's layer at ``position``, as a named attribute."""
+    return property(lambda block: block.layers[position], doc=f"layer {position} of the block")
 
-    size = 3
 
-    def __init__(self, conv: Conv2d, pool: MaxPool2d, act: Module, kernels: Any) -> None:
-        self.conv, self.pool, self.kernels = conv, pool, kernels
-        self.act = _act_code(act)
-        self._out = self._argmax = self._y_shape = None
+class FusedBlock:
+    """``size`` adjacent layers run as our kernels: made from the layers and the kernels
+    (``block(*layers, kernels)``), it has the layers' ``forward`` and ``backward``.
+    ``act_at``: the position of the block's activation, whose kernel code is ``act``."""
+
+    size = 2
+    act_at = 1
+
+    def __init__(self, *layers_and_kernels: Any) -> None:
+        *layers, self.kernels = layers_and_kernels
+        self.layers: tuple[Module, ...] = tuple(layers)
+        self.act = _act_code(self.layers[self.act_at])
+
+    @classmethod
+    def fits(cls, layers: list[Module]) -> bool:
+        """Whether ``layers`` start with a block this class runs."""
+        run = layers[: cls.size]
+        return len(run) == cls.size and _act_code(run[cls.act_at]) is not None and cls.takes(*run)
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        """Whether ``layers`` start with a block this class runs."""
-        return len(layers) >= 3 and _conv_fits(*layers[:2], MaxPool2d) and bool(
-            _act_code(layers[2]) is not None
-        )  # fmt: skip
+    def takes(*layers: Module) -> bool:
+        """Whether the block's layers other than its activation are ones it runs."""
+        raise NotImplementedError
+
+
+class ConvPoolAct(FusedBlock):
+    """``conv -> max-pool -> act`` as two kernels forward and one backward (see the module)."""
+
+    size, act_at = 3, 2
+    conv, pool = _layer(0), _layer(1)
+    _out = _argmax = _y_shape = None
+
+    @staticmethod
+    def takes(conv: Module, pool: Module, act: Module) -> bool:
+        return _conv_fits(conv, pool, MaxPool2d)
 
     def forward(self, x: Any) -> Any:
         y = _conv_gemm(self.conv, x, self.kernels)
@@ -96,23 +120,16 @@ class ConvPoolAct:
         return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
 
 
-class ConvActAvgPool:
+class ConvActAvgPool(FusedBlock):
     """``conv -> act -> average pool`` as two kernels forward and one backward."""
 
-    size = 3
-
-    def __init__(self, conv: Conv2d, act: Module, pool: AvgPool2d, kernels: Any) -> None:
-        self.conv, self.pool, self.kernels = conv, pool, kernels
-        self.act = _act_code(act)
-        self._act_out = None
+    size, act_at = 3, 1
+    conv, pool = _layer(0), _layer(2)
+    _act_out = None
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        return (
-            len(layers) >= 3
-            and _act_code(layers[1]) is not None
-            and _conv_fits(layers[0], layers[2], AvgPool2d)
-        )
+    def takes(conv: Module, act: Module, pool: Module) -> bool:
+        return _conv_fits(conv, pool, AvgPool2d)
 
     def forward(self, x: Any) -> Any:
         y = _conv_gemm(self.conv, x, self.kernels)
@@ -129,23 +146,16 @@ class ConvActAvgPool:
         return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
 
 
-class LinearAct:
+class LinearAct(FusedBlock):
     """``linear -> act``: the GEMM and one kernel forward, one kernel and the linear layer's
     backward (see the module)."""
 
-    size = 2
-
-    def __init__(self, linear: Linear, act: Module, kernels: Any) -> None:
-        self.linear, self.kernels = linear, kernels
-        self.act = _act_code(act)
-        self._y: Any = None
+    linear = _layer(0)
+    _y: Any = None
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        if len(layers) < 2:
-            return False
-        linear, act = layers[:2]
-        return type(linear) is Linear and linear.bias is not None and _act_code(act) is not None
+    def takes(linear: Module, act: Module) -> bool:
+        return type(linear) is Linear and linear.bias is not None
 
     def forward(self, x: Any) -> Any:
         linear = self.linear
@@ -163,23 +173,16 @@ class LinearAct:
         return self.linear.backward(grad)
 
 
-class BatchNormAct:
+class BatchNormAct(FusedBlock):
     """``BatchNorm1d -> act`` in training: one kernel each way (the batch's statistics, the
     running ones and the activation; in evaluation the layers run)."""
 
-    size = 2
-
-    def __init__(self, norm: BatchNorm1d, act: Module, kernels: Any) -> None:
-        self.norm, self.kernels = norm, kernels
-        self.act = _act_code(act)
-        self._y: Any = None
+    norm = _layer(0)
+    _y: Any = None
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        if len(layers) < 2:
-            return False
-        norm, act = layers[:2]
-        return type(norm) is BatchNorm1d and norm.training and _act_code(act) is not None
+    def takes(norm: Module, act: Module) -> bool:
+        return type(norm) is BatchNorm1d and norm.training
 
     def forward(self, x: Any) -> Any:
         bn = self.norm
