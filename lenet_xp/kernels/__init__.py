@@ -68,8 +68,6 @@ THREADS = 256
 #: Activation codes of the fused kernels (common.cuh): layer class name -> code.
 ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2}
 LOSS_THREADS = 256
-#: Activation codes of the fused kernels (common.cuh): layer class name -> code.
-ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2}
 GEMM_TILE = 16
 _HERE = Path(__file__).resolve().parent
 

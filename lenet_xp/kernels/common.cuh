@@ -27,3 +27,40 @@ __device__ __forceinline__ T activate_backward(T g, T y, int act) {
   if (act == ACT_TANH) return g * (T(1) - y * y);
   return y > T(0) ? g : T(0);
 }
+
+// Batch-innermost images (C, H, W, N): the position of flat index idx, and back.
+struct Chwn {
+  int c, y, x, n;
+};
+
+__device__ __forceinline__ Chwn chwn_at(long long idx, int n, int h, int w) {
+  Chwn at;
+  at.n = idx % n; idx /= n;
+  at.x = idx % w; idx /= w;
+  at.y = idx % h;
+  at.c = idx / h;
+  return at;
+}
+
+__device__ __forceinline__ long long chwn_index(int c, int y, int x, int in, int n, int h,
+                                                int w) {
+  return (((long long)c * h + y) * w + x) * n + in;
+}
+
+// Non-overlapping K x K windows (stride K) of a (C, H, W, N) input, one per pixel of a
+// (C, OH, OW, N) output. window_start: the input index of output pixel o's window's
+// top-left pixel; window_step(i, j): how far its offset (i, j) is from there;
+// window_of: the output index of the window holding input pixel p (-1: none, where H or W
+// is not a multiple of K).
+__device__ __forceinline__ long long window_start(const Chwn& o, int n, int h, int w, int k) {
+  return chwn_index(o.c, o.y * k, o.x * k, o.n, n, h, w);
+}
+
+__device__ __forceinline__ long long window_step(int i, int j, int n, int w) {
+  return ((long long)i * w + j) * n;
+}
+
+__device__ __forceinline__ long long window_of(const Chwn& p, int n, int k, int oh, int ow) {
+  const int oy = p.y / k, ox = p.x / k;
+  return (oy < oh && ox < ow) ? chwn_index(p.c, oy, ox, p.n, n, oh, ow) : -1;
+}
