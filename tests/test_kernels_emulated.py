@@ -23,8 +23,15 @@ from lenet_xp.functional.pool import (
     max_pool2d_backward,
     max_pool2d_forward,
 )
-from lenet_xp.kernels import ACTIVATION_CODES, GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
-from lenet_xp.layers import BatchNorm1d
+from lenet_xp.kernels import (
+    ACTIVATION_CODES,
+    GEMM_TILE,
+    LOSS_THREADS,
+    SOURCES,
+    SUBSAMPLE_THREADS,
+    THREADS,
+)
+from lenet_xp.layers import BatchNorm1d, LeCunTanh, TrainableSubsampling
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
@@ -139,6 +146,13 @@ ACTS = {
     "relu": (ACTIVATION_CODES["ReLU"], F.relu_forward, F.relu_backward),
     "sigmoid": (ACTIVATION_CODES["Sigmoid"], F.sigmoid_forward, F.sigmoid_backward),
     "tanh": (ACTIVATION_CODES["Tanh"], F.tanh_forward, F.tanh_backward),
+    "lecun_tanh": (
+        ACTIVATION_CODES["LeCunTanh"],
+        lambda x: F.scaled_tanh_forward(x, LeCunTanh.amplitude, LeCunTanh.slope)[0],
+        lambda g, y: F.scaled_tanh_backward(
+            g, y / LeCunTanh.amplitude, LeCunTanh.amplitude, LeCunTanh.slope
+        ),
+    ),
 }
 
 
@@ -240,6 +254,64 @@ def test_bias_act_avg_pool_and_backward(modules, dtype, case, act):
     ints = map(i32, (n, c, h, w, k, oh, ow, code))
     launch_1d(fn, grad_y.size, (grad_out, act_out, grad_y, *ints), "gridstride")
     _same(grad_y, expected, dtype, act)
+
+
+# -- subsample.cu -------------------------------------------------------------------------
+def _subsample_reference(y, bias, coeff, sbias, k, act, act2, grad_out):
+    """The layers' composition on ``y (C, H, W, N)``: bias, ``act``, TrainableSubsampling,
+    ``act2``; and back from ``grad_out (C, OH, OW, N)``: ``(out, act_out, grad_y, grad_coeff,
+    grad_sbias)``, batch-innermost."""
+    _, forward, backward = ACTS[act]
+    _, forward2, backward2 = ACTS[act2]
+    sub = TrainableSubsampling(y.shape[0], k, dtype=y.dtype.name)
+    sub.weight.data[...], sub.bias.data[...] = coeff, sbias
+    a = forward((y + bias[:, None, None, None]).transpose(3, 0, 1, 2))
+    out = forward2(sub.forward(a))
+    grad_a = sub.backward(backward2(grad_out.transpose(3, 0, 1, 2), out))
+    grad_y = backward(grad_a, a)
+    chwn = [v.transpose(1, 2, 3, 0) for v in (out, a, grad_y)]
+    return (*chwn, sub.weight.grad, sub.bias.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("acts", [("lecun_tanh", "lecun_tanh"), ("relu", "sigmoid")])
+def test_subsample_kernels_against_the_layers(modules, dtype, case, acts):
+    """conv bias -> act -> trainable subsampling -> act2 (LeCun's C1-S2) and back, the
+    coefficient and bias gradients included, against the layers (windows that H or W does not
+    fill get no gradient)."""
+    c, h, w, n, k = case
+    act, act2 = acts
+    rng = np.random.default_rng(15)
+    y, grad_out_full = (rng.standard_normal(s).astype(dtype) for s in ((c, h, w, n),) * 2)
+    bias, coeff, sbias = (rng.standard_normal(c).astype(dtype) for _ in range(3))
+    oh, ow = h // k, w // k
+    grad_out = np.ascontiguousarray(grad_out_full[:, :oh, :ow])
+    out, act_out, grad_y, grad_coeff, grad_sbias = _subsample_reference(
+        y, bias, coeff, sbias, k, act, act2, grad_out
+    )
+    ints = tuple(map(i32, (n, c, h, w, k, oh, ow, ACTS[act][0], ACTS[act2][0])))
+    got = {
+        name: np.full(like.shape, np.nan, dtype)
+        for name, like in (("out", out), ("act_out", act_out), ("mean", out), ("grad_y", y))
+    }
+    fn = kernel(modules, "subsample.cu", "bias_act_subsample_act", dtype)
+    args = (y, bias, coeff, sbias, got["act_out"], got["mean"], got["out"], *ints)
+    launch_1d(fn, out.size, args, "gridstride")
+    assert_close(got["out"], out, dtype)
+    inside = np.zeros(y.shape, bool)
+    inside[:, : oh * k, : ow * k] = True
+    assert_close(got["act_out"][inside], act_out[inside], dtype)
+    fn = kernel(modules, "subsample.cu", "act_subsample_act_backward", dtype)
+    launch_1d(fn, y.size, (grad_out, got["out"], got["act_out"], coeff, got["grad_y"], *ints))
+    assert_close(got["grad_y"], grad_y, dtype)
+    grads = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
+    fn = kernel(modules, "subsample.cu", "subsample_grads", dtype)
+    ints = map(i32, (n, c, oh, ow, k, ACTS[act2][0]))
+    blocks = max(1, c // 2)  # fewer blocks than channels: the grid-stride over channels
+    fn((blocks,), (SUBSAMPLE_THREADS,), (grad_out, got["out"], got["mean"], *grads, *ints))
+    assert_close(grads[0], grad_coeff, dtype)
+    assert_close(grads[1], grad_sbias, dtype)
 
 
 # -- norm.cu ------------------------------------------------------------------------------
@@ -459,17 +531,20 @@ def test_flat_optimizers_and_average(modules, dtype, variant):
 # -- dense.cu -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 13), (120, 33), (1, 1)])
-@pytest.mark.parametrize("relu", [False, True])
-def test_bias_act(modules, dtype, shape, relu):
+@pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
+def test_bias_act(modules, dtype, shape, act):
+    """A convolution's feature-major GEMM output ``(C, H*W*N)`` plus its bias, then the
+    activation (``--engine kernels``' ``conv -> act`` block, LeCun's C5)."""
     rng = np.random.default_rng(9)
     y = rng.standard_normal(shape).astype(dtype)
     bias = rng.standard_normal(shape[0]).astype(dtype)
     expected = y + bias[:, None]
-    if relu:
-        expected = np.where(expected > 0, expected, 0)
+    code = -1 if act == "none" else ACTS[act][0]
+    if act != "none":
+        expected = ACTS[act][1](expected)
     fn = kernel(modules, "dense.cu", "bias_act", dtype)
-    launch_1d(fn, y.size, (y, bias, i32(shape[0]), i32(shape[1]), i32(relu)), "gridstride")
-    np.testing.assert_array_equal(y, expected)
+    launch_1d(fn, y.size, (y, bias, i32(shape[0]), i64(shape[1]), i32(code)), "gridstride")
+    _same(y, expected, dtype, "relu" if act == "none" else act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -577,19 +652,19 @@ def test_gemm(modules, dtype, case):
 def test_rejects_mistyped_arguments(modules):
     fn = kernel(modules, "dense.cu", "bias_act", np.float32)
     y, bias = np.ones((3, 4), np.float32), np.ones(3, np.float32)
+    ok = (i32(3), i64(4), i32(0))  # m, n, act
     bad_calls = {
-        r"argument 2 \(int m\): .*Python int": (y, bias, 3, i32(4), i32(0)),
-        r"argument 3 \(int n\): .*numpy.int64": (y, bias, i32(3), i64(4), i32(0)),
-        r"argument 0 \(float\* y\): .*float64": (y.astype(np.float64), bias, *map(i32, (3, 4, 0))),
-        r"argument 0 \(float\* y\): .*C-contiguous": (np.ones((4, 3), np.float32).T, bias)
-        + tuple(map(i32, (3, 4, 0))),
-        r"argument 1 \(const float\* bias\): .*list": (y, [1.0, 1.0, 1.0], *map(i32, (3, 4, 0))),
-        r"argument 4 \(int relu\): .*0-d array": (y, bias, i32(3), i32(4), np.array(0, np.int32)),
-        r"takes 5 arguments": (y, bias, i32(3), i32(4)),
+        r"argument 2 \(int m\): .*Python int": (y, bias, 3, i64(4), i32(0)),
+        r"argument 3 \(long long n\): .*numpy.int32": (y, bias, i32(3), i32(4), i32(0)),
+        r"argument 0 \(float\* y\): .*float64": (y.astype(np.float64), bias, *ok),
+        r"argument 0 \(float\* y\): .*C-contiguous": (np.ones((4, 3), np.float32).T, bias, *ok),
+        r"argument 1 \(const float\* bias\): .*list": (y, [1.0, 1.0, 1.0], *ok),
+        r"argument 4 \(int act\): .*0-d array": (y, bias, i32(3), i64(4), np.array(0, np.int32)),
+        r"takes 5 arguments": (y, bias, i32(3), i64(4)),
     }
     readonly = y.copy()
     readonly.flags.writeable = False
-    bad_calls[r"argument 0 \(float\* y\): .*read-only"] = (readonly, bias, *map(i32, (3, 4, 0)))
+    bad_calls[r"argument 0 \(float\* y\): .*read-only"] = (readonly, bias, *ok)
     for pattern, args in bad_calls.items():
         with pytest.raises(TypeError, match=r"bias_act<float>: " + pattern):
             fn((1,), (32,), args)
@@ -608,14 +683,15 @@ def test_rejects_mistyped_arguments(modules):
             gather((1,), (32,), (*head, fill, *tail))
     gather((1,), (32,), (*head, np.float32(0.5), *tail))  # the right types run
     with pytest.raises(ValueError, match="1024"):
-        fn((1,), (64, 32), (y, bias, *map(i32, (3, 4, 0))))
+        fn((1,), (64, 32), (y, bias, *ok))
     with pytest.raises(ValueError, match="grid"):
-        fn((0,), (32,), (y, bias, *map(i32, (3, 4, 0))))
+        fn((0,), (32,), (y, bias, *ok))
 
 
 def test_syncthreads_kernels_run_on_threads(modules):
     assert kernel(modules, "dense.cu", "gemm", np.float32).threaded
     assert kernel(modules, "loss.cu", "softmax_cross_entropy", np.float64).threaded
+    assert kernel(modules, "subsample.cu", "subsample_grads", np.float32).threaded
     assert not kernel(modules, "conv.cu", "im2col", np.float32).threaded
 
 

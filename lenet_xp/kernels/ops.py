@@ -24,6 +24,7 @@ from lenet_xp.kernels import (
     cupy_function,
     source_text,
 )
+from lenet_xp.kernels.pool_ops import PoolLaunchers
 from lenet_xp.kernels.signatures import (
     Param,
     mismatch,
@@ -70,7 +71,7 @@ class CheckedKernel:
         self.function(grid, block, args)
 
 
-class Kernels:
+class Kernels(PoolLaunchers):
     """Typed launchers of every kernel for namespace ``xp`` (``cupy``, or ``numpy`` with an
     emulating ``provider``). ``launches`` counts kernel launches issued through it."""
 
@@ -142,56 +143,6 @@ class Kernels:
             self._fn("conv.cu", "col2im", x_cols.dtype), grad_x.size, (x_cols, grad_x, *args)
         )
         return grad_x
-
-    # -- pooling ---------------------------------------------------------------------------
-    def max_pool_bias_act(
-        self, y: Any, bias: Any, k: int, act: int, out: Any = None, argmax: Any = None
-    ) -> tuple[Any, Any]:
-        """``y (C, H, W, N)`` -> ``(act(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``;
-        ``act``: a code of :data:`~lenet_xp.kernels.ACTIVATION_CODES`."""
-        c, h, w, n = y.shape
-        oh, ow = h // k, w // k
-        out = self._empty((c, oh, ow, n), y.dtype, out)
-        argmax = self._empty((c, oh, ow, n), self.xp.uint8, argmax)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "max_pool_bias_act", y.dtype)
-        self._launch(fn, out.size, (y, bias, out, argmax, *args))
-        return out, argmax
-
-    def max_pool_act_backward(
-        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, act: int,
-        grad_y: Any = None,
-    ) -> Any:  # fmt: skip
-        """Gradient of :meth:`max_pool_bias_act` w.r.t. ``y``: ``(C, H, W, N)``."""
-        c, h, w, n = y_shape
-        oh, ow = out.shape[1:3]
-        grad_y = self._empty((c, h, w, n), grad_out.dtype, grad_y)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "max_pool_act_backward", grad_out.dtype)
-        self._launch(fn, grad_y.size, (grad_out, out, argmax, grad_y, *args))
-        return grad_y
-
-    def bias_act_avg_pool(self, y: Any, bias: Any, k: int, act: int) -> tuple[Any, Any]:
-        """``y (C, H, W, N)`` -> ``(avgpool(act(y + bias)) (C, OH, OW, N), act(y + bias)
-        (C, H, W, N), for the backward)``."""
-        c, h, w, n = y.shape
-        oh, ow = h // k, w // k
-        out = self.xp.empty((c, oh, ow, n), y.dtype)
-        act_out = self.xp.empty((c, h, w, n), y.dtype)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "bias_act_avg_pool", y.dtype)
-        self._launch(fn, out.size, (y, bias, act_out, out, *args))
-        return out, act_out
-
-    def act_avg_pool_backward(self, grad_out: Any, act_out: Any, k: int, act: int) -> Any:
-        """Gradient of :meth:`bias_act_avg_pool` w.r.t. ``y``: ``(C, H, W, N)``."""
-        c, h, w, n = act_out.shape
-        oh, ow = grad_out.shape[1:3]
-        grad_y = self.xp.empty((c, h, w, n), grad_out.dtype)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "act_avg_pool_backward", grad_out.dtype)
-        self._launch(fn, grad_y.size, (grad_out, act_out, grad_y, *args))
-        return grad_y
 
     # -- batch normalisation ---------------------------------------------------------------
     def batch_norm_act(
@@ -314,10 +265,12 @@ class Kernels:
             partial = self.xp.empty((splits, m, n), dtype=a.dtype)
         return self.gemm(a, b, c, partial=partial)
 
-    def bias_act(self, y: Any, bias: Any, relu: bool) -> Any:
-        """``y (M, N)`` contiguous, in place: ``act(y + bias[:, None])``."""
+    def bias_act(self, y: Any, bias: Any, act: int) -> Any:
+        """``y (M, N)`` contiguous (a convolution's GEMM output, feature-major), in place:
+        ``act(y + bias[:, None])`` (``act``: a code of
+        :data:`~lenet_xp.kernels.ACTIVATION_CODES`, or -1: none)."""
         m, n = y.shape
-        args = (y, bias, self._i32(m), self._i32(n), self._i32(int(relu)))
+        args = (y, bias, self._i32(m), self._i64(n), self._i32(act))
         self._launch(self._fn("dense.cu", "bias_act", y.dtype), y.size, args)
         return y
 

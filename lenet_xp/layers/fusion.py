@@ -1,11 +1,16 @@
 """Adjacent layers that run as one kernel on a GPU: what :class:`~lenet_xp.layers.Sequential`
-forms when its layers use our CUDA kernels (:meth:`Module.use_cuda_kernels`).
+forms when its layers use our CUDA kernels (:meth:`Module.use_cuda_kernels`). ``conv`` is a
+``Conv2d`` or a ``PartialConv2d`` (LeCun's C3: its dense, zero-filled weight in one GEMM);
+``act`` is ReLU, Sigmoid, Tanh or LeCun's scaled tanh.
 
-- ``Conv2d -> MaxPool2d -> act`` (windows not overlapping; ``act`` ReLU, Sigmoid or Tanh):
-  the convolution's GEMM without its bias, then ``max_pool_bias_act`` (bias, pool and
-  activation in one launch); backward ``max_pool_act_backward`` (one launch), then the
-  convolution's own backward;
-- ``Conv2d -> act -> AvgPool2d``: ``bias_act_avg_pool`` and ``act_avg_pool_backward``;
+- ``conv -> MaxPool2d -> act`` (windows not overlapping): the convolution's GEMM without its
+  bias, then ``max_pool_bias_act`` (bias, pool and activation in one launch); backward
+  ``max_pool_act_backward`` (one launch), then the convolution's own backward;
+- ``conv -> act -> AvgPool2d``: ``bias_act_avg_pool`` and ``act_avg_pool_backward``;
+- ``conv -> act -> TrainableSubsampling -> act`` (LeCun's C1-S2, C3-S4):
+  ``bias_act_subsample_act``; backward ``subsample_grads`` (the subsampling's coefficient
+  and bias gradients) and ``act_subsample_act_backward``;
+- ``conv -> act`` otherwise (LeCun's C5): ``bias_act`` and ``act_backward``;
 - ``Linear -> act``: the GEMM, then ``bias_act_cols`` (bias and activation); backward
   ``act_backward`` (one launch), then the linear layer's;
 - ``BatchNorm1d -> act`` in training: ``batch_norm_act`` (the batch's statistics, the
@@ -27,14 +32,16 @@ from lenet_xp.backend import get_array_module
 from lenet_xp.functional.conv import conv2d_forward
 from lenet_xp.kernels import ACTIVATION_CODES
 from lenet_xp.kernels.ops import matmul
-from lenet_xp.layers.activation import ReLU, Sigmoid, Tanh
+from lenet_xp.layers.activation import LeCunTanh, ReLU, Sigmoid, Tanh
 from lenet_xp.layers.batchnorm import BatchNorm1d
 from lenet_xp.layers.conv import Conv2d
 from lenet_xp.layers.linear import Linear
 from lenet_xp.layers.module import Module
+from lenet_xp.layers.partial_conv import PartialConv2d
 from lenet_xp.layers.pool import AvgPool2d, MaxPool2d
+from lenet_xp.layers.subsample import TrainableSubsampling
 
-_ACTIVATIONS = (ReLU, Sigmoid, Tanh)
+_ACTIVATIONS = (ReLU, Sigmoid, Tanh, LeCunTanh)
 
 
 def _act_code(layer: Module) -> int | None:
@@ -42,19 +49,23 @@ def _act_code(layer: Module) -> int | None:
     return ACTIVATION_CODES[type(layer).__name__] if type(layer) in _ACTIVATIONS else None
 
 
+def _is_conv(conv: Module) -> bool:
+    """Whether ``conv`` is a convolution (full or partial) with a bias, whose GEMM a block
+    runs (:func:`_conv_gemm`)."""
+    return type(conv) in (Conv2d, PartialConv2d) and conv.bias is not None
+
+
 def _conv_fits(conv: Module, pool: Module, pool_type: type) -> bool:
-    return (
-        type(conv) is Conv2d
-        and conv.bias is not None
-        and type(pool) is pool_type
-        and pool.stride == pool.kernel
-    )
+    return _is_conv(conv) and type(pool) is pool_type and pool.stride == pool.kernel
 
 
-def _conv_gemm(conv: Conv2d, x: Any, kernels: Any) -> Any:
-    """The convolution's output without its bias, as its GEMM stores it: ``(C, H, W, N)``."""
-    y, cache = conv2d_forward(x, conv.weight.data, None, conv.stride, conv.padding, kernels)
-    conv._cache = cache if conv.training else None
+def _conv_gemm(conv: Conv2d | PartialConv2d, x: Any, kernels: Any) -> Any:
+    """The convolution's output without its bias, as its GEMM stores it: ``(C, H, W, N)``
+    (contiguous); its cache kept as the layer's own ``backward`` reads it."""
+    partial = isinstance(conv, PartialConv2d)
+    weight = conv.dense_weight() if partial else conv.weight.data
+    y, cache = conv2d_forward(x, weight, None, conv.stride, conv.padding, kernels)
+    conv._cache = ((cache, weight) if partial else cache) if conv.training else None
     return y.transpose(1, 2, 3, 0)
 
 
@@ -146,6 +157,74 @@ class ConvActAvgPool(FusedBlock):
         return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
 
 
+class ConvActSubsampleAct(FusedBlock):
+    """``conv -> act -> trainable subsampling -> act2`` (LeCun's C1-S2 and C3-S4): the
+    convolution's GEMM and one kernel forward; two kernels (the input's gradient, the
+    subsampling's parameters' gradients) and the convolution's backward."""
+
+    size, act_at = 4, 1
+    conv, sub = _layer(0), _layer(2)
+    _out = _act_out = _mean = None
+
+    def __init__(self, *layers_and_kernels: Any) -> None:
+        super().__init__(*layers_and_kernels)
+        self.act2 = _act_code(self.layers[3])
+
+    @staticmethod
+    def takes(conv: Module, act: Module, sub: Module, act2: Module) -> bool:
+        return (
+            _is_conv(conv)
+            and type(sub) is TrainableSubsampling
+            and sub.channels == conv.out_channels
+            and _act_code(act2) is not None
+        )
+
+    def forward(self, x: Any) -> Any:
+        y = _conv_gemm(self.conv, x, self.kernels)
+        sub = self.sub
+        self._out, self._act_out, self._mean = self.kernels.bias_act_subsample_act(
+            y, self.conv.bias.data, sub.weight.data, sub.bias.data, sub.kernel, self.act,
+            self.act2,
+        )  # fmt: skip
+        return self._out.transpose(3, 0, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        sub, k = self.sub, self.kernels
+        grad = _chwn(grad_out)
+        sub.weight.grad, sub.bias.grad = k.subsample_grads(
+            grad, self._out, self._mean, sub.kernel, self.act2
+        )
+        grad_y = k.act_subsample_act_backward(
+            grad, self._out, self._act_out, sub.weight.data, sub.kernel, self.act, self.act2
+        )
+        self._out = self._act_out = self._mean = None
+        return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
+
+
+class ConvAct(FusedBlock):
+    """``conv -> act`` with no pooling after it (LeCun's C5): the GEMM and one kernel
+    forward (bias and activation), one kernel and the convolution's backward."""
+
+    conv = _layer(0)
+    _y: Any = None
+
+    @staticmethod
+    def takes(conv: Module, act: Module) -> bool:
+        return _is_conv(conv)
+
+    def forward(self, x: Any) -> Any:
+        y = _conv_gemm(self.conv, x, self.kernels)
+        self.kernels.bias_act(y.reshape(y.shape[0], -1), self.conv.bias.data, self.act)
+        self._y = y
+        return y.transpose(3, 0, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        grad = _chwn(grad_out)  # in place: the gradient handed back is not held elsewhere
+        self.kernels.act_backward(grad, self._y, self.act)
+        self._y = None
+        return self.conv.backward(grad.transpose(3, 0, 1, 2))
+
+
 class LinearAct(FusedBlock):
     """``linear -> act``: the GEMM and one kernel forward, one kernel and the linear layer's
     backward (see the module)."""
@@ -206,7 +285,7 @@ class BatchNormAct(FusedBlock):
 
 
 #: The blocks :func:`plan` tries at each layer, in order.
-BLOCKS = (ConvPoolAct, ConvActAvgPool, LinearAct, BatchNormAct)
+BLOCKS = (ConvPoolAct, ConvActAvgPool, ConvActSubsampleAct, ConvAct, LinearAct, BatchNormAct)
 
 
 def plan(layers: list[Module], kernels: Any) -> list[Any]:
