@@ -17,6 +17,7 @@ from lenet_xp.layers import (
     Linear,
     MaxPool2d,
     PartialConv2d,
+    RBFOutput,
     ReLU,
     Sequential,
     Sigmoid,
@@ -46,6 +47,10 @@ def _mixed(kw):  # other activations each side; 9 x 9 maps: a row and column lef
     return [Conv2d(1, 4, 5, padding=0, **kw), ReLU(), TrainableSubsampling(4, 2, **kw), Sigmoid()]
 
 
+def _f6_rbf(kw):  # F6 -> LeCun's RBF output: one kernel each way
+    return [Linear(120, 84, **kw), LeCunTanh(), RBFOutput(84, dtype=kw["dtype"])]
+
+
 def _partial_max(kw):
     return [PartialConv2d(6, 16, 5, LENET5_C3_TABLE, **kw), MaxPool2d(2), Tanh()]
 
@@ -57,6 +62,7 @@ CASES = {
     "c5-f6": (_c5_f6, (5, 16, 5, 5), [ConvAct, Flatten, LinearAct]),
     "mixed": (_mixed, (3, 1, 13, 13), [ConvActSubsampleAct]),
     "partial-max": (_partial_max, (2, 6, 14, 14), [ConvPoolAct]),
+    "f6-rbf": (_f6_rbf, (6, 120), [LinearAct, RBFOutput]),
 }
 
 
@@ -67,7 +73,9 @@ def _run(model, x, grad_y, kernels: bool):
     y = model.forward(x)
     steps = [type(step) for step in model._steps]
     grad_x = model.backward(grad_y.copy())  # a block may take the gradient over, in place
-    grads = {name: asnumpy(p.grad) for name, p in model.named_parameters()}
+    grads = {
+        name: p.grad if p.grad is None else asnumpy(p.grad) for name, p in model.named_parameters()
+    }
     for p in model.parameters():
         p.grad = None
     return asnumpy(y), asnumpy(grad_x), grads, steps

@@ -16,7 +16,7 @@ import pytest
 from lenet_xp.data.device_split import shift_images
 from lenet_xp.functional import activation as F
 from lenet_xp.functional.conv import col2im, im2col, output_size
-from lenet_xp.functional.loss import log_softmax, softmax_cross_entropy
+from lenet_xp.functional.loss import RBF_LOSS_J, log_softmax, rbf_loss, softmax_cross_entropy
 from lenet_xp.functional.pool import (
     avg_pool2d_backward,
     avg_pool2d_forward,
@@ -31,7 +31,7 @@ from lenet_xp.kernels import (
     SUBSAMPLE_THREADS,
     THREADS,
 )
-from lenet_xp.layers import BatchNorm1d, LeCunTanh, TrainableSubsampling
+from lenet_xp.layers import BatchNorm1d, LeCunTanh, RBFOutput, TrainableSubsampling
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
@@ -386,8 +386,13 @@ def _store(rows_by_class, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["feature_major", "row_major"])
 @pytest.mark.parametrize("n", [37, 300])  # fewer and more rows than LOSS_THREADS
-def test_softmax_cross_entropy(modules, dtype, layout, n):
+@pytest.mark.parametrize("j", [None, RBF_LOSS_J, -3.0])  # None: no rubbish logit
+def test_softmax_cross_entropy(modules, dtype, layout, n, j):
+    """The loss, its gradient and the running sums; with a rubbish logit ``-j``, LeCun's RBF
+    loss (``j = -3``: a rubbish logit above most logits, the log-sum-exp's shift)."""
     k = 10
+    rubbish = (i32(0), dtype(0)) if j is None else (i32(1), dtype(-j))
+    reference = softmax_cross_entropy if j is None else lambda a, b: rbf_loss(a, b, j)
     rng = np.random.default_rng(5)
     fn = kernel(modules, "loss.cu", "softmax_cross_entropy", dtype)
     loss_sum = np.array([1.5])
@@ -400,11 +405,11 @@ def test_softmax_cross_entropy(modules, dtype, layout, n):
         stored, (sli, slk) = _store(logits, layout)
         grad_stored, (sgi, sgk) = _store(np.full((n, k), np.nan, dtype), layout)
         batch_loss = np.full(1, np.nan, dtype)
-        args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), batch_loss)
-        args += (loss_sum, correct, counters, i32(n_counters))
+        args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), *rubbish)
+        args += (batch_loss, loss_sum, correct, counters, i32(n_counters))
         fn((1,), (LOSS_THREADS,), args)
 
-        ref_loss, ref_grad = softmax_cross_entropy(logits, labels)
+        ref_loss, ref_grad = reference(logits, labels)
         grad = grad_stored.T if layout == "feature_major" else grad_stored
         assert_close(grad, ref_grad, dtype)
         assert_close(batch_loss[0], ref_loss, dtype)
@@ -427,7 +432,8 @@ def test_softmax_cross_entropy_bad_label_gives_nan(modules, dtype):
     grad_stored, (sgi, sgk) = _store(np.full((n, k), np.nan, dtype), "feature_major")
     batch_loss, loss_sum = np.zeros(1, dtype), np.zeros(1)
     correct, counters = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), batch_loss)
+    args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), i32(0), dtype(0))
+    args += (batch_loss,)
     fn = kernel(modules, "loss.cu", "softmax_cross_entropy", dtype)
     fn((1,), (LOSS_THREADS,), (*args, loss_sum, correct, counters, i32(1)))
     assert np.isnan(batch_loss[0]) and np.isnan(loss_sum[0])
@@ -437,6 +443,29 @@ def test_softmax_cross_entropy_bad_label_gives_nan(modules, dtype):
     expected = np.exp(log_softmax(logits))
     expected[np.flatnonzero(valid), labels[valid]] -= 1
     assert_close(grad_stored.T, expected / n, dtype)  # a bad row: softmax / n, no one-hot
+
+
+# -- rbf.cu -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_rbf_kernels_against_the_layer(modules, dtype, n):
+    """LeCun's RBF output, forward and the input's gradient, against ``RBFOutput``'s array
+    code (its digit bitmaps as centres, F6-like inputs in (-1.7, 1.7))."""
+    rng = np.random.default_rng(16)
+    layer = RBFOutput(84, dtype=np.dtype(dtype).name)
+    x = rng.uniform(-1.7, 1.7, (n, 84)).astype(dtype)
+    centres = layer.centres.data
+    k = centres.shape[0]
+    expected = layer.forward(x)
+    logits = np.full((n, k), np.nan, dtype)
+    fn = kernel(modules, "rbf.cu", "rbf_logits", dtype)
+    launch_1d(fn, logits.size, (x, centres, logits, i64(n), i32(k), i32(84)), "gridstride")
+    assert_close(logits, expected, dtype)
+    grad_logits = rng.standard_normal((n, k)).astype(dtype)
+    grad_x = np.full((n, 84), np.nan, dtype)
+    fn = kernel(modules, "rbf.cu", "rbf_backward", dtype)
+    launch_1d(fn, grad_x.size, (grad_logits, x, centres, grad_x, i64(n), i32(k), i32(84)))
+    assert_close(grad_x, layer.backward(grad_logits), dtype)
 
 
 # -- data.cu ------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
         "act_avg_pool_backward",
     ),
     "subsample.cu": ("bias_act_subsample_act", "act_subsample_act_backward", "subsample_grads"),
+    "rbf.cu": ("rbf_logits", "rbf_backward"),
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
     "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),

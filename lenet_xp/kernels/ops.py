@@ -176,21 +176,41 @@ class Kernels(PoolLaunchers):
         self._launch(self._fn("norm.cu", "batch_norm_act_backward", grad_y.dtype), f, args)
         return grad_x, grad_w, grad_b
 
+    # -- LeCun's RBF output ----------------------------------------------------------------
+    def rbf_logits(self, x: Any, centres: Any) -> Any:
+        """``x (N, F)``, ``centres (K, F)`` (contiguous) -> ``logits (N, K)``:
+        ``-|x[r] - centres[j]|^2``."""
+        (n, f), k = x.shape, centres.shape[0]
+        logits = self.xp.empty((n, k), x.dtype)
+        args = (x, centres, logits, self._i64(n), self._i32(k), self._i32(f))
+        self._launch(self._fn("rbf.cu", "rbf_logits", x.dtype), logits.size, args)
+        return logits
+
+    def rbf_backward(self, grad_logits: Any, x: Any, centres: Any) -> Any:
+        """The gradient of :meth:`rbf_logits` w.r.t. ``x``: ``(N, F)``."""
+        (n, f), k = x.shape, centres.shape[0]
+        grad_x = self.xp.empty_like(x)
+        args = (grad_logits, x, centres, grad_x, self._i64(n), self._i32(k), self._i32(f))
+        self._launch(self._fn("rbf.cu", "rbf_backward", x.dtype), grad_x.size, args)
+        return grad_x
+
     # -- loss, data, optimizer -------------------------------------------------------------
     def softmax_cross_entropy(
         self, logits_kn: Any, labels: Any, grad_kn: Any, batch_loss: Any, loss_sum: Any,
-        correct: Any, counters: Any = None,
+        correct: Any, counters: Any = None, rubbish: float | None = None,
     ) -> None:  # fmt: skip
         """Feature-major ``logits_kn (K, N)`` -> ``grad_kn (K, N)``, ``batch_loss (1,)``; adds
         to the running ``loss_sum (1,) float64`` and ``correct (1,) int64``; ``counters``
-        (int64) each += 1."""
+        (int64) each += 1. ``rubbish``: one more constant logit in the softmax (LeCun's RBF
+        loss: ``-j``), or ``None``."""
         k, n = logits_kn.shape
         item = logits_kn.itemsize
         sl = [self._i64(s // item) for s in logits_kn.strides[::-1]]  # (row = n, class = k)
         sg = [self._i64(s // grad_kn.itemsize) for s in grad_kn.strides[::-1]]
         n_counters = 0 if counters is None else int(counters.size)
         args = (
-            logits_kn, *sl, labels, grad_kn, *sg, self._i32(n), self._i32(k), batch_loss,
+            logits_kn, *sl, labels, grad_kn, *sg, self._i32(n), self._i32(k),
+            self._i32(rubbish is not None), logits_kn.dtype.type(rubbish or 0.0), batch_loss,
             loss_sum, correct, counters, self._i32(n_counters),
         )  # fmt: skip
         fn = self._fn("loss.cu", "softmax_cross_entropy", logits_kn.dtype)

@@ -37,7 +37,6 @@ from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.layers import Dropout
 from lenet_xp.layers.module import Module
-from lenet_xp.models.lenet5 import model_loss
 from lenet_xp.optim.optimizers import Optimizer
 from lenet_xp.training.flat import BATCH, FlatUpdate
 from lenet_xp.training.resume import EpochPosition, Keeper
@@ -131,13 +130,9 @@ class GraphStep:
         x, y = self.batch(rows)
         model = self.model
         logits = model.forward(x)
-        if getattr(model, "loss_fn", None) is None:  # one launch, running sums included
-            sums = (self.loss_sum, self.correct)
-            _, grad = softmax_cross_entropy(logits, y, self.kernels, sums)
-        else:
-            loss, grad = model_loss(model, logits, y)
-            self.loss_sum += loss * rows
-            self.correct += (logits.argmax(axis=1) == y).sum()
+        loss_fn = getattr(model, "loss_fn", None) or softmax_cross_entropy
+        # one launch, the running sums included
+        _, grad = loss_fn(logits, y, kernels=self.kernels, sums=(self.loss_sum, self.correct))
         model.backward(grad)
         self.flat.step()
         self.clock += 1
