@@ -16,10 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
-
 from lenet_xp import layers as L
-from lenet_xp.backend import asnumpy
+from lenet_xp.backend import asnumpy, host_zeros
 from lenet_xp.functional.loss import RBF_LOSS_J, rbf_loss
 
 
@@ -45,7 +43,7 @@ def _lecun_modules(torch: Any) -> dict[str, type]:
         def __init__(self, layer: L.PartialConv2d) -> None:
             o, i, k = layer.out_channels, layer.in_channels, layer.kernel
             super().__init__(i, o, k, stride=layer.stride, padding=layer.padding)
-            mask = np.zeros((o, i, 1, 1), np.float32)
+            mask = host_zeros((o, i, 1, 1), "float32")
             for out_map, row in enumerate(layer.table):
                 mask[out_map, list(row)] = 1
             self.register_buffer("mask", torch.from_numpy(mask), persistent=False)
@@ -104,7 +102,7 @@ def torch_twin(model: L.Module, weights: bool = True) -> Any:
     lecun = _lecun_modules(torch)
     named = ((name, _twin(child, torch, lecun)) for name, child in model.named_children())
     net = torch.nn.Sequential(OrderedDict(named))
-    net.to(torch.float64 if model.parameters()[0].data.dtype == np.float64 else torch.float32)
+    net.to(torch.float64 if str(model.parameters()[0].data.dtype) == "float64" else torch.float32)
     if weights:
         net.load_state_dict(_torch_state(model, torch))  # strict
     return net
@@ -117,7 +115,7 @@ def _torch_state(model: L.Module, torch: Any) -> dict[str, Any]:
     for name, child in model.named_children():
         if isinstance(child, L.PartialConv2d):
             state[f"{name}.weight"] = asnumpy(child.dense_weight())
-    return {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in state.items()}
+    return {name: torch.tensor(value) for name, value in state.items()}  # copies
 
 
 def torch_loss(model: L.Module) -> Any:
