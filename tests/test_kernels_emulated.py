@@ -787,8 +787,8 @@ def test_null_pointer_is_caught_without_bounds_checking():
     fn = EmulatedModule("dense.cu", check_bounds=False).get_function("bias_act<double>")
     y = np.zeros((2, 3))
     with pytest.raises(KernelFaultError, match="null pointer"):
-        fn((1,), (32,), (y, None, i32(2), i32(3), i32(0)))
-    fn((1,), (32,), (y, np.ones(2), i32(2), i32(3), i32(0)))
+        fn((1,), (32,), (y, None, i32(2), i64(3), i32(0)))
+    fn((1,), (32,), (y, np.ones(2), i32(2), i64(3), i32(0)))
     assert (y == 1).all()
 
 
