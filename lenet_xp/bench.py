@@ -159,8 +159,36 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
     pad32 = preset_model(args.arch).input_size == 32
     split, source = load_train_split(device, args.data_dir, args.limit_train, pad32)
     print(f"lenet_xp bench on {device}: {machine_line(device)}; data: {source}; --arch {args.arch}")
+    rows, notes, extra_costs = _time_engines(args, device, split)
+    _print_epoch_table(rows, notes)
+    _print_extra_costs(args, extra_costs)
+    print(
+        "launches: counted by scripts/count_launches.py on the CuPy stand-in; CUPTI: CUDA "
+        "kernels and copies the GPU ran for one step (needs PyTorch's profiler; a graph "
+        "replay's nodes)"
+    )
+    if args.time_to:
+        _race(args, device, split)
+    if not args.no_profile:
+        _profile(args, device, split)
+    what = "GPU pool" if device.kind == "cuda" else "RSS"
+    print(f"\npeak memory: {peak_memory_mib(device):,.0f} MiB ({what})")
+    if device.kind == "cpu" and args.workers > 1:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"peak memory of the largest worker process: {children:,.0f} MiB (RSS)")
+    return 0
+
+
+def _time_engines(
+    args: argparse.Namespace, device: Device, split: DeviceSplit
+) -> tuple[list[tuple], list[str], dict[int, list[float]]]:
+    """Every engine at every ``--batch-sizes``, ``--epochs`` epochs each, the engines taking
+    turns. Returns the table's rows ``(batch size, engine, median epoch s, images/s,
+    launches or None, CUPTI count or None, epoch time / torch's)``, a line for each engine
+    not timed, and per batch size the extra cost of ``--augment``/``--ema`` (a fraction of
+    the plain epoch) in each pair of epochs run back to back."""
     rows, notes = [], []
-    extra_costs: dict[int, list[float]] = {}  # per batch size: each epoch pair's extra time
+    extra_costs: dict[int, list[float]] = {}
     for batch_size in args.batch_sizes:
         built, skipped = engines(args, split, batch_size)
         notes += [f"batch {batch_size}: {line}" for line in skipped]
@@ -180,6 +208,11 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
                  seconds / reference)
             )  # fmt: skip
             engine.close()
+    return rows, notes, extra_costs
+
+
+def _print_epoch_table(rows: list[tuple], notes: list[str]) -> None:
+    """The epoch table of :func:`_time_engines`'s rows, then the engines not timed."""
     print(f"\n{'batch':>6} {'engine':<12} {'epoch s':>9} {'images/s':>10} {'launches':>9} "
           f"{'CUPTI':>6} {'vs torch':>9}")  # fmt: skip
     for b, name, s, ips, issued, cupti, ratio in rows:
@@ -191,6 +224,10 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
         )
     for line in notes:
         print(f"not timed: {line}")
+
+
+def _print_extra_costs(args: argparse.Namespace, extra_costs: dict[int, list[float]]) -> None:
+    """One line per batch size: what ``--augment``/``--ema`` add to the layers' epoch."""
     for batch_size, costs in extra_costs.items():
         extras = [f"augmentation ({args.augment})"] if args.augment else []
         extras += [f"EMA {args.ema:g}"] if args.ema else []
@@ -200,21 +237,6 @@ def _bench(args: argparse.Namespace, device: Device) -> int:
             f"{len(costs)} pair{'s' * (len(costs) != 1)} of epochs run back to back, range "
             f"{100 * min(costs):+.1f} to {100 * max(costs):+.1f} %)"
         )
-    print(
-        "launches: counted by scripts/count_launches.py on the CuPy stand-in; CUPTI: CUDA "
-        "kernels and copies the GPU ran for one step (needs PyTorch's profiler; a graph "
-        "replay's nodes)"
-    )
-    if args.time_to:
-        _race(args, device, split)
-    if not args.no_profile:
-        _profile(args, device, split)
-    what = "GPU pool" if device.kind == "cuda" else "RSS"
-    print(f"\npeak memory: {peak_memory_mib(device):,.0f} MiB ({what})")
-    if device.kind == "cpu" and args.workers > 1:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"peak memory of the largest worker process: {children:,.0f} MiB (RSS)")
-    return 0
 
 
 def _race(args: argparse.Namespace, device: Device, split: DeviceSplit) -> None:

@@ -33,14 +33,17 @@ from urllib.parse import parse_qs, urlsplit
 from lenet_xp.backend import DeviceError, get_device, use_device
 from lenet_xp.storage.checkpoint import CheckpointError
 from lenet_xp.web.api import ApiError, Classifier, body_of, parse_body
+from lenet_xp.web.budget import DecodeBudget, unmap_freed_blocks
 
 PROG = "python -m lenet_xp.serve"
 #: The largest request body accepted by default (a phone photo is a few MB).
 DEFAULT_MAX_BODY_MB = 20.0
 #: The most pixels a picture may decode to by default (a JPEG of a phone photo, 12 to 50
 #: megapixels, decodes at 1/2 to 1/8 scale, so to a few megapixels at most). Decoding costs
-#: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency), for 4 pictures at once.
+#: about 1.5 bytes a pixel (greyscale) to 6 (colour with transparency).
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Requests parsed at once (a picture being decoded, within a memory budget, or JSON read).
+PARSED_AT_ONCE = 4
 #: Static files of the page, by URL path: ``(file in lenet_xp/web/static, Content-Type)``.
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -135,9 +138,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             maps = parse_qs(url.query).get("maps", ["1"])[-1] not in ("0", "false", "no")
             body = self._read_body()
-            with self.server.slots:  # bounds the memory of pictures decoded at once
+            with self.server.slots:
                 x = parse_body(
-                    body_of(self.headers.get("Content-Type"), body), self.server.max_pixels
+                    body_of(self.headers.get("Content-Type"), body),
+                    self.server.max_pixels,
+                    self.server.decoding.reserve,  # bounds the memory of decodes under way
                 )
                 answer = self.server.classifier.classify(x, maps)
         except ApiError as exc:
@@ -238,7 +243,8 @@ class Server(ThreadingHTTPServer):
         self.verbose = verbose
         self.quiet = quiet
         self.files = static_files()
-        self.slots = threading.BoundedSemaphore(4)
+        self.slots = threading.BoundedSemaphore(PARSED_AT_ONCE)
+        self.decoding = DecodeBudget.for_limit(max_pixels)  # lenet_xp.web.budget
         super().__init__(address, Handler)
 
     @property
@@ -369,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: {_bind_error(exc, args.host, args.port)}", file=sys.stderr)
         return 1
+    unmap_freed_blocks()  # a decoded picture's memory goes back to the system when freed
     _announce(server, args.checkpoint, args.host)
     try:
         server.serve_forever()

@@ -17,8 +17,9 @@
 # to make the base image `lenet_xp-base:bookworm` (no registry is needed; the builds
 # download from PyPI). If the daemon is not reachable and we are root, it is started
 # in the background (vfs storage, no bridge/iptables; log in /tmp/dockerd.log);
-# otherwise the script says how to start it, or, where dockerd is not installed, what
-# to install (docker.io or Docker's own packages, and debootstrap), and exits 1.
+# otherwise the script says how to start it, or, where docker or dockerd is not
+# installed, what to install (docker.io or Docker's own packages, and debootstrap), and
+# exits 1.
 # With the vfs driver every layer is a full copy: the GPU variant takes about 3 GB
 # per copy (see docker/README.md for the measured sizes), so keep ~25 GB free.
 #
@@ -64,7 +65,9 @@ done
 DATA_DIR="$(cd "$DATA_DIR_IN" 2>/dev/null && pwd)" || die "MNIST dir not found: $DATA_DIR_IN (set LENET_XP_DATA)"
 
 # --- 0. docker daemon ---------------------------------------------------------
-command -v docker >/dev/null 2>&1 || die "docker not found (Debian: apt-get install -y docker.io)"
+# What to install, said where Docker (the client, or its engine dockerd) is missing.
+INSTALL_HINT="install it (Debian/Ubuntu: apt-get install -y docker.io, or Docker's own packages docker-ce and containerd.io, https://docs.docker.com/engine/install/) and, for the base image, debootstrap (apt-get install -y debootstrap); then run this again"
+command -v docker >/dev/null 2>&1 || die "docker not found: Docker (the docker client and its engine, dockerd) is not installed: $INSTALL_HINT"
 if ! docker info >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v dockerd >/dev/null 2>&1; then
         log "docker daemon not reachable; starting dockerd in the background (log: /tmp/dockerd.log)"
@@ -72,7 +75,7 @@ if ! docker info >/dev/null 2>&1; then
         for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
         docker info >/dev/null 2>&1 || die "dockerd did not come up; see /tmp/dockerd.log"
     elif ! command -v dockerd >/dev/null 2>&1; then
-        die "docker daemon not reachable, and dockerd (Docker's engine) is not installed: install it (Debian/Ubuntu: apt-get install -y docker.io, or Docker's own packages docker-ce and containerd.io, https://docs.docker.com/engine/install/) and, for the base image, debootstrap (apt-get install -y debootstrap); then run this again"
+        die "docker daemon not reachable, and dockerd (Docker's engine) is not installed: $INSTALL_HINT"
     else
         echo "docker daemon not reachable; start it (as root) with: dockerd --storage-driver=vfs --bridge=none --iptables=false > /tmp/dockerd.log 2>&1 &" >&2
         exit 1

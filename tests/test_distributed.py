@@ -53,7 +53,7 @@ def same_run(got: list[dict], expected: list[dict], tol: float = 1e-9) -> None:
     """The records agree to ``tol`` (numbers), exactly otherwise; ``ranks`` aside."""
     assert len(got) == len(expected)
     for mine, theirs in zip(got, expected, strict=True):
-        mine = {k: v for k, v in mine.items() if k != "ranks"}
+        mine, theirs = ({k: v for k, v in r.items() if k != "ranks"} for r in (mine, theirs))
         assert mine.keys() == theirs.keys()
         for key, value in mine.items():
             if isinstance(value, float):
@@ -168,23 +168,38 @@ def test_sigterm_to_one_rank_stops_all_then_resume_is_exact(single, tmp_path, re
     same_run(metrics(out / "metrics.jsonl"), single)
 
 
-def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
-    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
-    proc, pids = _start_tagged(2, *flags, "--out", str(tmp_path), "--save-every", "5")
+def _alive(pid: int) -> bool:
     try:
-        assert wait_until(lambda: _step(tmp_path / "last.npz") >= 5, proc), proc.communicate()
-        os.kill(pids[1], signal.SIGKILL)
-        killed = time.monotonic()
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone
+        return False
+
+
+def _signal_rank_1_mid_run(out: Path, signum: int) -> tuple[int, dict[int, int], str, str, float]:
+    """Two ranks on a 20-epoch run saving every 5 steps into ``out``; once a checkpoint of
+    step 5 or later is there, ``signum`` to rank 1 and wait (at most 60 s) for ``mpiexec``
+    to end (it is killed with its ranks if it has not). ``(mpiexec's exit status, the ranks'
+    pids by rank, its stdout, its stderr, seconds from the signal to its end)``."""
+    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
+    proc, pids = _start_tagged(2, *flags, "--out", str(out), "--save-every", "5")
+    try:
+        assert wait_until(lambda: _step(out / "last.npz") >= 5, proc), proc.communicate()
+        os.kill(pids[1], signum)
+        signalled = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
-        assert time.monotonic() - killed < 30
+        return proc.returncode, pids, stdout, stderr, time.monotonic() - signalled
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+
+
+def test_kill9_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path):
+    status, pids, stdout, stderr, seconds = _signal_rank_1_mid_run(tmp_path, signal.SIGKILL)
+    assert seconds < 30
+    assert status != 0
     said = stdout + stderr  # MPICH's mpiexec says it on its stdout
     assert f"PID {pids[1]}" in said and "signal 9" in said, said
-    for pid in pids.values():  # no rank left behind
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert not any(_alive(pid) for pid in pids.values())  # no rank left behind
     assert load_checkpoint(tmp_path / "last.npz")[2]["step"] >= 5  # intact, loadable
 
 
@@ -193,18 +208,9 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, monk
     waits ``LENET_XP_COLLECTIVE_TIMEOUT`` seconds in the step's all-reduce, says so in one
     line, and ends the job; no rank is left behind and the last checkpoint is intact."""
     monkeypatch.setenv("LENET_XP_COLLECTIVE_TIMEOUT", "3")
-    flags = [*RUN[:-8], "--epochs", "20", "--dtype", "float64", "--stats-every", "0"]
-    proc, pids = _start_tagged(2, *flags, "--out", str(tmp_path), "--save-every", "5")
-    try:
-        assert wait_until(lambda: _step(tmp_path / "last.npz") >= 5, proc), proc.communicate()
-        os.kill(pids[1], signal.SIGSTOP)
-        stopped = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=60)
-        assert 2 < time.monotonic() - stopped < 30  # its wait may start just before the stop
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    status, pids, _, stderr, seconds = _signal_rank_1_mid_run(tmp_path, signal.SIGSTOP)
+    assert 2 < seconds < 30  # its wait may start just before the stop
+    assert status != 0
     lines = [line for line in stderr.splitlines() if line.startswith("lenet_xp.train")]
     assert len(lines) == 1 and "rank 0 waited 3 s for the other ranks' step" in lines[0], stderr
     # no rank left behind: the stopped one, continued by the launcher, ends within its own wait
@@ -213,13 +219,6 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, monk
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids.values())
     assert load_checkpoint(tmp_path / "last.npz")[2]["step"] >= 5  # intact, loadable
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # gone
-        return False
 
 
 def test_a_collective_timeout_that_is_not_a_number_is_one_line(tmp_path, monkeypatch):
@@ -285,6 +284,41 @@ def test_ranks_holding_other_parameters_are_found(perturb):
     assert done.stdout.count(why) == (2 if perturb else 0), done.stdout
 
 
+#: Under mpiexec -n 2: each rank's first dropout layer draws a mask; rank 0 prints whether
+#: the two ranks' masks are the same.
+MASKS = """
+import numpy as np
+from lenet_xp.backend import get_device
+from lenet_xp.layers import Dropout
+from lenet_xp.models.presets import build_from_config
+from lenet_xp.training.distributed.comm import world
+from lenet_xp.training.distributed.engine import AgreedStop, RankParallel
+from lenet_xp.training.interrupt import StopSignals
+
+ranks = world()
+config = {"arch": "lenet5", "seed": 0, "dtype": "float64", "dropout": 0.5}
+model = build_from_config(config).to(get_device("cpu"))
+runner = RankParallel(ranks, model, 1, 16, StopSignals(), AgreedStop())
+drop = next(layer for layer in model.modules() if isinstance(layer, Dropout))
+masks = ranks.allgather(drop.forward(np.ones((8, 84))) > 0)
+if ranks.rank == 0:
+    print("same" if (masks[0] == masks[1]).all() else "differ", masks[0].mean())
+runner.close()
+"""
+
+
+def test_the_ranks_draw_their_own_dropout_masks():
+    """Every rank holds the same seed; rank 1 forks its dropout stream (it drew rank 0's
+    masks for its own slice: every slice's image ``i`` lost the same units)."""
+    done = subprocess.run(
+        [MPIEXEC, "-n", "2", sys.executable, "-c", MASKS], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    verdict, kept = done.stdout.split()
+    assert verdict == "differ" and 0.3 < float(kept) < 0.7, done.stdout
+
+
 def test_an_out_in_use_stops_every_rank_with_one_line(tmp_path):
     with RunLock(tmp_path):  # another run holds --out
         started = time.monotonic()
@@ -311,6 +345,58 @@ def test_two_gpu_ranks_train_the_single_gpu_run(tmp_path):
     records = metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["device"] for r in records] == ["cuda:0", "cuda:0"]  # rank 0's
     same_run(records, metrics(tmp_path / "one" / "metrics.jsonl"), tol=1e-7)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("engine", ["graph", "kernels"])
+def test_two_gpu_ranks_train_the_single_gpu_run_of_the_graph_engine(tmp_path, engine):
+    """``--engine graph`` over two GPU ranks: each captures its slice's two halves of the
+    step around the NCCL all-reduce; the metrics are the single-GPU graph run's, an epoch's
+    short last batch included (--limit-train 476: 444 = 27 * 16 + 12 training images)."""
+    flags = [*RUN[:1], "476", *RUN[2:], "--device", "cuda", "--engine", engine]
+    alone = subprocess.run(
+        train_cmd(*flags, "--out", str(tmp_path / "one")), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    done = run_ranks(2, *flags, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr
+    assert "note:" not in done.stderr, done.stderr  # no fallback to the layers
+    records = metrics(tmp_path / "two" / "metrics.jsonl")
+    expected = metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["engine"] for r in records] == [engine, engine]
+    same_run(records, expected, tol=1e-9)
+
+
+@needs_two_gpus
+def test_sigterm_to_one_gpu_rank_of_the_graph_engine_stops_all_then_resume_is_exact(tmp_path):
+    """The graph engine's ranks read their summed stop requests every ``READ_EVERY`` (50)
+    steps: SIGTERM to rank 1 during epoch 2 (steps 29-56) stops both at step 50, mid-epoch,
+    with a checkpoint from which two ranks finish the uninterrupted run."""
+    from lenet_xp.training.distributed.graph import READ_EVERY
+
+    flags = [
+        ("3" if flag == "2" and RUN[i - 1] == "--epochs" else flag) for i, flag in enumerate(RUN)
+    ]
+    flags += ["--device", "cuda", "--engine", "graph"]
+    whole = run_ranks(2, *flags, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "run"
+    proc, pids = _start_tagged(2, *flags, "--out", str(out), "--save-every", "6")
+    try:
+        assert wait_until(lambda: _step(out / "last.npz") >= 30, proc), proc.communicate()
+        os.kill(pids[1], signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr
+    meta = load_checkpoint(out / "last.npz")[2]
+    assert meta["step"] == READ_EVERY and meta["mid_epoch"]["batch"] == 50 - STEPS_PER_EPOCH
+    assert f"stopped by SIGTERM at step {READ_EVERY} (epoch 2, batch 22 " in stderr, stderr
+    done = run_ranks(2, "--resume", str(out / "last.npz"), *flags[-4:])
+    assert done.returncode == 0, done.stderr
+    same_run(metrics(out / "metrics.jsonl"), metrics(tmp_path / "whole" / "metrics.jsonl"))
 
 
 def test_the_one_mechanism_bench_runs_and_prints_its_table(capsys):

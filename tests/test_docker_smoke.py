@@ -1,5 +1,6 @@
 """``scripts/docker_smoke.sh`` where Docker's daemon cannot run: the real script, run with a
-PATH of stubs (a ``docker`` client that reaches no daemon), says what to do in one line."""
+PATH of stubs (a ``docker`` client that reaches no daemon) or of links to basic tools only (no
+Docker at all), says what to do in one line."""
 
 from __future__ import annotations
 
@@ -59,3 +60,28 @@ def test_with_dockerd_but_not_root_it_says_how_to_start_it(tmp_path):
         "--bridge=none --iptables=false > /tmp/dockerd.log 2>&1 &"
     ]
     assert not (tmp_path / "dockerd.ran").exists()
+
+
+def test_without_docker_at_all_it_says_what_to_install(tmp_path):
+    """A new user's machine: neither ``docker`` nor ``dockerd`` on the PATH (a folder of links
+    to the basic tools the script uses, and nothing else): one line saying what to install,
+    Docker's engine and debootstrap included, exit status 1."""
+    bash = shutil.which("bash")
+    tools = {name: shutil.which(name) for name in ("dirname", "id", "cat", "grep", "sed", "mkdir")}
+    if bash is None or None in tools.values():
+        pytest.skip(f"needs bash and {', '.join(tools)}")
+    links = tmp_path / "bin"
+    links.mkdir()
+    for name, path in tools.items():
+        (links / name).symlink_to(path)
+    env = {"PATH": str(links), "HOME": str(tmp_path), "LENET_XP_DATA": str(tmp_path)}
+    done = subprocess.run(
+        [bash, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    said = ("docker not found", "not installed", "apt-get install -y docker.io", "docker-ce")
+    for words in (*said, "apt-get install -y debootstrap"):
+        assert words in lines[0], (words, lines[0])
+    assert "start it" not in lines[0]

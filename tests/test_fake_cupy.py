@@ -21,7 +21,7 @@ from conftest import DATA, needs_mnist
 from lenet_xp.backend.cuda import _cuda_probe_steps, probe_steps
 from lenet_xp.testing import count_synchronizations, cupy_names
 from lenet_xp.testing.fake_cupy import cupy, cupyx, launches, runtime
-from lenet_xp.testing.fake_cupy.namespace import VERSION
+from lenet_xp.testing.fake_cupy.names import VERSION
 
 
 @pytest.fixture(autouse=True)

@@ -484,8 +484,8 @@ def test_gather_shift(modules, dtype, with_shifts):
         x = np.full((batch, 1, h, w), 777, dtype)
         y = np.full(batch, -5, np.int64)
         batch_index = np.array([index], np.int64)
-        args = (images, labels, order, shifts, batch_index, *map(i32, (batch, m, h, w)))
-        launch_1d(fn, x.size, (*args, fill, x, y))
+        ints = map(i32, (batch, batch, m, m, h, w))  # batch, rows, order's count, M, H, W
+        launch_1d(fn, x.size, (images, labels, order, shifts, batch_index, *ints, fill, x, y))
         idx = order[index * batch : (index + 1) * batch]
         expected = images[idx]
         if with_shifts:
@@ -493,6 +493,18 @@ def test_gather_shift(modules, dtype, with_shifts):
         np.testing.assert_array_equal(x[: len(idx)], expected)
         np.testing.assert_array_equal(y[: len(idx)], labels[idx])
         assert (x[len(idx) :] == 777).all() and (y[len(idx) :] == -5).all()  # untouched
+    # a rank's slice: rows 5..11 of batch 1, from order's tail at the slice's start (a view)
+    start, rows, index = 5, 7, 1
+    x, y = np.zeros((rows, 1, h, w), dtype), np.zeros(rows, np.int64)
+    ints = map(i32, (batch, rows, m - start, m, h, w))
+    tail = order[start:]
+    launch_1d(fn, x.size, (images, labels, tail, shifts, np.array([index]), *ints, fill, x, y))
+    idx = order[index * batch + start : index * batch + start + rows]
+    expected = images[idx]
+    if with_shifts:
+        expected = shift_images(expected, shifts[0, idx], shifts[1, idx], max_shift, fill)
+    np.testing.assert_array_equal(x, expected)
+    np.testing.assert_array_equal(y, labels[idx])
 
 
 # -- optim.cu -----------------------------------------------------------------------------
@@ -705,10 +717,10 @@ def test_rejects_mistyped_arguments(modules):
         relu_mask((1,), (32,), (g, g, i32(4)))
     gather = kernel(modules, "data.cu", "gather_shift", np.float32)
     head = (np.ones((2, 1, 3, 3), np.float32), *[np.zeros(2, np.int64)] * 2, None)
-    head += (np.zeros(1, np.int64), *map(i32, (2, 2, 3, 3)))
+    head += (np.zeros(1, np.int64), *map(i32, (2, 2, 2, 2, 3, 3)))
     tail = (np.ones((2, 1, 3, 3), np.float32), np.ones(2, np.int64))
     for fill in (0.5, np.float64(0.5)):
-        with pytest.raises(TypeError, match=r"argument 9 \(float fill\)"):
+        with pytest.raises(TypeError, match=r"argument 11 \(float fill\)"):
             gather((1,), (32,), (*head, fill, *tail))
     gather((1,), (32,), (*head, np.float32(0.5), *tail))  # the right types run
     with pytest.raises(ValueError, match="1024"):
@@ -769,7 +781,7 @@ def test_out_of_bounds_access_is_caught(modules):
     order = np.array([-1, 0], np.int64)
     images, x = np.ones((2, 1, 9, 9)), np.zeros((2, 1, 9, 9))
     args = (images, np.zeros(2, np.int64), order, None, np.zeros(1, np.int64))
-    args += (*map(i32, (2, 2, 9, 9)), np.float64(0), x, np.zeros(2, np.int64))
+    args += (*map(i32, (2, 2, 2, 2, 9, 9)), np.float64(0), x, np.zeros(2, np.int64))
     with pytest.raises(KernelFaultError, match=r"before the start of argument 0 \(const double\*"):
         launch_1d(gather, x.size, args)
     # a fault on one of the block's threads (gemm, run as coroutines): A has 10 rows, m says 20

@@ -16,7 +16,7 @@ from lenet_xp import train as train_cli
 from lenet_xp.backend import asnumpy, host_rng
 from lenet_xp.models.feature_maps import feature_maps, layer_outputs
 from lenet_xp.models.presets import build
-from lenet_xp.storage.checkpoint import load_checkpoint
+from lenet_xp.storage.checkpoint import load_checkpoint, save_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
@@ -75,13 +75,19 @@ def test_report_cli_redraws_and_refuses_bad_input(run, tmp_path, capsys):
         assert err.startswith("lenet_xp.report: error:") and "\n" not in err, err
 
 
-@pytest.fixture
-def no_default_data(tmp_path, monkeypatch):
-    """``$LENET_XP_DATA``: an empty folder, and every download refused at once (a closed port
-    on 127.0.0.1): MNIST is found only where a run or a flag says."""
+@pytest.fixture(params=["unset", "empty"])
+def no_default_data(request, tmp_path, monkeypatch):
+    """No MNIST where the defaults look: ``$LENET_XP_DATA`` unset and the cache
+    (``$XDG_CACHE_HOME``) an empty folder, or ``$LENET_XP_DATA`` an empty folder; every download
+    refused at once (a closed port on 127.0.0.1). MNIST is found only where a run or a flag
+    says. Returns the empty folder."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setenv("LENET_XP_DATA", str(empty))
+    if request.param == "unset":
+        monkeypatch.delenv("LENET_XP_DATA", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(empty))
+    else:
+        monkeypatch.setenv("LENET_XP_DATA", str(empty))
     monkeypatch.setenv("LENET_XP_MIRRORS", "http://127.0.0.1:9/")
     return empty
 
@@ -101,6 +107,20 @@ def test_report_evaluate_plots_read_the_runs_data_folder(run, no_default_data, c
     assert error.startswith("lenet_xp.report: error:") and str(no_default_data) in error
 
 
+def test_without_the_recorded_folder_the_defaults_are_read(run, no_default_data, tmp_path, capsys):
+    """A run whose recorded folder is gone reads the defaults (``$LENET_XP_DATA``, else the
+    cache): here empty, with downloads refused, so one line naming where it looked."""
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("report"))
+    checkpoint = moved / "best.npz"
+    model_state, optim_state, meta = load_checkpoint(checkpoint)
+    meta["config"]["data_dir"] = str(tmp_path / "gone")
+    save_checkpoint(checkpoint, model_state, optim_state, meta)
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lenet_xp.evaluate: error:") and str(no_default_data) in error
+
+
 @needs_mnist
 def test_metrics_written_elsewhere_and_resuming_without_data_dir(tmp_path, no_default_data):
     """A run trained with ``--metrics`` elsewhere: ``report RUN`` takes the epochs' metrics
@@ -117,6 +137,9 @@ def test_metrics_written_elsewhere_and_resuming_without_data_dir(tmp_path, no_de
     page = (out / "report" / "index.html").read_text()
     assert "<th>epochs trained</th><td>2</td>" in page
     assert f"<td>{100 * records[-1]['test_acc']:.2f} %</td>" in page
+    assert plots.main(["--run", str(out)]) == 0  # its curves too, from the checkpoint
+    assert (out / "curves.png").is_file()
+    assert plots.main(["--run", str(out), "--metrics", str(out / "none.jsonl")]) == 1
     resumed = tmp_path / "resumed"
     resume = ["--resume", str(out / "epoch_001.npz"), "--out", str(resumed), "--quiet"]
     assert train_cli.main([*resume, "--device", "cpu"]) == 0  # no --data-dir

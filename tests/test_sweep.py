@@ -261,6 +261,27 @@ def test_asha_stops_the_hopeless_run_for_good(tmp_path):
     assert [r.status for r in sweep.run(table, tmp_path, quiet=True)] == ["finished", "stopped"]
 
 
+def test_a_run_that_ends_between_two_looks_counts_at_its_milestones(tmp_path):
+    """Run ``good`` trains all 4 epochs between two looks of the scheduler (a short run on a
+    loaded machine); once it has ended, ``hopeless`` is judged against it at epoch 1."""
+    from lenet_xp.sweep.spec import Asha, Run
+
+    runs = [Run(name, 0, (), (), 4) for name in ("good", "hopeless")]
+    scheduler = asha.AshaScheduler(Asha(grace=1, eta=2), tmp_path, runs)
+
+    def write(name: str, accuracies: list[float]) -> None:
+        (tmp_path / f"{name}_seed=0").mkdir(exist_ok=True)
+        lines = [json.dumps({"epoch": i, "val_acc": a}) for i, a in enumerate(accuracies, 1)]
+        (tmp_path / f"{name}_seed=0" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    write("good", [0.9, 0.95, 0.96, 0.97])
+    scheduler.ended("good_seed=0")
+    write("hopeless", [0.1])
+    line = scheduler.check("hopeless_seed=0")
+    assert line is not None and line.startswith("stopped by ASHA at epoch 1"), line
+    assert json.loads((tmp_path / "hopeless_seed=0" / "stopped.json").read_text())["epoch"] == 1
+
+
 @pytest.mark.parametrize("eta", [2, 3, 4])
 def test_the_asha_cutoff_is_numpys_percentile(eta):
     values = [0.91, 0.12, 0.95, 0.5, 0.97, 0.33, 0.8][: eta + 2]

@@ -9,9 +9,12 @@ for ``lenet_xp.serve``) both go through it, so every front end shows the network
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,14 @@ class ImageError(Exception):
 
 class TooManyPixelsError(ImageError):
     """An image larger, once decoded, than the caller allows (``max_pixels``)."""
+
+
+#: ``reserve(nbytes)``: a context manager holding ``nbytes`` of memory for one decode (a
+#: server's :class:`~lenet_xp.web.budget.DecodeBudget`); entered before decoding, left after.
+Reserve = Callable[[int], AbstractContextManager[Any]]
+#: Peak bytes a pixel that decoding and shrinking a picture takes (:func:`decode_cost`),
+#: measured on 36- to 40-megapixel PNGs: grey, palette, colour, colour with transparency.
+BYTES_PER_PIXEL = {"grey": 1.5, "palette": 2.0, "colour": 5.0, "transparent": 6.0}
 
 
 #: The transposition that makes a picture upright, by its EXIF orientation (tag 0x0112).
@@ -57,20 +68,49 @@ def _check_pixels(image: Any, max_pixels: int | None, name: str) -> None:
         )
 
 
-def _grey(image: Any, max_pixels: int | None = None, name: str = "the picture") -> np.ndarray:
+def decode_cost(image: Any) -> int:
+    """The peak bytes of memory :func:`read_grey` takes to decode and shrink ``image`` (an
+    open Pillow image, not yet decoded: its size and mode come from the file's header, after
+    ``draft``): its pixels times :data:`BYTES_PER_PIXEL` of its kind."""
+    width, height = image.size
+    if image.mode == "PA" or "transparency" in image.info or "A" in image.getbands():
+        kind = "transparent"
+    else:
+        kinds = {"1": "grey", "L": "grey", "P": "palette"}
+        kind = kinds.get(image.mode, "colour")
+    return int(width * height * BYTES_PER_PIXEL[kind])
+
+
+def _grey(
+    image: Any, max_pixels: int | None = None, name: str = "the picture",
+    reserve: Reserve | None = None,
+) -> np.ndarray:  # fmt: skip
     """An open Pillow image as grey levels ``(H, W)`` in [0, 1]: upright as the camera's EXIF
     orientation says, transparent parts as white paper, at most :data:`MAX_SIDE` pixels long.
 
     Memory: a large JPEG is decoded at a reduced scale (``draft``: 1/2 to 1/8); any other
     picture is decoded whole (at most ``max_pixels``, else :class:`TooManyPixelsError` before
     decoding), then shrunk and brought to grey levels with as few full-size copies as it
-    takes: about 1.5 bytes a pixel at the peak for a grey picture, 5 for colour, 6 for colour
-    with transparency (measured on 36-megapixel PNGs)."""
-    from PIL import Image, ImageChops
-
+    takes (:func:`decode_cost`). ``reserve``: held around the decoding, with its cost."""
     image.draft("L", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale (fast), else no-op
     _check_pixels(image, max_pixels, name)
-    upright = _UPRIGHT.get(image.getexif().get(0x0112))
+    with reserve(decode_cost(image)) if reserve else contextlib.nullcontext():
+        upright = _UPRIGHT.get(image.getexif().get(0x0112))  # a PNG's decodes it: EXIF may follow
+        grey = _shrunk_grey(image)
+    if upright is not None:
+        from PIL import Image
+
+        grey = grey.transpose(Image.Transpose[upright])
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def _shrunk_grey(image: Any) -> Any:
+    """An open Pillow image decoded as a grey ("L") Pillow image at most :data:`MAX_SIDE`
+    pixels long, transparent parts as white paper. ``image`` is closed (its decoded pixels
+    freed) unless it is the one returned."""
+    from PIL import ImageChops
+
+    opened = image
     if image.mode == "PA" or "transparency" in image.info:
         image = image.convert("RGBA")  # a palette's or colour key's transparency as alpha
     if "A" in image.getbands():  # ink = (1 - grey) * alpha: transparent parts are paper
@@ -85,19 +125,21 @@ def _grey(image: Any, max_pixels: int | None = None, name: str = "the picture") 
             image.thumbnail((MAX_SIDE, MAX_SIDE))  # shrunk in colour: no full-size grey copy
         grey = image if image.mode == "L" else image.convert("L")
         grey.thumbnail((MAX_SIDE, MAX_SIDE))
-    if upright is not None:
-        grey = grey.transpose(Image.Transpose[upright])
-    return np.asarray(grey, dtype=np.float32) / 255.0
+    if grey is not opened:
+        opened.close()
+    return grey
 
 
 def read_grey(
-    source: str | os.PathLike[str] | bytes, name: str | None = None, max_pixels: int | None = None
-) -> np.ndarray:
+    source: str | os.PathLike[str] | bytes, name: str | None = None,
+    max_pixels: int | None = None, reserve: Reserve | None = None,
+) -> np.ndarray:  # fmt: skip
     """A picture file (a path) or its bytes as grey levels ``(H, W)`` float32 in [0, 1].
 
     :class:`ImageError` (one line, starting with ``name``: the path, or "the upload") when it
     cannot be read; :class:`TooManyPixelsError` when it would decode to more than ``max_pixels``
-    pixels, or over Pillow's decompression-bomb limit."""
+    pixels, or over Pillow's decompression-bomb limit. ``reserve(nbytes)`` is held while the
+    picture is decoded (:func:`decode_cost` bytes): a server bounds decodes' memory with it."""
     Image = _pillow()
     from PIL import UnidentifiedImageError
 
@@ -113,7 +155,7 @@ def read_grey(
         with warnings.catch_warnings():  # our limit, or Pillow's error at twice its warning's
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(opened) as image:
-                return _grey(image, max_pixels, name)
+                return _grey(image, max_pixels, name, reserve)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError as exc:
@@ -195,12 +237,14 @@ def load_digit(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def digit_from_bytes(
-    data: bytes, name: str = "the upload", max_pixels: int | None = None
-) -> np.ndarray:
+    data: bytes, name: str = "the upload", max_pixels: int | None = None,
+    reserve: Reserve | None = None,
+) -> np.ndarray:  # fmt: skip
     """A picture's bytes (PNG, JPEG, ... as a file holds them) as a normalised network input
     ``(1, 28, 28)`` float32, prepared exactly as :func:`load_digit` prepares a file;
-    :class:`TooManyPixelsError` over ``max_pixels`` decoded pixels."""
+    :class:`TooManyPixelsError` over ``max_pixels`` decoded pixels (``reserve``: see
+    :func:`read_grey`)."""
     try:
-        return prepare_digit(read_grey(data, name, max_pixels))
+        return prepare_digit(read_grey(data, name, max_pixels, reserve))
     except ValueError as exc:
         raise ImageError(f"{name}: {exc}") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from lenet_xp import native
 from lenet_xp.backend import get_array_module
 from lenet_xp.functional.conv import output_size
 from lenet_xp.native import pool as native_pool
@@ -32,18 +31,13 @@ def _window_slices(x_shape: tuple[int, ...], kernel: int, stride: int) -> list[t
     ]
 
 
-def _batch_innermost(a: Any, dtype: Any = None) -> Any:
-    """``a``'s ``(C, H, W, N)`` memory for :mod:`lenet_xp.native`'s kernels, or ``None``."""
-    return native_pool.batch_innermost(a, dtype) if native.enabled() else None
-
-
 def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
     """``x (N, C, H, W)`` -> ``(y (N, C, OH, OW), argmax (N, C, OH, OW) uint8)``.
 
     ``argmax`` holds the window offset ``i*kernel + j`` of the *first* maximum (as PyTorch),
     so ties send the gradient to exactly one input.
     """
-    if (x_chwn := _batch_innermost(x)) is not None:
+    if (x_chwn := native_pool.batch_innermost(x)) is not None:
         oh, ow = (output_size(size, kernel, stride, 0) for size in x.shape[2:])
         y, argmax = native_pool.max_pool_forward(x_chwn, kernel, stride, oh, ow)
         return y.transpose(3, 0, 1, 2), argmax.transpose(3, 0, 1, 2)
@@ -63,7 +57,8 @@ def max_pool2d_forward(x: Any, kernel: int, stride: int) -> tuple[Any, Any]:
 def max_pool2d_backward(grad_y: Any, argmax: Any, x: Any, kernel: int, stride: int) -> Any:
     """Route each window's gradient to its first maximum: ``grad_x`` shaped (and laid out)
     like the forward input ``x (N, C, H, W)``."""
-    grad_chwn, argmax_chwn = _batch_innermost(grad_y), _batch_innermost(argmax, "uint8")
+    grad_chwn = native_pool.batch_innermost(grad_y)
+    argmax_chwn = native_pool.batch_innermost(argmax, "uint8")
     native_fits = grad_chwn is not None and argmax_chwn is not None and grad_y.dtype == x.dtype
     if native_fits and stride >= kernel:  # windows do not overlap: each input gets one term
         grad_x = native_pool.max_pool_backward(grad_chwn, argmax_chwn, x.shape, kernel, stride)

@@ -2,21 +2,22 @@
 // device-resident training set, translated by its random shift, and its label.
 // Reference: data.DeviceSplit.batches and data.shift_images.
 
-// images (M, 1, H, W) contiguous, labels (M,) int64, order (M,) int64 (this epoch's
-// permutation), shifts (2, M) int64 (down, right; may be null: no shift). The batch's first
-// position in the epoch is batch_index[0] * batch (a device counter, so a captured step
-// fetches the next batch at each replay). x (batch, 1, H, W), y (batch,): rows past the end
-// of the epoch are not written.
+// images (M, 1, H, W) contiguous, labels (M,) int64, order (count,) int64 (this epoch's
+// permutation, or its tail from a rank's slice's start), shifts (2, M) int64 (down, right;
+// may be null: no shift). The batch's first position in order is batch_index[0] * batch (a
+// device counter, so a captured step fetches the next batch at each replay). x (rows, 1, H,
+// W), y (rows,): the batch's first rows; rows past order's end are not written.
 template <typename T>
 __global__ void gather_shift(const T* images, const long long* labels, const long long* order,
                              const long long* shifts, const long long* batch_index, int batch,
-                             int m, int h, int w, T fill, T* x, long long* y) {
+                             int rows, int count, int m, int h, int w, T fill, T* x,
+                             long long* y) {
   const long long start = batch_index[0] * batch;
-  const long long total = (long long)batch * h * w;
+  const long long total = (long long)rows * h * w;
   GRID_STRIDE_LOOP(idx, total) {
     const int b = idx / ((long long)h * w);
     const int pixel = idx % ((long long)h * w);
-    if (start + b >= m) continue;
+    if (start + b >= count) continue;
     const long long src = order[start + b];
     int row = pixel / w, col = pixel % w;
     if (shifts) {

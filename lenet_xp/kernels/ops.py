@@ -221,13 +221,15 @@ class Kernels(PoolLaunchers):
         self, images: Any, labels: Any, order: Any, shifts: Any, batch_index: Any, x: Any,
         y: Any, fill: float, batch: int | None = None,
     ) -> None:  # fmt: skip
-        """Fill ``x (R, 1, H, W)`` and ``y (R,)`` with batch ``batch_index[0]`` of ``order`` in
-        batches of ``batch`` (default ``R``; an epoch's short last batch has ``R < batch``
-        rows, and the kernel writes none past the epoch's end), each image translated by its
-        ``shifts (2, M)`` (or not, if ``None``)."""
+        """Fill ``x (R, 1, H, W)`` and ``y (R,)`` with the first ``R`` images of batch
+        ``batch_index[0]`` of ``order`` in batches of ``batch`` (default ``R``), each image
+        translated by its ``shifts (2, M)`` (or not, if ``None``). An epoch's short last batch
+        has ``R < batch`` rows; an MPI rank passes ``order`` from its slice's start (a view)
+        and its slice's ``R``; the kernel writes no row past ``order``'s end."""
         m, _, h, w = images.shape
-        b = x.shape[0] if batch is None else batch
-        ints = [self._i32(v) for v in (b, m, h, w)]
+        rows = x.shape[0]
+        b = rows if batch is None else batch
+        ints = [self._i32(v) for v in (b, rows, order.size, m, h, w)]
         fn = self._fn("data.cu", "gather_shift", images.dtype)
         fill_t = images.dtype.type(fill)
         self._launch(fn, x.size, (images, labels, order, shifts, batch_index, *ints, fill_t, x, y))

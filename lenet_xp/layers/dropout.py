@@ -28,10 +28,12 @@ class Dropout(Module):
         self._mask: Any = None
 
     def fork(self, stream: int) -> None:
-        """Draw masks from stream ``stream`` of ``seed`` from now on: a worker process's own,
-        so the slices of a batch do not all get the same masks (no-op without a seed)."""
+        """Draw masks from stream ``stream`` of ``seed`` from now on: an MPI rank's or a worker
+        process's own, so the slices of a batch do not all get the same masks (a rank's
+        worker forks the rank's stream again; no-op without a seed)."""
         if self.seed is not None:
-            self.seed, self._rng = [self.seed, stream], None
+            seeds = self.seed if isinstance(self.seed, list) else [self.seed]
+            self.seed, self._rng, self._counter_key = [*seeds, stream], None, None
 
     def forward(self, x: Any) -> Any:
         if not self.training or self.p == 0.0:

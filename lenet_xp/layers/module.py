@@ -63,6 +63,12 @@ class Module:
             if isinstance(value, Module):
                 yield name, value
 
+    def modules(self) -> Iterator[Module]:
+        """This module and every module inside it, depth first (as PyTorch's)."""
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         for name, value in vars(self).items():
             if isinstance(value, Parameter):

@@ -28,12 +28,16 @@ def enabled() -> bool:
     return os.environ.get("LENET_XP_NATIVE", "1").strip() != "0" and _numba() is not None
 
 
-def fits(*arrays: Any) -> bool:
-    """Whether the compiled kernels take these arrays: NumPy, C-contiguous, one float dtype
-    (float32 or float64), and the kernels on (:func:`enabled`)."""
+#: The dtypes the compiled kernels compute in.
+FLOATS = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def fits(*arrays: Any, dtypes: tuple = FLOATS) -> bool:
+    """Whether the compiled kernels take these arrays: NumPy, C-contiguous, one dtype among
+    ``dtypes`` (default float32 or float64), and the kernels on (:func:`enabled`)."""
     first = arrays[0]
     return (
-        first.dtype in (numpy.float32, numpy.float64)
+        first.dtype in dtypes
         and all(
             type(a) is numpy.ndarray and a.flags.c_contiguous and a.dtype == first.dtype
             for a in arrays

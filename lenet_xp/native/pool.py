@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy
 
-from lenet_xp.native import jit
+from lenet_xp.native import FLOATS, fits, jit
 
 
 @jit
@@ -56,14 +56,13 @@ def _backward(
 
 def batch_innermost(a: Any, dtype: Any = None) -> Any:
     """``a (N, C, H, W)`` as its ``(C, H, W, N)`` C-contiguous memory, for these kernels;
-    ``None`` where they do not apply (a GPU array, another layout, a dtype other than
-    ``dtype``, default float32 or float64)."""
-    if type(a) is not numpy.ndarray or a.ndim != 4:
-        return None
-    if a.dtype not in ((numpy.float32, numpy.float64) if dtype is None else (dtype,)):
+    ``None`` where they do not take it (:func:`lenet_xp.native.fits` of that memory, in
+    ``dtype``, default float32 or float64: a GPU array, another layout, another dtype, the
+    kernels off)."""
+    if type(a) is not numpy.ndarray or a.ndim != 4:  # a GPU array is not even transposed
         return None
     chwn = a.transpose(1, 2, 3, 0)
-    return chwn if chwn.flags.c_contiguous else None
+    return chwn if fits(chwn, dtypes=FLOATS if dtype is None else (numpy.dtype(dtype),)) else None
 
 
 def max_pool_forward(x: Any, kernel: int, stride: int, oh: int, ow: int) -> tuple[Any, Any]:

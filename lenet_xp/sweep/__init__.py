@@ -136,6 +136,8 @@ def _run(
         else:
             ended = places.run_local(placement, tasks, stop, tick)
         for count, (name, outcome) in enumerate(ended, 1):
+            if asha is not None:  # before the next look at the running ones
+                asha.ended(name)
             say(f"[{count}/{len(todo)}] {_outcome_line(out, by_name[name], outcome)}")
     results = read_results(sweep, out)
     _write_outputs(sweep, results, out, say)

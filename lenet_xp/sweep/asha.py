@@ -43,12 +43,17 @@ class AshaScheduler:
         self.decided: dict[str, set[int]] = {run.name: set() for run in runs}
         self._sizes: dict[str, int] = {}
         for run in runs:  # what finished or interrupted runs recorded before this sweep
-            history = self._history(run.name)
-            for epoch in self.milestones[run.name]:
-                if epoch < len(history):  # went on past it: promoted then
-                    self.decided[run.name].add(epoch)
-                if epoch <= len(history):
-                    self.recorded.setdefault(epoch, {})[run.name] = history[epoch - 1]["val_acc"]
+            self.ended(run.name)
+
+    def ended(self, name: str) -> None:
+        """Record the milestones run ``name`` reached (it ended, or it is not running): a
+        run that ends between two looks of :meth:`check` counts at them too."""
+        history = self._history(name)
+        for epoch in self.milestones[name]:
+            if epoch < len(history):  # went on past it: promoted then
+                self.decided[name].add(epoch)
+            if epoch <= len(history):
+                self.recorded.setdefault(epoch, {})[name] = history[epoch - 1]["val_acc"]
 
     def _history(self, name: str) -> list[dict]:
         records = read_records(self.out / name / "metrics.jsonl")

@@ -94,11 +94,18 @@ class FlatUpdate:
         return flat
 
     def step(self) -> None:
-        """Gather the gradients into the flat buffer (one launch) and update: the optimizer
-        (one launch) and the weight average (one more), at learning rate
-        ``lr_of_step[clock[STEP]]``. Does not advance the clock."""
-        xp, k, opt = self.xp, self.kernels, self.optimizer
-        xp.concatenate([p.grad.reshape(-1) for p in self.trainable], out=self.grad)
+        """:meth:`gather` the gradients, then :meth:`update`."""
+        self.gather()
+        self.update()
+
+    def gather(self) -> None:
+        """The parameters' gradients into the flat buffer ``grad`` (one launch)."""
+        self.xp.concatenate([p.grad.reshape(-1) for p in self.trainable], out=self.grad)
+
+    def update(self) -> None:
+        """The optimizer's step from ``grad`` (one launch) and the weight average's (one
+        more), at learning rate ``lr_of_step[clock[STEP]]``. Does not advance the clock."""
+        k, opt = self.kernels, self.optimizer
         if isinstance(opt, Adam):
             m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
             k.adam_flat(

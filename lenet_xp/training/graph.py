@@ -83,9 +83,10 @@ class GraphStep:
         self.shifts = xp.zeros((2, n), xp.int64) if shift else None
         self.epoch_key = xp.zeros(1, xp.uint64)  # --augment's key of this epoch
         self.loss_sum, self.correct = xp.zeros((), xp.float64), xp.zeros((), xp.int64)
+        self.sums = (self.loss_sum, self.correct)  # what :meth:`compute` adds a step's to
         self.positions = xp.arange(batch_size, dtype=xp.int64)
         model.use_cuda_kernels(True)
-        dropouts = [layer for layer in _modules(model) if isinstance(layer, Dropout)]
+        dropouts = [layer for layer in model.modules() if isinstance(layer, Dropout)]
         for stream, layer in enumerate(dropouts):
             layer.use_clock(self.clock, stream)
         x, y = split.images[:batch_size], split.labels[:batch_size]
@@ -110,31 +111,42 @@ class GraphStep:
         values[BATCH] = done
         self.clock[...] = self.xp.asarray(values, dtype=self.xp.int64)
 
-    def batch(self, rows: int) -> tuple[Any, Any]:
-        """Batch ``clock[BATCH]`` of the epoch's order (its first ``rows`` images), shifted
-        and distorted: ``(x (rows, C, H, W), labels (rows,))``, all on the device."""
+    def batch(self, rows: int, start: int = 0) -> tuple[Any, Any]:
+        """Rows ``start`` to ``start + rows`` of batch ``clock[BATCH]`` of the epoch's order,
+        shifted and distorted: ``(x (rows, C, H, W), labels (rows,))``, all on the device."""
         xp, images = self.xp, self.split.images
+        order = self.order[start:] if start else self.order
         x = xp.empty((rows, *images.shape[1:]), images.dtype)
         y = xp.empty(rows, xp.int64)
         self.kernels.gather_shift(
-            images, self.split.labels, self.order, self.shifts, self.clock[BATCH:], x, y,
+            images, self.split.labels, order, self.shifts, self.clock[BATCH:], x, y,
             BACKGROUND, self.batch_size,
         )  # fmt: skip
         if self.augment is not None:  # the images' indices: what their draws depend on
-            ids = self.order.take(self.clock[BATCH] * self.batch_size + self.positions[:rows])
+            ids = order.take(self.clock[BATCH] * self.batch_size + self.positions[:rows])
             x = Distortion(self.augment, 0, 0, BACKGROUND, self.epoch_key, self.kernels)(x, ids)
         return x, y
 
     def step(self, rows: int) -> None:
         """One training step on the next ``rows`` images, eagerly or into a capture."""
-        x, y = self.batch(rows)
+        self.compute(rows)
+        self.update()
+
+    def compute(self, rows: int, start: int = 0) -> None:
+        """Forward, loss and backward of rows ``start`` to ``start + rows`` of the next batch,
+        the loss and correct count added to :attr:`sums`, the gradients into ``flat.grad``."""
+        x, y = self.batch(rows, start)
         model = self.model
         logits = model.forward(x)
         loss_fn = getattr(model, "loss_fn", None) or softmax_cross_entropy
-        # one launch, the running sums included
-        _, grad = loss_fn(logits, y, kernels=self.kernels, sums=(self.loss_sum, self.correct))
+        # one launch, the step's loss and correct count added to the sums
+        _, grad = loss_fn(logits, y, kernels=self.kernels, sums=self.sums)
         model.backward(grad)
-        self.flat.step()
+        self.flat.gather()
+
+    def update(self) -> None:
+        """The optimizer's and weight average's step from ``flat.grad``; ``clock += 1``."""
+        self.flat.update()
         self.clock += 1
 
     def capture(self) -> None:
@@ -162,13 +174,6 @@ class GraphStep:
             self.graph.launch()
         else:
             self.step(rows)
-
-
-def _modules(module: Module) -> list[Module]:
-    found = [module]
-    for _, child in module.named_children():
-        found += _modules(child)
-    return found
 
 
 def train_epoch_graph(

@@ -20,13 +20,16 @@ from typing import Any
 
 from lenet_xp.backend import get_device, synchronize, tune_host_allocator, use_device
 from lenet_xp.data.augment import parse_augment
+from lenet_xp.kernels.ops import gpu_kernels
 from lenet_xp.training.config import TrainConfig
 from lenet_xp.training.distributed.comm import World
 from lenet_xp.training.distributed.comm import world as mpi_world
 from lenet_xp.training.distributed.engine import RankParallel
+from lenet_xp.training.distributed.graph import RankGraphStep
 from lenet_xp.training.distributed.launch import check_launch, held_together
 from lenet_xp.training.distributed.nccl import NcclSum
-from lenet_xp.training.engines import Engine, LayersEngine, make_engine
+from lenet_xp.training.engines import Engine, GraphEngine, LayersEngine, make_engine
+from lenet_xp.training.flat import supports as flat_supports
 from lenet_xp.training.interrupt import Interrupted, StopSignals
 from lenet_xp.training.parallel import WorkerError, in_worker
 from lenet_xp.training.resume import Keeper
@@ -122,25 +125,39 @@ def _engine(run: Run, keeper: Keeper) -> Engine:
 
 
 def _rank_engine(run: Run, workers: int, note: Any) -> Engine:
-    """The layers over MPI ranks: each rank its slice of every batch, one all-reduce a step
-    (NCCL's on GPUs, MPI's of a host buffer on CPUs); ``--workers`` splits a rank's slice
-    further only when given (the ranks are the processes)."""
-    config = run.config
-    if config.engine != "layers":
-        note(f"--engine {config.engine} does not all-reduce yet: MPI ranks train with the layers")
-    run.model.use_cuda_kernels(False)
-    run.optimizer.cuda_kernels = False
+    """This rank's engine over MPI ranks, each its slice of every batch, one all-reduce a
+    step (NCCL's on GPUs, MPI's of a host buffer on CPUs): on GPUs ``--engine graph`` and
+    ``kernels`` as :class:`RankGraphStep` runs them, else the layers; ``--workers`` splits a
+    rank's slice further only when given (the ranks are the processes)."""
+    config, model, optimizer = run.config, run.model, run.optimizer
+    model.use_cuda_kernels(False)
+    optimizer.cuda_kernels = False
     if "workers" not in run.given:
         workers = 1
-    reduce = NcclSum(run.ranks) if run.device.kind == "cuda" else None  # None: MPI, on the host
+    on_gpu = run.device.kind == "cuda"
+    reduce = NcclSum(run.ranks) if on_gpu else None  # None: MPI, on the host
     runner = RankParallel(
-        run.ranks, run.model, workers, max(config.batch_size, config.eval_batch_size),
+        run.ranks, model, workers, max(config.batch_size, config.eval_batch_size),
         run.signals, run.agreed, reduce,
     )  # fmt: skip
+    augment = parse_augment(config.augment)
+    if config.engine != "layers":
+        why = (
+            flat_supports(optimizer) if on_gpu else f"it applies to CUDA devices, not {run.device}"
+        )
+        if why is None:
+            total = config.epochs * run.steps_per_epoch
+            step = RankGraphStep(
+                run.ranks, runner.reduce, lambda: run.signals.requested, run.agreed, model,
+                optimizer, run.splits[0], config.batch_size,
+                [run.schedule(s) for s in range(total)], gpu_kernels(run.device.xp),
+                config.shift, augment, captured=config.engine == "graph",
+            )  # fmt: skip
+            return GraphEngine(runner, step)
+        note(f"--engine {config.engine}: the ranks train with the array-op layers: {why}")
     return LayersEngine(
-        runner, run.optimizer, run.schedule, run.splits[0], config.batch_size, config.shift,
-        parse_augment(config.augment),
-    )  # fmt: skip
+        runner, optimizer, run.schedule, run.splits[0], config.batch_size, config.shift, augment
+    )
 
 
 def _epoch(run: Run, engine: Engine, epoch: int) -> tuple[dict, bool]:

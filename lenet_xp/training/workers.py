@@ -15,7 +15,6 @@ import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
 from multiprocessing import resource_tracker, spawn
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -228,7 +227,7 @@ def _serve(
     native.warm_up(next((p.data for p in model.parameters()), None))  # compiled now
     shared = _Shared(specs, attach=names)
     a = shared.arrays
-    for layer in _modules(model):
+    for layer in model.modules():
         if isinstance(layer, Dropout):
             layer.fork(index)  # this slice's own masks (slice 0 keeps the seed's first stream)
     params = model.parameters()
@@ -265,13 +264,6 @@ def _serve(
         shared.close(unlink=False)
 
 
-def _modules(module: Module) -> Iterator[Module]:
-    """``module`` and every layer inside it, depth first."""
-    yield module
-    for _, child in module.named_children():
-        yield from _modules(child)
-
-
 def _preparation(model: Module) -> dict:
     """What a worker needs before it can unpickle ``model`` (``multiprocessing.spawn``'s
     preparation data): ``sys.path`` and folders, and ``__main__`` only if ``model`` holds a
@@ -279,7 +271,7 @@ def _preparation(model: Module) -> dict:
     data = spawn.get_preparation_data("lenet_xp-worker")
     del data["authkey"]  # multiprocessing's own: not ours to hand on, and not needed
     from_main = sorted(
-        {type(m).__name__ for m in _modules(model) if type(m).__module__ == "__main__"}
+        {type(m).__name__ for m in model.modules() if type(m).__module__ == "__main__"}
     )
     main_file = data.get("init_main_from_path")
     if not from_main:

@@ -29,6 +29,7 @@ import numpy as np
 from lenet_xp.backend import Device, asnumpy, get_array_module, to_device, use_device
 from lenet_xp.data.images import (
     ImageError,
+    Reserve,
     TooManyPixelsError,
     denormalise,
     digit_from_bytes,
@@ -68,12 +69,15 @@ def body_of(content_type: str | None, data: bytes) -> Body:
     return Body(header.split(";")[0].strip().lower(), header, data)
 
 
-def parse_body(body: Body, max_pixels: int | None = None) -> np.ndarray:
+def parse_body(
+    body: Body, max_pixels: int | None = None, reserve: Reserve | None = None
+) -> np.ndarray:
     """The network input ``(1, 28, 28)`` float32 (normalised) a ``POST /predict`` body holds.
 
     Raises :class:`ApiError` for anything else: 400 for not an image, malformed JSON, an array
     of the wrong shape or range, a blank picture; 413 for a picture that would decode to more
-    than ``max_pixels`` pixels (refused from its header, before decoding)."""
+    than ``max_pixels`` pixels (refused from its header, before decoding). ``reserve``: held
+    while a picture is decoded, with its cost in bytes (see :mod:`lenet_xp.web.budget`)."""
     json_type = body.media_type == "application/json" or body.media_type.endswith("+json")
     looks_json = body.data.lstrip()[:1] in (b"{", b"[")  # curl -d @x.json sends no JSON type
     if json_type or (looks_json and not body.media_type.startswith("image/")):
@@ -84,7 +88,7 @@ def parse_body(body: Body, max_pixels: int | None = None) -> np.ndarray:
     if not data:
         raise ApiError(400, "the body is empty: send a picture (PNG, JPEG, ...) or JSON")
     try:
-        return digit_from_bytes(data, "the upload", max_pixels)
+        return digit_from_bytes(data, "the upload", max_pixels, reserve)
     except TooManyPixelsError as exc:
         raise ApiError(413, str(exc)) from None
     except ImageError as exc:

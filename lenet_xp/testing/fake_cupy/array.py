@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy
 
-from lenet_xp.testing.fake_cupy import runtime
+from lenet_xp.testing.fake_cupy import runtime, streams
 
 
 class ndarray:  # noqa: N801 - CuPy's name
@@ -335,7 +335,7 @@ def _issue(what, function, np_args, np_kwargs, operands, fresh) -> None:
         for data, value in zip(targets, [r for r in results if r is not None], strict=False):
             numpy.copyto(data, value)
 
-    runtime.record(what, replay, operands.memories() + [a._memory for a in fresh])
+    streams.record(what, replay, operands.memories() + [a._memory for a in fresh])
 
 
 def _call_out(what, function, np_args, np_kwargs, operands, out) -> Any:
@@ -348,7 +348,7 @@ def _call_out(what, function, np_args, np_kwargs, operands, out) -> Any:
 
 def _run_or_record(what: str, run: Callable[[], None], operands: _Operands) -> None:
     if runtime.capturing():
-        runtime.record(what, run, operands.memories())
+        streams.record(what, run, operands.memories())
     else:
         run()
         runtime.count_launch()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy
 
 from lenet_xp.testing import cuda_emulator
-from lenet_xp.testing.fake_cupy import runtime
+from lenet_xp.testing.fake_cupy import runtime, streams
 from lenet_xp.testing.fake_cupy.array import ndarray
 
 ENV_MATH = "LENET_XP_FAKE_CUDA_MATH"
@@ -65,7 +65,7 @@ def _kernel_argument(value: Any) -> Any:
 
 def _issue(what: str, run: Any, arrays: list[ndarray]) -> None:
     if runtime.capturing():
-        runtime.record(what, run, [a._memory for a in arrays])
+        streams.record(what, run, [a._memory for a in arrays])
     else:
         run()
         runtime.count_launch()

@@ -5,6 +5,8 @@
 - :mod:`.engine`: :class:`~.engine.RankParallel`, which runs this rank's slice of every global
   batch and sums the gradients, the loss, the correct count and the stop flag with one
   all-reduce of one flat buffer per step.
+- :mod:`.graph`: :class:`~.graph.RankGraphStep`, the graph engine's step of a GPU rank, cut
+  in two around the all-reduce.
 - :mod:`.launch`: the checks and set-up a run does once at its start.
 - :mod:`.bench`: ``--workers N`` against ``mpiexec -n N``, measured.
 

@@ -19,12 +19,16 @@ from collections.abc import Callable
 from typing import Any
 
 from lenet_xp.backend import asnumpy, get_array_module
+from lenet_xp.layers import Dropout
 from lenet_xp.training.distributed.comm import DistributedError, World
 from lenet_xp.training.interrupt import StopSignals
 from lenet_xp.training.parallel import DataParallel
 
 #: The buffer's tail after the gradients: loss, correct, ranks asking to stop, their signals.
 _LOSS, _CORRECT, _STOPS, _SIGNALS = range(-4, 0)
+#: Rank ``r > 0`` draws its dropout masks from stream ``RANK_STREAMS + r`` of the seed (worker
+#: processes take streams 1, 2, ... of theirs: the two never meet).
+RANK_STREAMS = 1 << 32
 
 
 class AgreedStop:
@@ -65,6 +69,10 @@ class RankParallel:
         # One core per process, as --workers does: ranks sharing a node's cores with
         # several BLAS threads each oversubscribe it (restored by close).
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        if world.rank:  # this rank's own dropout masks (rank 0 keeps one process's)
+            for layer in model.modules():
+                if isinstance(layer, Dropout):
+                    layer.fork(RANK_STREAMS + world.rank)
         self.local = DataParallel(
             model, workers, max_batch=max_batch, stop_requested=lambda: signals.requested
         )

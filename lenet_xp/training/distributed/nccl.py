@@ -3,8 +3,8 @@
 Rank 0 draws NCCL's unique id and broadcasts it over MPI; each rank then builds its
 ``NcclCommunicator`` on its own GPU (``cuda:<local rank>``), and :meth:`NcclSum.__call__`
 sums a device buffer in place on the current (training) stream, with no host copy and no
-synchronisation. NCCL (2.9 and later) can be captured in a CUDA graph; the fused/graph engine
-does not all-reduce yet, so ranks on GPUs train with the array-op layers (docs/distributed.md).
+synchronisation. The graph engine's ranks call it between their step's two captured halves
+(:mod:`~lenet_xp.training.distributed.graph` says why not inside a graph).
 """
 
 from __future__ import annotations
