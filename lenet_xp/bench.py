@@ -5,7 +5,7 @@ Trains a preset (``--arch``, default LeNet-5; Adam, data resident on the device)
 real training loop and prints tables. Engines: ``layers`` (the array-op layers, every
 device), on CUDA also ``kernels`` (the layers with our CUDA kernels) and ``graph`` (the
 layers' step captured as one CUDA graph); with ``--torch`` (``pip install
-"lenet_xp[bench]"``) LeNet-5 in PyTorch, eager (``torch``) and, on CUDA, as a captured CUDA
+"lenet_xp[bench]"``) the same preset in PyTorch, eager (``torch``) and, on CUDA, as a captured CUDA
 graph (``torch-graph``), timed in the same run, epochs alternating. Per preset:
 ``for a in lenet5 lenet5-nopad lenet5-sigmoid-avg lenet5-classic compact-cnn; do python -m
 lenet_xp.bench --device cuda --arch $a --batch-sizes 128 1024 --torch; done``.
@@ -78,9 +78,7 @@ def engines(
     built, skipped = [], []
     names = ["layers"] + (["layers+aug"] if args.augment or args.ema else [])
     names += ["kernels", "graph"] if split.device.kind == "cuda" else []
-    if args.torch and args.arch != "lenet5":
-        skipped.append(f"torch: PyTorch's network here is LeNet-5, not --arch {args.arch}")
-    elif args.torch:
+    if args.torch:
         names += ["torch"] + (["torch-graph"] if split.device.kind == "cuda" else [])
     for name in names:
         try:
@@ -93,7 +91,7 @@ def engines(
             elif not bench_torch.available():
                 skipped.append(f"{name}: PyTorch is not installed (pip install 'lenet_xp[bench]')")
             else:
-                built.append(torch_engine(name, split, batch_size))
+                built.append(torch_engine(name, split, batch_size, args.arch))
         except Exception as exc:  # an engine that cannot run here is reported, not fatal
             skipped.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
     return built, skipped

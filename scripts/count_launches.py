@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     extras = f", --augment {args.augment}" if args.augment != "none" else ""
     extras += f", --ema {args.ema:g}" if args.ema else ""
     print(f"launches per training step, Adam, batch {args.batch}{extras}:")
-    print(f"{'preset':<20} {'layers':>7} {'kernels':>8} {'graph nodes':>12}")
+    print(f"{'preset':<30} {'layers':>7} {'kernels':>8} {'graph nodes':>12}")
     for arch in PRESETS:
-        c = count_launches(arch, args.batch, args.augment, args.ema)
-        print(f"{c.arch:<20} {c.layers:>7} {c.kernels:>8} {c.graph_nodes:>12}")
+        for output in PRESETS[arch].outputs:
+            c = count_launches(arch, args.batch, args.augment, args.ema, output)
+            print(f"{c.arch:<30} {c.layers:>7} {c.kernels:>8} {c.graph_nodes:>12}")
     return 0
 
 

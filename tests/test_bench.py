@@ -64,8 +64,9 @@ def test_no_cupti_count_without_a_gpu():
 @pytest.mark.parametrize("arch", ["lenet5", "lenet5-classic"])
 def test_bench_on_cuda_times_every_engine_of_a_preset(capsys, arch):
     """``bench --device cuda --arch A``: the layers, the layers with our kernels and the
-    captured graph each time an epoch of the preset (on the stand-in: a smoke test); PyTorch
-    is compared for LeNet-5 only, and says so for another preset."""
+    captured graph each time an epoch of the preset (on the stand-in: a smoke test); PyTorch's
+    twin of the preset is timed too, or (a PyTorch without CUDA, as beside the stand-in) not,
+    saying why."""
     args = ["--device", "cuda", "--epochs", "1", "--limit-train", "640", "--batch-sizes", "32"]
     args += ["--no-profile", "--torch", "--arch", arch, "--data-dir", str(DATA)]
     assert bench.main(args) == 0
@@ -74,5 +75,18 @@ def test_bench_on_cuda_times_every_engine_of_a_preset(capsys, arch):
     assert {"layers", "kernels", "graph"} <= set(rows), out
     assert all(float(rows[name][2]) > 0 for name in ("layers", "kernels", "graph"))
     assert f"--arch {arch}" in out.splitlines()[0]
-    if arch != "lenet5":
-        assert f"torch: PyTorch's network here is LeNet-5, not --arch {arch}" in out
+    assert "torch" in rows or "not timed: batch 32: torch: " in out, out
+
+
+@needs_mnist
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+def test_bench_times_the_torch_twin_of_another_preset(capsys):
+    """``bench --torch --arch lenet5-classic`` on the CPU: PyTorch trains the same network
+    (tests/test_torch_twin.py checks its numbers) beside ours, in one table."""
+    args = ["--device", "cpu", "--epochs", "1", "--limit-train", "640", "--batch-sizes", "32"]
+    args += ["--no-profile", "--torch", "--arch", "lenet5-classic", "--data-dir", str(DATA)]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("    32")}
+    assert {"layers", "torch"} <= set(rows), out
+    assert float(rows["torch"][2]) > 0 and float(rows["torch"][-1]) == pytest.approx(1.0)

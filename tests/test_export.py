@@ -3,7 +3,6 @@ reference evaluator, and onnxruntime when installed), PyTorch-named weights that
 ``torch.nn`` networks, and such weights back into a checkpoint."""
 
 import json
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -179,61 +178,11 @@ def test_onnx_export_is_the_same_from_any_device(device):
 
 # -- PyTorch ----------------------------------------------------------------------------------
 def torch_twin(model):
-    """A ``torch.nn.Sequential`` with the same layer names as ``model`` (any preset)."""
-    from lenet_xp import layers as L
+    """A ``torch.nn.Sequential`` with the same layer names as ``model`` (any preset), PyTorch's
+    own initial weights: ``bench --torch``'s twin."""
+    from lenet_xp.benchmarks.torch_twin import torch_twin as twin
 
-    nn = torch.nn
-
-    class LeCunTanh(nn.Module):
-        def forward(self, x):
-            return 1.7159 * torch.tanh(2.0 / 3.0 * x)
-
-    class Subsampling(nn.Module):  # LeCun's S2, S4: weight * window sum + bias, per map
-        def __init__(self, channels, k):
-            super().__init__()
-            self.k = k
-            self.weight = nn.Parameter(torch.zeros(channels))
-            self.bias = nn.Parameter(torch.zeros(channels))
-
-        def forward(self, x):
-            s = nn.functional.avg_pool2d(x, self.k) * self.k**2
-            return s * self.weight[:, None, None] + self.bias[:, None, None]
-
-    class RBF(nn.Module):  # logits = -|x - c|^2
-        def __init__(self, classes, features):
-            super().__init__()
-            self.centres = nn.Parameter(torch.zeros(classes, features))
-
-        def forward(self, x):
-            return -((x[:, None, :] - self.centres) ** 2).sum(dim=2)
-
-    def twin(layer):
-        if isinstance(layer, (L.Conv2d, L.PartialConv2d)):
-            if isinstance(layer, L.PartialConv2d):
-                o, i, k = layer.out_channels, layer.in_channels, layer.kernel
-            else:
-                o, i, k, _ = layer.weight.shape
-            return nn.Conv2d(i, o, k, stride=layer.stride, padding=layer.padding)
-        if isinstance(layer, L.Linear):
-            return nn.Linear(layer.weight.shape[1], layer.weight.shape[0])
-        if isinstance(layer, (L.BatchNorm1d, L.BatchNorm2d)):
-            cls = nn.BatchNorm1d if isinstance(layer, L.BatchNorm1d) else nn.BatchNorm2d
-            return cls(layer.weight.shape[0], eps=layer.eps)
-        if isinstance(layer, (L.MaxPool2d, L.AvgPool2d)):
-            cls = nn.MaxPool2d if isinstance(layer, L.MaxPool2d) else nn.AvgPool2d
-            return cls(layer.kernel, layer.stride)
-        if isinstance(layer, L.TrainableSubsampling):
-            return Subsampling(layer.channels, layer.kernel)
-        if isinstance(layer, L.RBFOutput):
-            return RBF(*layer.centres.shape)
-        if isinstance(layer, L.LeakyReLU):
-            return nn.LeakyReLU(layer.negative_slope)
-        if isinstance(layer, L.Dropout):
-            return nn.Dropout(layer.p)
-        simple = {L.ReLU: nn.ReLU, L.Sigmoid: nn.Sigmoid, L.Tanh: nn.Tanh, L.Flatten: nn.Flatten}
-        return simple[type(layer)]() if type(layer) in simple else LeCunTanh()
-
-    return nn.Sequential(OrderedDict((name, twin(c)) for name, c in model.named_children()))
+    return twin(model, weights=False)
 
 
 def load_into_torch(net, path):

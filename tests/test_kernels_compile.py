@@ -72,7 +72,11 @@ def test_every_cu_file_and_kernel_is_registered():
 
 
 #: Threads per block each kernel is launched with (lenet_xp.kernels.ops).
-_BLOCK_THREADS = {"softmax_cross_entropy": kernels.LOSS_THREADS, "gemm": kernels.GEMM_TILE**2}
+_BLOCK_THREADS = {
+    "softmax_cross_entropy": kernels.LOSS_THREADS,
+    "subsample_grads": kernels.SUBSAMPLE_THREADS,
+    "gemm": kernels.GEMM_TILE**2,
+}
 
 
 @needs_nvrtc

@@ -16,15 +16,22 @@ import pytest
 from lenet_xp.data.device_split import shift_images
 from lenet_xp.functional import activation as F
 from lenet_xp.functional.conv import col2im, im2col, output_size
-from lenet_xp.functional.loss import log_softmax, softmax_cross_entropy
+from lenet_xp.functional.loss import RBF_LOSS_J, log_softmax, rbf_loss, softmax_cross_entropy
 from lenet_xp.functional.pool import (
     avg_pool2d_backward,
     avg_pool2d_forward,
     max_pool2d_backward,
     max_pool2d_forward,
 )
-from lenet_xp.kernels import ACTIVATION_CODES, GEMM_TILE, LOSS_THREADS, SOURCES, THREADS
-from lenet_xp.layers import BatchNorm1d
+from lenet_xp.kernels import (
+    ACTIVATION_CODES,
+    GEMM_TILE,
+    LOSS_THREADS,
+    SOURCES,
+    SUBSAMPLE_THREADS,
+    THREADS,
+)
+from lenet_xp.layers import BatchNorm1d, LeCunTanh, RBFOutput, TrainableSubsampling
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim import make_optimizer
 from lenet_xp.testing.cuda_emulator import EmulatedModule, KernelFaultError, compiler_available
@@ -139,6 +146,13 @@ ACTS = {
     "relu": (ACTIVATION_CODES["ReLU"], F.relu_forward, F.relu_backward),
     "sigmoid": (ACTIVATION_CODES["Sigmoid"], F.sigmoid_forward, F.sigmoid_backward),
     "tanh": (ACTIVATION_CODES["Tanh"], F.tanh_forward, F.tanh_backward),
+    "lecun_tanh": (
+        ACTIVATION_CODES["LeCunTanh"],
+        lambda x: F.scaled_tanh_forward(x, LeCunTanh.amplitude, LeCunTanh.slope)[0],
+        lambda g, y: F.scaled_tanh_backward(
+            g, y / LeCunTanh.amplitude, LeCunTanh.amplitude, LeCunTanh.slope
+        ),
+    ),
 }
 
 
@@ -242,6 +256,64 @@ def test_bias_act_avg_pool_and_backward(modules, dtype, case, act):
     _same(grad_y, expected, dtype, act)
 
 
+# -- subsample.cu -------------------------------------------------------------------------
+def _subsample_reference(y, bias, coeff, sbias, k, act, act2, grad_out):
+    """The layers' composition on ``y (C, H, W, N)``: bias, ``act``, TrainableSubsampling,
+    ``act2``; and back from ``grad_out (C, OH, OW, N)``: ``(out, act_out, grad_y, grad_coeff,
+    grad_sbias)``, batch-innermost."""
+    _, forward, backward = ACTS[act]
+    _, forward2, backward2 = ACTS[act2]
+    sub = TrainableSubsampling(y.shape[0], k, dtype=y.dtype.name)
+    sub.weight.data[...], sub.bias.data[...] = coeff, sbias
+    a = forward((y + bias[:, None, None, None]).transpose(3, 0, 1, 2))
+    out = forward2(sub.forward(a))
+    grad_a = sub.backward(backward2(grad_out.transpose(3, 0, 1, 2), out))
+    grad_y = backward(grad_a, a)
+    chwn = [v.transpose(1, 2, 3, 0) for v in (out, a, grad_y)]
+    return (*chwn, sub.weight.grad, sub.bias.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("acts", [("lecun_tanh", "lecun_tanh"), ("relu", "sigmoid")])
+def test_subsample_kernels_against_the_layers(modules, dtype, case, acts):
+    """conv bias -> act -> trainable subsampling -> act2 (LeCun's C1-S2) and back, the
+    coefficient and bias gradients included, against the layers (windows that H or W does not
+    fill get no gradient)."""
+    c, h, w, n, k = case
+    act, act2 = acts
+    rng = np.random.default_rng(15)
+    y, grad_out_full = (rng.standard_normal(s).astype(dtype) for s in ((c, h, w, n),) * 2)
+    bias, coeff, sbias = (rng.standard_normal(c).astype(dtype) for _ in range(3))
+    oh, ow = h // k, w // k
+    grad_out = np.ascontiguousarray(grad_out_full[:, :oh, :ow])
+    out, act_out, grad_y, grad_coeff, grad_sbias = _subsample_reference(
+        y, bias, coeff, sbias, k, act, act2, grad_out
+    )
+    ints = tuple(map(i32, (n, c, h, w, k, oh, ow, ACTS[act][0], ACTS[act2][0])))
+    got = {
+        name: np.full(like.shape, np.nan, dtype)
+        for name, like in (("out", out), ("act_out", act_out), ("mean", out), ("grad_y", y))
+    }
+    fn = kernel(modules, "subsample.cu", "bias_act_subsample_act", dtype)
+    args = (y, bias, coeff, sbias, got["act_out"], got["mean"], got["out"], *ints)
+    launch_1d(fn, out.size, args, "gridstride")
+    assert_close(got["out"], out, dtype)
+    inside = np.zeros(y.shape, bool)
+    inside[:, : oh * k, : ow * k] = True
+    assert_close(got["act_out"][inside], act_out[inside], dtype)
+    fn = kernel(modules, "subsample.cu", "act_subsample_act_backward", dtype)
+    launch_1d(fn, y.size, (grad_out, got["out"], got["act_out"], coeff, got["grad_y"], *ints))
+    assert_close(got["grad_y"], grad_y, dtype)
+    grads = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
+    fn = kernel(modules, "subsample.cu", "subsample_grads", dtype)
+    ints = map(i32, (n, c, oh, ow, k, ACTS[act2][0]))
+    blocks = max(1, c // 2)  # fewer blocks than channels: the grid-stride over channels
+    fn((blocks,), (SUBSAMPLE_THREADS,), (grad_out, got["out"], got["mean"], *grads, *ints))
+    assert_close(grads[0], grad_coeff, dtype)
+    assert_close(grads[1], grad_sbias, dtype)
+
+
 # -- norm.cu ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
@@ -314,8 +386,13 @@ def _store(rows_by_class, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["feature_major", "row_major"])
 @pytest.mark.parametrize("n", [37, 300])  # fewer and more rows than LOSS_THREADS
-def test_softmax_cross_entropy(modules, dtype, layout, n):
+@pytest.mark.parametrize("j", [None, RBF_LOSS_J, -3.0])  # None: no rubbish logit
+def test_softmax_cross_entropy(modules, dtype, layout, n, j):
+    """The loss, its gradient and the running sums; with a rubbish logit ``-j``, LeCun's RBF
+    loss (``j = -3``: a rubbish logit above most logits, the log-sum-exp's shift)."""
     k = 10
+    rubbish = (i32(0), dtype(0)) if j is None else (i32(1), dtype(-j))
+    reference = softmax_cross_entropy if j is None else lambda a, b: rbf_loss(a, b, j)
     rng = np.random.default_rng(5)
     fn = kernel(modules, "loss.cu", "softmax_cross_entropy", dtype)
     loss_sum = np.array([1.5])
@@ -328,11 +405,11 @@ def test_softmax_cross_entropy(modules, dtype, layout, n):
         stored, (sli, slk) = _store(logits, layout)
         grad_stored, (sgi, sgk) = _store(np.full((n, k), np.nan, dtype), layout)
         batch_loss = np.full(1, np.nan, dtype)
-        args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), batch_loss)
-        args += (loss_sum, correct, counters, i32(n_counters))
+        args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), *rubbish)
+        args += (batch_loss, loss_sum, correct, counters, i32(n_counters))
         fn((1,), (LOSS_THREADS,), args)
 
-        ref_loss, ref_grad = softmax_cross_entropy(logits, labels)
+        ref_loss, ref_grad = reference(logits, labels)
         grad = grad_stored.T if layout == "feature_major" else grad_stored
         assert_close(grad, ref_grad, dtype)
         assert_close(batch_loss[0], ref_loss, dtype)
@@ -355,7 +432,8 @@ def test_softmax_cross_entropy_bad_label_gives_nan(modules, dtype):
     grad_stored, (sgi, sgk) = _store(np.full((n, k), np.nan, dtype), "feature_major")
     batch_loss, loss_sum = np.zeros(1, dtype), np.zeros(1)
     correct, counters = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), batch_loss)
+    args = (stored, sli, slk, labels, grad_stored, sgi, sgk, i32(n), i32(k), i32(0), dtype(0))
+    args += (batch_loss,)
     fn = kernel(modules, "loss.cu", "softmax_cross_entropy", dtype)
     fn((1,), (LOSS_THREADS,), (*args, loss_sum, correct, counters, i32(1)))
     assert np.isnan(batch_loss[0]) and np.isnan(loss_sum[0])
@@ -365,6 +443,29 @@ def test_softmax_cross_entropy_bad_label_gives_nan(modules, dtype):
     expected = np.exp(log_softmax(logits))
     expected[np.flatnonzero(valid), labels[valid]] -= 1
     assert_close(grad_stored.T, expected / n, dtype)  # a bad row: softmax / n, no one-hot
+
+
+# -- rbf.cu -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_rbf_kernels_against_the_layer(modules, dtype, n):
+    """LeCun's RBF output, forward and the input's gradient, against ``RBFOutput``'s array
+    code (its digit bitmaps as centres, F6-like inputs in (-1.7, 1.7))."""
+    rng = np.random.default_rng(16)
+    layer = RBFOutput(84, dtype=np.dtype(dtype).name)
+    x = rng.uniform(-1.7, 1.7, (n, 84)).astype(dtype)
+    centres = layer.centres.data
+    k = centres.shape[0]
+    expected = layer.forward(x)
+    logits = np.full((n, k), np.nan, dtype)
+    fn = kernel(modules, "rbf.cu", "rbf_logits", dtype)
+    launch_1d(fn, logits.size, (x, centres, logits, i64(n), i32(k), i32(84)), "gridstride")
+    assert_close(logits, expected, dtype)
+    grad_logits = rng.standard_normal((n, k)).astype(dtype)
+    grad_x = np.full((n, 84), np.nan, dtype)
+    fn = kernel(modules, "rbf.cu", "rbf_backward", dtype)
+    launch_1d(fn, grad_x.size, (grad_logits, x, centres, grad_x, i64(n), i32(k), i32(84)))
+    assert_close(grad_x, layer.backward(grad_logits), dtype)
 
 
 # -- data.cu ------------------------------------------------------------------------------
@@ -471,17 +572,20 @@ def test_flat_optimizers_and_average(modules, dtype, variant):
 # -- dense.cu -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 13), (120, 33), (1, 1)])
-@pytest.mark.parametrize("relu", [False, True])
-def test_bias_act(modules, dtype, shape, relu):
+@pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
+def test_bias_act(modules, dtype, shape, act):
+    """A convolution's feature-major GEMM output ``(C, H*W*N)`` plus its bias, then the
+    activation (``--engine kernels``' ``conv -> act`` block, LeCun's C5)."""
     rng = np.random.default_rng(9)
     y = rng.standard_normal(shape).astype(dtype)
     bias = rng.standard_normal(shape[0]).astype(dtype)
     expected = y + bias[:, None]
-    if relu:
-        expected = np.where(expected > 0, expected, 0)
+    code = -1 if act == "none" else ACTS[act][0]
+    if act != "none":
+        expected = ACTS[act][1](expected)
     fn = kernel(modules, "dense.cu", "bias_act", dtype)
-    launch_1d(fn, y.size, (y, bias, i32(shape[0]), i32(shape[1]), i32(relu)), "gridstride")
-    np.testing.assert_array_equal(y, expected)
+    launch_1d(fn, y.size, (y, bias, i32(shape[0]), i64(shape[1]), i32(code)), "gridstride")
+    _same(y, expected, dtype, "relu" if act == "none" else act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -589,19 +693,19 @@ def test_gemm(modules, dtype, case):
 def test_rejects_mistyped_arguments(modules):
     fn = kernel(modules, "dense.cu", "bias_act", np.float32)
     y, bias = np.ones((3, 4), np.float32), np.ones(3, np.float32)
+    ok = (i32(3), i64(4), i32(0))  # m, n, act
     bad_calls = {
-        r"argument 2 \(int m\): .*Python int": (y, bias, 3, i32(4), i32(0)),
-        r"argument 3 \(int n\): .*numpy.int64": (y, bias, i32(3), i64(4), i32(0)),
-        r"argument 0 \(float\* y\): .*float64": (y.astype(np.float64), bias, *map(i32, (3, 4, 0))),
-        r"argument 0 \(float\* y\): .*C-contiguous": (np.ones((4, 3), np.float32).T, bias)
-        + tuple(map(i32, (3, 4, 0))),
-        r"argument 1 \(const float\* bias\): .*list": (y, [1.0, 1.0, 1.0], *map(i32, (3, 4, 0))),
-        r"argument 4 \(int relu\): .*0-d array": (y, bias, i32(3), i32(4), np.array(0, np.int32)),
-        r"takes 5 arguments": (y, bias, i32(3), i32(4)),
+        r"argument 2 \(int m\): .*Python int": (y, bias, 3, i64(4), i32(0)),
+        r"argument 3 \(long long n\): .*numpy.int32": (y, bias, i32(3), i32(4), i32(0)),
+        r"argument 0 \(float\* y\): .*float64": (y.astype(np.float64), bias, *ok),
+        r"argument 0 \(float\* y\): .*C-contiguous": (np.ones((4, 3), np.float32).T, bias, *ok),
+        r"argument 1 \(const float\* bias\): .*list": (y, [1.0, 1.0, 1.0], *ok),
+        r"argument 4 \(int act\): .*0-d array": (y, bias, i32(3), i64(4), np.array(0, np.int32)),
+        r"takes 5 arguments": (y, bias, i32(3), i64(4)),
     }
     readonly = y.copy()
     readonly.flags.writeable = False
-    bad_calls[r"argument 0 \(float\* y\): .*read-only"] = (readonly, bias, *map(i32, (3, 4, 0)))
+    bad_calls[r"argument 0 \(float\* y\): .*read-only"] = (readonly, bias, *ok)
     for pattern, args in bad_calls.items():
         with pytest.raises(TypeError, match=r"bias_act<float>: " + pattern):
             fn((1,), (32,), args)
@@ -620,14 +724,15 @@ def test_rejects_mistyped_arguments(modules):
             gather((1,), (32,), (*head, fill, *tail))
     gather((1,), (32,), (*head, np.float32(0.5), *tail))  # the right types run
     with pytest.raises(ValueError, match="1024"):
-        fn((1,), (64, 32), (y, bias, *map(i32, (3, 4, 0))))
+        fn((1,), (64, 32), (y, bias, *ok))
     with pytest.raises(ValueError, match="grid"):
-        fn((0,), (32,), (y, bias, *map(i32, (3, 4, 0))))
+        fn((0,), (32,), (y, bias, *ok))
 
 
 def test_syncthreads_kernels_run_on_threads(modules):
     assert kernel(modules, "dense.cu", "gemm", np.float32).threaded
     assert kernel(modules, "loss.cu", "softmax_cross_entropy", np.float64).threaded
+    assert kernel(modules, "subsample.cu", "subsample_grads", np.float32).threaded
     assert not kernel(modules, "conv.cu", "im2col", np.float32).threaded
 
 
@@ -694,8 +799,8 @@ def test_null_pointer_is_caught_without_bounds_checking():
     fn = EmulatedModule("dense.cu", check_bounds=False).get_function("bias_act<double>")
     y = np.zeros((2, 3))
     with pytest.raises(KernelFaultError, match="null pointer"):
-        fn((1,), (32,), (y, None, i32(2), i32(3), i32(0)))
-    fn((1,), (32,), (y, np.ones(2), i32(2), i32(3), i32(0)))
+        fn((1,), (32,), (y, None, i32(2), i64(3), i32(0)))
+    fn((1,), (32,), (y, np.ones(2), i32(2), i64(3), i32(0)))
     assert (y == 1).all()
 
 

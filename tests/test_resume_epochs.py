@@ -9,7 +9,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import DATA, needs_mnist
+from conftest import DATA, needs_cuda, needs_mnist
 from reliability_helpers import metrics, train_cmd, wait_until
 
 from lenet_xp import train as train_cli
@@ -106,7 +106,8 @@ def test_changing_the_configuration_on_resume_is_one_line(tmp_path, capsys):
         assert err.count("\n") == 0, err
         assert err == (
             f"lenet_xp.train: error: checkpoint {last} holds {flag} {saved}, not {flag} {value}: "
-            "a resumed run keeps its configuration (only --epochs and --workers may change); drop "
+            "a resumed run keeps its configuration (only --epochs, --workers and --engine may "
+            "change); drop "
             f"{flag}, or start a new run in another --out"
         )
     with pytest.raises(CheckpointError, match="holds --lr 0.002, not --lr 0.1"):
@@ -164,3 +165,26 @@ def test_a_stop_inside_the_extra_epochs_resumes_them(tmp_path):
         == 0
     )
     assert [r["epoch"] for r in metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+@needs_cuda
+@needs_mnist
+def test_a_resumed_run_keeps_its_engine_unless_given(tmp_path):
+    """``--engine`` is kept in checkpoints: a resume without it runs the checkpoint's engine,
+    one with it the engine given (which later resumes keep)."""
+    run = ["--device", "cuda", "--data-dir", str(DATA), "--quiet", "--out", str(tmp_path)]
+    run += ["--limit-train", "72", "--val-size", "8", "--limit-test", "16", "--batch-size", "16"]
+    assert train_cli.main([*run, "--epochs", "1", "--engine", "graph"]) == 0
+    last = tmp_path / "last.npz"
+    gpu = ["--device", "cuda", "--quiet"]
+    assert _resume_on(last, *gpu, "--epochs", "2") == 0
+    assert _resume_on(last, *gpu, "--epochs", "3", "--engine", "layers") == 0
+    assert _resume_on(last, *gpu, "--epochs", "4") == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    engines = [(r["epoch"], r["engine"]) for r in records if "engine" in r]
+    assert engines == [(1, "graph"), (2, "graph"), (3, "layers"), (4, "layers")]
+    assert load_checkpoint(last)[2]["config"]["engine"] == "layers"
+
+
+def _resume_on(checkpoint, *flags: str) -> int:
+    return train_cli.main(["--resume", str(checkpoint), "--data-dir", str(DATA), *flags])

@@ -32,28 +32,28 @@ class LaunchCount:
 
 def _split(arch: str, batch: int) -> DeviceSplit:
     device = get_device("cuda")
-    side = build(arch, _options(arch)).input_size
+    side = build(arch, _options(arch, "fc")).input_size
     xp = device.xp
     images = xp.zeros((2 * batch + 1, 1, side, side), dtype=xp.float32)
     labels = xp.arange(2 * batch + 1, dtype=xp.int64) % 10
     return DeviceSplit(images, labels, device)
 
 
-def _options(arch: str) -> Options:
-    return Options(pad32=PRESETS[arch].pad32)
+def _options(arch: str, output: str) -> Options:
+    return Options(pad32=PRESETS[arch].pad32, output=output)
 
 
 def count_launches(
-    arch: str, batch: int = 128, augment: str = "none", ema: float = 0.0
+    arch: str, batch: int = 128, augment: str = "none", ema: float = 0.0, output: str = "fc"
 ) -> LaunchCount:
-    """:class:`LaunchCount` of ``arch`` at ``batch`` with Adam (``augment``, ``ema``: as
-    ``train``'s); needs the stand-in (it counts)."""
+    """:class:`LaunchCount` of ``arch`` at ``batch`` with Adam (``augment``, ``ema``,
+    ``output``: as ``train``'s); needs the stand-in (it counts)."""
     from lenet_xp.testing.fake_cupy import runtime
 
     split = _split(arch, batch)
     counts = {}
     for name in ("layers", "kernels", "graph"):
-        model = build(arch, _options(arch)).to(split.device)
+        model = build(arch, _options(arch, output)).to(split.device)
         optimizer = make_optimizer("adam", model.parameters(), 1e-3, ema=ema or None)
         engine = make_engine(
             name, model, optimizer, split, batch, ConstantLR(1e-3), total_steps=6,
@@ -69,4 +69,5 @@ def count_launches(
             engine.train_epoch(rng, 3, None)
             counts[name] = round((runtime.launches() - before) / 3)  # 2 full + 1 short
         engine.close()
-    return LaunchCount(arch, counts["layers"], counts["kernels"], counts["graph"])
+    name = arch if output == "fc" else f"{arch} --output {output}"
+    return LaunchCount(name, counts["layers"], counts["kernels"], counts["graph"])

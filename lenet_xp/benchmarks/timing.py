@@ -173,8 +173,8 @@ def gpu_engine(
     return Timed(name, epoch, one_step, engine.close)
 
 
-def torch_engine(name: str, split: DeviceSplit, batch_size: int) -> Timed:
-    run = bench_torch.TorchRun(split, batch_size, graph=name == "torch-graph")
+def torch_engine(name: str, split: DeviceSplit, batch_size: int, arch: str = "lenet5") -> Timed:
+    run = bench_torch.TorchRun(split, batch_size, graph=name == "torch-graph", arch=arch)
     run.epoch(20 * batch_size)  # warm-up
     return Timed(name, run.epoch, lambda: run.epoch(batch_size))
 

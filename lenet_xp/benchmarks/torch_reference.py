@@ -1,5 +1,7 @@
-"""PyTorch's side of ``lenet_xp.bench --torch``: the same LeNet-5, data already on the device,
-Adam, trained eagerly or as one captured CUDA graph per step (``torch.cuda.graphs``).
+"""PyTorch's side of ``lenet_xp.bench --torch``: the same network as ours, any preset (its
+PyTorch twin, :mod:`lenet_xp.benchmarks.torch_twin`, from our initial weights), data already
+on the device, Adam, trained eagerly or as one captured CUDA graph per step
+(``torch.cuda.graphs``).
 
 PyTorch is an optional extra (``pip install "lenet_xp[bench]"``); nothing else imports this.
 """
@@ -9,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import asnumpy
+from lenet_xp.benchmarks.torch_twin import torch_loss, torch_twin
 from lenet_xp.data.device_split import DeviceSplit
+from lenet_xp.models.presets import Options, build
 
 
 def available() -> bool:
@@ -20,25 +24,18 @@ def available() -> bool:
     return True
 
 
-def _net(torch: Any, device: Any) -> Any:
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
-    ).to(device)  # fmt: skip
-
-
 class TorchRun:
-    """LeNet-5 in PyTorch on ``split``'s images (copied once to PyTorch's device), Adam at a
+    """Preset ``arch`` in PyTorch on ``split``'s images (copied once to PyTorch's device), as
+    ``train --arch`` builds it (seed 0, float32) and with its loss, Adam at a
     learning rate ``lr_of_step(step)`` (default: a constant 1e-3). ``graph=True`` (CUDA only)
     captures forward, loss, backward and the (capturable) Adam step once and replays it per
     batch; the batch is gathered into the graph's static input and the learning rate written
     into its tensor first. :meth:`epoch` runs one pass in a fresh random order."""
 
     def __init__(
-        self, split: DeviceSplit, batch_size: int, graph: bool = False, lr_of_step: Any = None
-    ) -> None:
+        self, split: DeviceSplit, batch_size: int, graph: bool = False, lr_of_step: Any = None,
+        arch: str = "lenet5",
+    ) -> None:  # fmt: skip
         import torch
 
         self.torch = torch
@@ -49,7 +46,9 @@ class TorchRun:
         if on_gpu:
             torch.cuda.set_device(self.device)  # streams and graphs go to --device's GPU
         torch.manual_seed(0)
-        self.net = _net(torch, self.device)
+        model = build(arch, Options())  # as bench's preset_model
+        self.net = torch_twin(model).to(self.device)
+        self.loss_fn = torch_loss(model)
         self.images = torch.from_numpy(asnumpy(split.images)).to(self.device)
         self.labels = torch.from_numpy(asnumpy(split.labels)).to(self.device)
         self.batch_size = batch_size
@@ -63,7 +62,7 @@ class TorchRun:
             self._capture()
 
     def _loss(self, x: Any, y: Any) -> Any:
-        return self.torch.nn.functional.cross_entropy(self.net(x), y)
+        return self.loss_fn(self.net(x), y)
 
     def _eager_step(self, x: Any, y: Any) -> None:
         loss = self._loss(x, y)

@@ -55,15 +55,18 @@ def softmax_cross_entropy(
 
 
 def _softmax_cross_entropy_kernel(
-    logits: Any, labels: Any, kernels: Kernels, sums: tuple[Any, Any] | None
-) -> tuple[Any, Any]:
+    logits: Any, labels: Any, kernels: Kernels, sums: tuple[Any, Any] | None,
+    rubbish: float | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
     xp = get_array_module(logits)
     if labels.shape != (logits.shape[0],):
         raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape}")
     grad = xp.empty(logits.shape, logits.dtype)
     loss = xp.empty(1, logits.dtype)
     loss_sum, correct = (None, None) if sums is None else sums
-    kernels.softmax_cross_entropy(logits.T, labels, grad.T, loss, loss_sum, correct)
+    kernels.softmax_cross_entropy(
+        logits.T, labels, grad.T, loss, loss_sum, correct, rubbish=rubbish
+    )
     return loss.reshape(()), grad
 
 
@@ -79,7 +82,10 @@ def _softmax_cross_entropy_kernel(
 RBF_LOSS_J = 1.0
 
 
-def rbf_loss(logits: Any, labels: Any, j: float = RBF_LOSS_J) -> tuple[Any, Any]:
+def rbf_loss(
+    logits: Any, labels: Any, j: float = RBF_LOSS_J, kernels: Kernels | None = None,
+    sums: tuple[Any, Any] | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
     """LeCun et al. 1998's loss (section II-C) on RBF logits ``(N, K) = -y`` (``y``: the
     penalties of :class:`~lenet_xp.layers.RBFOutput`) against integer ``labels (N,)``, and its
     gradient:
@@ -91,8 +97,13 @@ def rbf_loss(logits: Any, labels: Any, j: float = RBF_LOSS_J) -> tuple[Any, Any]
     :func:`softmax_cross_entropy`. ``E >= 0``. Stable for any finite logits (log-sum-exp).
     Returns ``(loss, grad_logits)``: ``loss`` a 0-d array on the logits' device (no host
     sync), ``grad_logits (N, K) = (p - onehot(labels)) / N`` with ``p`` the softmax over
-    all K + 1 logits restricted to the K real ones.
+    all K + 1 logits restricted to the K real ones. ``kernels``, ``sums``: as
+    :func:`softmax_cross_entropy`'s (one launch, the rubbish logit in the kernel's softmax).
     """
+    if kernels is not None:
+        return _softmax_cross_entropy_kernel(logits, labels, kernels, sums, rubbish=-float(j))
+    if sums is not None:
+        raise ValueError("running sums are kept by the CUDA kernel only")
     xp = get_array_module(logits)
     rows = _rows(logits, labels)
     rubbish = -float(j)

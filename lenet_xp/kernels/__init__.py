@@ -49,6 +49,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
         "bias_act_avg_pool",
         "act_avg_pool_backward",
     ),
+    "subsample.cu": ("bias_act_subsample_act", "act_subsample_act_backward", "subsample_grads"),
+    "rbf.cu": ("rbf_logits", "rbf_backward"),
     "loss.cu": ("softmax_cross_entropy",),
     "data.cu": ("gather_shift",),
     "optim.cu": ("sgd_flat", "adam_flat", "ema_flat"),
@@ -66,10 +68,10 @@ DTYPES = {"float32": "float", "float64": "double"}
 #: Threads per block of the 1-d kernels; the loss kernel is one block of LOSS_THREADS.
 THREADS = 256
 #: Activation codes of the fused kernels (common.cuh): layer class name -> code.
-ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2}
+ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2, "LeCunTanh": 3}
 LOSS_THREADS = 256
-#: Activation codes of the fused kernels (common.cuh): layer class name -> code.
-ACTIVATION_CODES = {"ReLU": 0, "Sigmoid": 1, "Tanh": 2}
+#: Threads per block (one block per channel) of ``subsample_grads``.
+SUBSAMPLE_THREADS = 256
 GEMM_TILE = 16
 _HERE = Path(__file__).resolve().parent
 

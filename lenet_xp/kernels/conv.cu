@@ -32,20 +32,16 @@ __global__ void col2im(const T* x_cols, T* grad_x, int n, int c, int h, int w, i
                        int stride, int pad, int oh, int ow) {
   const long long total = (long long)c * h * w * n;
   GRID_STRIDE_LOOP(idx, total) {
-    long long rest = idx;
-    const int in = rest % n; rest /= n;
-    const int x_ = rest % w; rest /= w;
-    const int y = rest % h;
-    const int ic = rest / h;
+    const Chwn p = chwn_at(idx, n, h, w);
     T sum = 0;
     for (int i = 0; i < kh; ++i) {
-      const int ty = y + pad - i;
+      const int ty = p.y + pad - i;
       if (ty < 0 || ty % stride != 0 || ty / stride >= oh) continue;
       for (int j = 0; j < kw; ++j) {
-        const int tx = x_ + pad - j;
+        const int tx = p.x + pad - j;
         if (tx < 0 || tx % stride != 0 || tx / stride >= ow) continue;
-        const long long row = ((long long)ic * kh + i) * kw + j;
-        sum += x_cols[((row * oh + ty / stride) * ow + tx / stride) * n + in];
+        const long long row = ((long long)p.c * kh + i) * kw + j;
+        sum += x_cols[((row * oh + ty / stride) * ow + tx / stride) * n + p.n];
       }
     }
     grad_x[idx] = sum;

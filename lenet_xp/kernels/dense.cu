@@ -2,12 +2,13 @@
 // strided GEMM of our own that a captured CUDA graph needs (CuPy refuses cuBLAS during
 // stream capture). Reference: layers/linear.py, layers/activation.py (ReLU).
 
-// y (M, N) contiguous: y = act(y + bias[m]); act = ReLU if relu, else identity.
+// y (M, N) contiguous (feature-major: a convolution's GEMM output (C, H*W*N)):
+// y = act(y + bias[m]) (act: a code of common.cuh, or -1: none).
 template <typename T>
-__global__ void bias_act(T* y, const T* bias, int m, int n, int relu) {
+__global__ void bias_act(T* y, const T* bias, int m, long long n, int act) {
   GRID_STRIDE_LOOP(idx, (long long)m * n) {
-    T value = y[idx] + bias[idx / n];
-    y[idx] = (relu && !(value > T(0))) ? T(0) : value;
+    const T value = y[idx] + bias[idx / n];
+    y[idx] = act < 0 ? value : activate(value, act);
   }
 }
 

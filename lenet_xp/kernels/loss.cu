@@ -11,10 +11,14 @@
 //   loss_sum[0] += batch_loss * N;  correct[0] += #(first argmax == label)   (running sums;
 //   either may be null: not kept)
 //   counters[i] += 1 for i < n_counters (the step counters of a captured step; may be 0)
+// With with_rubbish, the softmax also runs over one more, constant logit `rubbish` that is
+// never a label nor a prediction: LeCun's RBF loss (functional/loss.py's rbf_loss, rubbish =
+// -j); grad_logits and the loss are then its.
 template <typename T>
 __global__ void softmax_cross_entropy(const T* logits, long long sli, long long slk,
                                       const long long* labels, T* grad_logits, long long sgi,
-                                      long long sgk, int n, int k, T* batch_loss,
+                                      long long sgk, int n, int k, int with_rubbish,
+                                      T rubbish, T* batch_loss,
                                       double* loss_sum, long long* correct,
                                       long long* counters, int n_counters) {
   __shared__ double part_loss[LOSS_THREADS];
@@ -33,8 +37,11 @@ __global__ void softmax_cross_entropy(const T* logits, long long sli, long long 
         top_class = j;
       }
     }
+    const int prediction = top_class;  // the real classes' first maximum
+    if (with_rubbish && rubbish > top) top = rubbish;  // the shift of the log-sum-exp
     T sum = 0;
     for (int j = 0; j < k; ++j) sum += exp(row[j * slk] - top);
+    if (with_rubbish) sum += exp(rubbish - top);
     const T log_sum = log(sum);
     const long long label = labels[i];
     const bool valid = label >= 0 && label < k;
@@ -43,7 +50,7 @@ __global__ void softmax_cross_entropy(const T* logits, long long sli, long long 
       grad_logits[i * sgi + j * sgk] = (prob - (j == label ? T(1) : T(0))) * inv_n;
     }
     my_loss += valid ? (double)(log_sum - (row[label * slk] - top)) : nan("");
-    my_correct += (valid && top_class == label) ? 1 : 0;
+    my_correct += (valid && prediction == label) ? 1 : 0;
   }
   part_loss[tid] = my_loss;
   part_correct[tid] = my_correct;

@@ -24,6 +24,7 @@ from lenet_xp.kernels import (
     cupy_function,
     source_text,
 )
+from lenet_xp.kernels.pool_ops import PoolLaunchers
 from lenet_xp.kernels.signatures import (
     Param,
     mismatch,
@@ -70,7 +71,7 @@ class CheckedKernel:
         self.function(grid, block, args)
 
 
-class Kernels:
+class Kernels(PoolLaunchers):
     """Typed launchers of every kernel for namespace ``xp`` (``cupy``, or ``numpy`` with an
     emulating ``provider``). ``launches`` counts kernel launches issued through it."""
 
@@ -143,56 +144,6 @@ class Kernels:
         )
         return grad_x
 
-    # -- pooling ---------------------------------------------------------------------------
-    def max_pool_bias_act(
-        self, y: Any, bias: Any, k: int, act: int, out: Any = None, argmax: Any = None
-    ) -> tuple[Any, Any]:
-        """``y (C, H, W, N)`` -> ``(act(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``;
-        ``act``: a code of :data:`~lenet_xp.kernels.ACTIVATION_CODES`."""
-        c, h, w, n = y.shape
-        oh, ow = h // k, w // k
-        out = self._empty((c, oh, ow, n), y.dtype, out)
-        argmax = self._empty((c, oh, ow, n), self.xp.uint8, argmax)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "max_pool_bias_act", y.dtype)
-        self._launch(fn, out.size, (y, bias, out, argmax, *args))
-        return out, argmax
-
-    def max_pool_act_backward(
-        self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, act: int,
-        grad_y: Any = None,
-    ) -> Any:  # fmt: skip
-        """Gradient of :meth:`max_pool_bias_act` w.r.t. ``y``: ``(C, H, W, N)``."""
-        c, h, w, n = y_shape
-        oh, ow = out.shape[1:3]
-        grad_y = self._empty((c, h, w, n), grad_out.dtype, grad_y)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "max_pool_act_backward", grad_out.dtype)
-        self._launch(fn, grad_y.size, (grad_out, out, argmax, grad_y, *args))
-        return grad_y
-
-    def bias_act_avg_pool(self, y: Any, bias: Any, k: int, act: int) -> tuple[Any, Any]:
-        """``y (C, H, W, N)`` -> ``(avgpool(act(y + bias)) (C, OH, OW, N), act(y + bias)
-        (C, H, W, N), for the backward)``."""
-        c, h, w, n = y.shape
-        oh, ow = h // k, w // k
-        out = self.xp.empty((c, oh, ow, n), y.dtype)
-        act_out = self.xp.empty((c, h, w, n), y.dtype)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "bias_act_avg_pool", y.dtype)
-        self._launch(fn, out.size, (y, bias, act_out, out, *args))
-        return out, act_out
-
-    def act_avg_pool_backward(self, grad_out: Any, act_out: Any, k: int, act: int) -> Any:
-        """Gradient of :meth:`bias_act_avg_pool` w.r.t. ``y``: ``(C, H, W, N)``."""
-        c, h, w, n = act_out.shape
-        oh, ow = grad_out.shape[1:3]
-        grad_y = self.xp.empty((c, h, w, n), grad_out.dtype)
-        args = [self._i32(v) for v in (n, c, h, w, k, oh, ow, act)]
-        fn = self._fn("pool.cu", "act_avg_pool_backward", grad_out.dtype)
-        self._launch(fn, grad_y.size, (grad_out, act_out, grad_y, *args))
-        return grad_y
-
     # -- batch normalisation ---------------------------------------------------------------
     def batch_norm_act(
         self, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any,
@@ -225,21 +176,41 @@ class Kernels:
         self._launch(self._fn("norm.cu", "batch_norm_act_backward", grad_y.dtype), f, args)
         return grad_x, grad_w, grad_b
 
+    # -- LeCun's RBF output ----------------------------------------------------------------
+    def rbf_logits(self, x: Any, centres: Any) -> Any:
+        """``x (N, F)``, ``centres (K, F)`` (contiguous) -> ``logits (N, K)``:
+        ``-|x[r] - centres[j]|^2``."""
+        (n, f), k = x.shape, centres.shape[0]
+        logits = self.xp.empty((n, k), x.dtype)
+        args = (x, centres, logits, self._i64(n), self._i32(k), self._i32(f))
+        self._launch(self._fn("rbf.cu", "rbf_logits", x.dtype), logits.size, args)
+        return logits
+
+    def rbf_backward(self, grad_logits: Any, x: Any, centres: Any) -> Any:
+        """The gradient of :meth:`rbf_logits` w.r.t. ``x``: ``(N, F)``."""
+        (n, f), k = x.shape, centres.shape[0]
+        grad_x = self.xp.empty_like(x)
+        args = (grad_logits, x, centres, grad_x, self._i64(n), self._i32(k), self._i32(f))
+        self._launch(self._fn("rbf.cu", "rbf_backward", x.dtype), grad_x.size, args)
+        return grad_x
+
     # -- loss, data, optimizer -------------------------------------------------------------
     def softmax_cross_entropy(
         self, logits_kn: Any, labels: Any, grad_kn: Any, batch_loss: Any, loss_sum: Any,
-        correct: Any, counters: Any = None,
+        correct: Any, counters: Any = None, rubbish: float | None = None,
     ) -> None:  # fmt: skip
         """Feature-major ``logits_kn (K, N)`` -> ``grad_kn (K, N)``, ``batch_loss (1,)``; adds
         to the running ``loss_sum (1,) float64`` and ``correct (1,) int64``; ``counters``
-        (int64) each += 1."""
+        (int64) each += 1. ``rubbish``: one more constant logit in the softmax (LeCun's RBF
+        loss: ``-j``), or ``None``."""
         k, n = logits_kn.shape
         item = logits_kn.itemsize
         sl = [self._i64(s // item) for s in logits_kn.strides[::-1]]  # (row = n, class = k)
         sg = [self._i64(s // grad_kn.itemsize) for s in grad_kn.strides[::-1]]
         n_counters = 0 if counters is None else int(counters.size)
         args = (
-            logits_kn, *sl, labels, grad_kn, *sg, self._i32(n), self._i32(k), batch_loss,
+            logits_kn, *sl, labels, grad_kn, *sg, self._i32(n), self._i32(k),
+            self._i32(rubbish is not None), logits_kn.dtype.type(rubbish or 0.0), batch_loss,
             loss_sum, correct, counters, self._i32(n_counters),
         )  # fmt: skip
         fn = self._fn("loss.cu", "softmax_cross_entropy", logits_kn.dtype)
@@ -316,10 +287,12 @@ class Kernels:
             partial = self.xp.empty((splits, m, n), dtype=a.dtype)
         return self.gemm(a, b, c, partial=partial)
 
-    def bias_act(self, y: Any, bias: Any, relu: bool) -> Any:
-        """``y (M, N)`` contiguous, in place: ``act(y + bias[:, None])``."""
+    def bias_act(self, y: Any, bias: Any, act: int) -> Any:
+        """``y (M, N)`` contiguous (a convolution's GEMM output, feature-major), in place:
+        ``act(y + bias[:, None])`` (``act``: a code of
+        :data:`~lenet_xp.kernels.ACTIVATION_CODES`, or -1: none)."""
         m, n = y.shape
-        args = (y, bias, self._i32(m), self._i32(n), self._i32(int(relu)))
+        args = (y, bias, self._i32(m), self._i64(n), self._i32(act))
         self._launch(self._fn("dense.cu", "bias_act", y.dtype), y.size, args)
         return y
 

@@ -1,6 +1,7 @@
 // Pooling fused with the convolution's bias before it and the activation next to it, on
-// batch-innermost (C, H, W, N) arrays; non-overlapping K x K windows (stride K).
-// Reference: conv2d_forward's bias add, functional/pool.py, functional/activation.py.
+// batch-innermost (C, H, W, N) arrays; non-overlapping K x K windows (stride K: the window
+// helpers of common.cuh). Reference: conv2d_forward's bias add, functional/pool.py,
+// functional/activation.py.
 
 // y (C, H, W, N) is the convolution's GEMM output without bias. out (C, OH, OW, N) =
 // act(max over the window of (y + bias[c])); argmax = window offset i*K + j of the *first*
@@ -11,18 +12,14 @@ __global__ void max_pool_bias_act(const T* y, const T* bias, T* out, unsigned ch
                                   int n, int c, int h, int w, int k, int oh, int ow, int act) {
   const long long total = (long long)c * oh * ow * n;
   GRID_STRIDE_LOOP(idx, total) {
-    long long rest = idx;
-    const int in = rest % n; rest /= n;
-    const int ox = rest % ow; rest /= ow;
-    const int oy = rest % oh;
-    const int ic = rest / oh;
-    const T b = bias ? bias[ic] : T(0);
-    const long long base = (((long long)ic * h + oy * k) * w + ox * k) * n + in;
+    const Chwn o = chwn_at(idx, n, oh, ow);
+    const T b = bias ? bias[o.c] : T(0);
+    const long long base = window_start(o, n, h, w, k);
     T best = y[base] + b;
     int best_offset = 0;
     for (int i = 0; i < k; ++i) {
       for (int j = 0; j < k; ++j) {
-        const T value = y[base + ((long long)i * w + j) * n] + b;
+        const T value = y[base + window_step(i, j, n, w)] + b;
         if (value > best) {  // strict: an equal later value never takes over
           best = value;
           best_offset = i * k + j;
@@ -43,16 +40,11 @@ __global__ void max_pool_act_backward(const T* grad_out, const T* out,
                                       int h, int w, int k, int oh, int ow, int act) {
   const long long total = (long long)c * h * w * n;
   GRID_STRIDE_LOOP(idx, total) {
-    long long rest = idx;
-    const int in = rest % n; rest /= n;
-    const int x_ = rest % w; rest /= w;
-    const int y = rest % h;
-    const int ic = rest / h;
-    const int oy = y / k, ox = x_ / k;
+    const Chwn p = chwn_at(idx, n, h, w);
+    const long long o = window_of(p, n, k, oh, ow);
     T grad = 0;
-    if (oy < oh && ox < ow) {
-      const long long o = (((long long)ic * oh + oy) * ow + ox) * n + in;
-      if (argmax[o] == (y % k) * k + (x_ % k)) grad = activate_backward(grad_out[o], out[o], act);
+    if (o >= 0 && argmax[o] == (p.y % k) * k + (p.x % k)) {
+      grad = activate_backward(grad_out[o], out[o], act);
     }
     grad_y[idx] = grad;
   }
@@ -67,17 +59,13 @@ __global__ void bias_act_avg_pool(const T* y, const T* bias, T* act_out, T* out,
   const long long total = (long long)c * oh * ow * n;
   const T scale = (T)(1.0 / ((double)k * k));
   GRID_STRIDE_LOOP(idx, total) {
-    long long rest = idx;
-    const int in = rest % n; rest /= n;
-    const int ox = rest % ow; rest /= ow;
-    const int oy = rest % oh;
-    const int ic = rest / oh;
-    const T b = bias ? bias[ic] : T(0);
-    const long long base = (((long long)ic * h + oy * k) * w + ox * k) * n + in;
+    const Chwn o = chwn_at(idx, n, oh, ow);
+    const T b = bias ? bias[o.c] : T(0);
+    const long long base = window_start(o, n, h, w, k);
     T sum = 0;
     for (int i = 0; i < k; ++i) {
       for (int j = 0; j < k; ++j) {
-        const long long at = base + ((long long)i * w + j) * n;
+        const long long at = base + window_step(i, j, n, w);
         const T a = activate(y[at] + b, act);
         act_out[at] = a;
         sum = (i == 0 && j == 0) ? a : sum + a;
@@ -95,17 +83,7 @@ __global__ void act_avg_pool_backward(const T* grad_out, const T* act_out, T* gr
   const long long total = (long long)c * h * w * n;
   const T scale = (T)(1.0 / ((double)k * k));
   GRID_STRIDE_LOOP(idx, total) {
-    long long rest = idx;
-    const int in = rest % n; rest /= n;
-    const int x_ = rest % w; rest /= w;
-    const int y = rest % h;
-    const int ic = rest / h;
-    const int oy = y / k, ox = x_ / k;
-    T grad = 0;
-    if (oy < oh && ox < ow) {
-      const long long o = (((long long)ic * oh + oy) * ow + ox) * n + in;
-      grad = activate_backward(grad_out[o] * scale, act_out[idx], act);
-    }
-    grad_y[idx] = grad;
+    const long long o = window_of(chwn_at(idx, n, h, w), n, k, oh, ow);
+    grad_y[idx] = o < 0 ? T(0) : activate_backward(grad_out[o] * scale, act_out[idx], act);
   }
 }

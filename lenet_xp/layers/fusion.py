@@ -1,11 +1,16 @@
 """Adjacent layers that run as one kernel on a GPU: what :class:`~lenet_xp.layers.Sequential`
-forms when its layers use our CUDA kernels (:meth:`Module.use_cuda_kernels`).
+forms when its layers use our CUDA kernels (:meth:`Module.use_cuda_kernels`). ``conv`` is a
+``Conv2d`` or a ``PartialConv2d`` (LeCun's C3: its dense, zero-filled weight in one GEMM);
+``act`` is ReLU, Sigmoid, Tanh or LeCun's scaled tanh.
 
-- ``Conv2d -> MaxPool2d -> act`` (windows not overlapping; ``act`` ReLU, Sigmoid or Tanh):
-  the convolution's GEMM without its bias, then ``max_pool_bias_act`` (bias, pool and
-  activation in one launch); backward ``max_pool_act_backward`` (one launch), then the
-  convolution's own backward;
-- ``Conv2d -> act -> AvgPool2d``: ``bias_act_avg_pool`` and ``act_avg_pool_backward``;
+- ``conv -> MaxPool2d -> act`` (windows not overlapping): the convolution's GEMM without its
+  bias, then ``max_pool_bias_act`` (bias, pool and activation in one launch); backward
+  ``max_pool_act_backward`` (one launch), then the convolution's own backward;
+- ``conv -> act -> AvgPool2d``: ``bias_act_avg_pool`` and ``act_avg_pool_backward``;
+- ``conv -> act -> TrainableSubsampling -> act`` (LeCun's C1-S2, C3-S4):
+  ``bias_act_subsample_act``; backward ``subsample_grads`` (the subsampling's coefficient
+  and bias gradients) and ``act_subsample_act_backward``;
+- ``conv -> act`` otherwise (LeCun's C5): ``bias_act`` and ``act_backward``;
 - ``Linear -> act``: the GEMM, then ``bias_act_cols`` (bias and activation); backward
   ``act_backward`` (one launch), then the linear layer's;
 - ``BatchNorm1d -> act`` in training: ``batch_norm_act`` (the batch's statistics, the
@@ -27,14 +32,16 @@ from lenet_xp.backend import get_array_module
 from lenet_xp.functional.conv import conv2d_forward
 from lenet_xp.kernels import ACTIVATION_CODES
 from lenet_xp.kernels.ops import matmul
-from lenet_xp.layers.activation import ReLU, Sigmoid, Tanh
+from lenet_xp.layers.activation import LeCunTanh, ReLU, Sigmoid, Tanh
 from lenet_xp.layers.batchnorm import BatchNorm1d
 from lenet_xp.layers.conv import Conv2d
 from lenet_xp.layers.linear import Linear
 from lenet_xp.layers.module import Module
+from lenet_xp.layers.partial_conv import PartialConv2d
 from lenet_xp.layers.pool import AvgPool2d, MaxPool2d
+from lenet_xp.layers.subsample import TrainableSubsampling
 
-_ACTIVATIONS = (ReLU, Sigmoid, Tanh)
+_ACTIVATIONS = (ReLU, Sigmoid, Tanh, LeCunTanh)
 
 
 def _act_code(layer: Module) -> int | None:
@@ -42,19 +49,23 @@ def _act_code(layer: Module) -> int | None:
     return ACTIVATION_CODES[type(layer).__name__] if type(layer) in _ACTIVATIONS else None
 
 
+def _is_conv(conv: Module) -> bool:
+    """Whether ``conv`` is a convolution (full or partial) with a bias, whose GEMM a block
+    runs (:func:`_conv_gemm`)."""
+    return type(conv) in (Conv2d, PartialConv2d) and conv.bias is not None
+
+
 def _conv_fits(conv: Module, pool: Module, pool_type: type) -> bool:
-    return (
-        type(conv) is Conv2d
-        and conv.bias is not None
-        and type(pool) is pool_type
-        and pool.stride == pool.kernel
-    )
+    return _is_conv(conv) and type(pool) is pool_type and pool.stride == pool.kernel
 
 
-def _conv_gemm(conv: Conv2d, x: Any, kernels: Any) -> Any:
-    """The convolution's output without its bias, as its GEMM stores it: ``(C, H, W, N)``."""
-    y, cache = conv2d_forward(x, conv.weight.data, None, conv.stride, conv.padding, kernels)
-    conv._cache = cache if conv.training else None
+def _conv_gemm(conv: Conv2d | PartialConv2d, x: Any, kernels: Any) -> Any:
+    """The convolution's output without its bias, as its GEMM stores it: ``(C, H, W, N)``
+    (contiguous); its cache kept as the layer's own ``backward`` reads it."""
+    partial = isinstance(conv, PartialConv2d)
+    weight = conv.dense_weight() if partial else conv.weight.data
+    y, cache = conv2d_forward(x, weight, None, conv.stride, conv.padding, kernels)
+    conv._cache = ((cache, weight) if partial else cache) if conv.training else None
     return y.transpose(1, 2, 3, 0)
 
 
@@ -63,22 +74,46 @@ def _chwn(grad: Any) -> Any:
     return get_array_module(grad).ascontiguousarray(grad.transpose(1, 2, 3, 0))
 
 
-class ConvPoolAct:
-    """``conv -> max-pool -> act`` as two kernels forward and one backward (see the module)."""
+def _layer(position: int) -> property:
+    """The block's layer at ``position``, as a named attribute."""
+    return property(lambda block: block.layers[position], doc=f"layer {position} of the block")
 
-    size = 3
 
-    def __init__(self, conv: Conv2d, pool: MaxPool2d, act: Module, kernels: Any) -> None:
-        self.conv, self.pool, self.kernels = conv, pool, kernels
-        self.act = _act_code(act)
-        self._out = self._argmax = self._y_shape = None
+class FusedBlock:
+    """``size`` adjacent layers run as our kernels: made from the layers and the kernels
+    (``block(*layers, kernels)``), it has the layers' ``forward`` and ``backward``.
+    ``act_at``: the position of the block's activation, whose kernel code is ``act``."""
+
+    size = 2
+    act_at = 1
+
+    def __init__(self, *layers_and_kernels: Any) -> None:
+        *layers, self.kernels = layers_and_kernels
+        self.layers: tuple[Module, ...] = tuple(layers)
+        self.act = _act_code(self.layers[self.act_at])
+
+    @classmethod
+    def fits(cls, layers: list[Module]) -> bool:
+        """Whether ``layers`` start with a block this class runs."""
+        run = layers[: cls.size]
+        return len(run) == cls.size and _act_code(run[cls.act_at]) is not None and cls.takes(*run)
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        """Whether ``layers`` start with a block this class runs."""
-        return len(layers) >= 3 and _conv_fits(*layers[:2], MaxPool2d) and bool(
-            _act_code(layers[2]) is not None
-        )  # fmt: skip
+    def takes(*layers: Module) -> bool:
+        """Whether the block's layers other than its activation are ones it runs."""
+        raise NotImplementedError
+
+
+class ConvPoolAct(FusedBlock):
+    """``conv -> max-pool -> act`` as two kernels forward and one backward (see the module)."""
+
+    size, act_at = 3, 2
+    conv, pool = _layer(0), _layer(1)
+    _out = _argmax = _y_shape = None
+
+    @staticmethod
+    def takes(conv: Module, pool: Module, act: Module) -> bool:
+        return _conv_fits(conv, pool, MaxPool2d)
 
     def forward(self, x: Any) -> Any:
         y = _conv_gemm(self.conv, x, self.kernels)
@@ -96,23 +131,16 @@ class ConvPoolAct:
         return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
 
 
-class ConvActAvgPool:
+class ConvActAvgPool(FusedBlock):
     """``conv -> act -> average pool`` as two kernels forward and one backward."""
 
-    size = 3
-
-    def __init__(self, conv: Conv2d, act: Module, pool: AvgPool2d, kernels: Any) -> None:
-        self.conv, self.pool, self.kernels = conv, pool, kernels
-        self.act = _act_code(act)
-        self._act_out = None
+    size, act_at = 3, 1
+    conv, pool = _layer(0), _layer(2)
+    _act_out = None
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        return (
-            len(layers) >= 3
-            and _act_code(layers[1]) is not None
-            and _conv_fits(layers[0], layers[2], AvgPool2d)
-        )
+    def takes(conv: Module, act: Module, pool: Module) -> bool:
+        return _conv_fits(conv, pool, AvgPool2d)
 
     def forward(self, x: Any) -> Any:
         y = _conv_gemm(self.conv, x, self.kernels)
@@ -129,23 +157,84 @@ class ConvActAvgPool:
         return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
 
 
-class LinearAct:
+class ConvActSubsampleAct(FusedBlock):
+    """``conv -> act -> trainable subsampling -> act2`` (LeCun's C1-S2 and C3-S4): the
+    convolution's GEMM and one kernel forward; two kernels (the input's gradient, the
+    subsampling's parameters' gradients) and the convolution's backward."""
+
+    size, act_at = 4, 1
+    conv, sub = _layer(0), _layer(2)
+    _out = _act_out = _mean = None
+
+    def __init__(self, *layers_and_kernels: Any) -> None:
+        super().__init__(*layers_and_kernels)
+        self.act2 = _act_code(self.layers[3])
+
+    @staticmethod
+    def takes(conv: Module, act: Module, sub: Module, act2: Module) -> bool:
+        return (
+            _is_conv(conv)
+            and type(sub) is TrainableSubsampling
+            and sub.channels == conv.out_channels
+            and _act_code(act2) is not None
+        )
+
+    def forward(self, x: Any) -> Any:
+        y = _conv_gemm(self.conv, x, self.kernels)
+        sub = self.sub
+        self._out, self._act_out, self._mean = self.kernels.bias_act_subsample_act(
+            y, self.conv.bias.data, sub.weight.data, sub.bias.data, sub.kernel, self.act,
+            self.act2,
+        )  # fmt: skip
+        return self._out.transpose(3, 0, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        sub, k = self.sub, self.kernels
+        grad = _chwn(grad_out)
+        sub.weight.grad, sub.bias.grad = k.subsample_grads(
+            grad, self._out, self._mean, sub.kernel, self.act2
+        )
+        grad_y = k.act_subsample_act_backward(
+            grad, self._out, self._act_out, sub.weight.data, sub.kernel, self.act, self.act2
+        )
+        self._out = self._act_out = self._mean = None
+        return self.conv.backward(grad_y.transpose(3, 0, 1, 2))
+
+
+class ConvAct(FusedBlock):
+    """``conv -> act`` with no pooling after it (LeCun's C5): the GEMM and one kernel
+    forward (bias and activation), one kernel and the convolution's backward."""
+
+    conv = _layer(0)
+    _y: Any = None
+
+    @staticmethod
+    def takes(conv: Module, act: Module) -> bool:
+        return _is_conv(conv)
+
+    def forward(self, x: Any) -> Any:
+        y = _conv_gemm(self.conv, x, self.kernels)
+        self.kernels.bias_act(y.reshape(y.shape[0], -1), self.conv.bias.data, self.act)
+        self._y = y
+        return y.transpose(3, 0, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        grad = _chwn(grad_out)  # in place: the gradient handed back is not held elsewhere
+        self.kernels.act_backward(grad, self._y, self.act)
+        self._y = None
+        return self.conv.backward(grad.transpose(3, 0, 1, 2))
+
+
+class LinearAct(FusedBlock):
     """``linear -> act``: the GEMM and one kernel forward, one kernel and the linear layer's
     backward (see the module)."""
 
-    size = 2
-
-    def __init__(self, linear: Linear, act: Module, kernels: Any) -> None:
-        self.linear, self.kernels = linear, kernels
-        self.act = _act_code(act)
-        self._y: Any = None
+    linear = _layer(0)
+    _y: Any = None
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        if len(layers) < 2:
-            return False
-        linear, act = layers[:2]
-        return type(linear) is Linear and linear.bias is not None and _act_code(act) is not None
+    def takes(linear: Module, act: Module) -> bool:
+        return type(linear) is Linear and linear.bias is not None
 
     def forward(self, x: Any) -> Any:
         linear = self.linear
@@ -163,23 +252,16 @@ class LinearAct:
         return self.linear.backward(grad)
 
 
-class BatchNormAct:
+class BatchNormAct(FusedBlock):
     """``BatchNorm1d -> act`` in training: one kernel each way (the batch's statistics, the
     running ones and the activation; in evaluation the layers run)."""
 
-    size = 2
-
-    def __init__(self, norm: BatchNorm1d, act: Module, kernels: Any) -> None:
-        self.norm, self.kernels = norm, kernels
-        self.act = _act_code(act)
-        self._y: Any = None
+    norm = _layer(0)
+    _y: Any = None
 
     @staticmethod
-    def fits(layers: list[Module]) -> bool:
-        if len(layers) < 2:
-            return False
-        norm, act = layers[:2]
-        return type(norm) is BatchNorm1d and norm.training and _act_code(act) is not None
+    def takes(norm: Module, act: Module) -> bool:
+        return type(norm) is BatchNorm1d and norm.training
 
     def forward(self, x: Any) -> Any:
         bn = self.norm
@@ -203,7 +285,7 @@ class BatchNormAct:
 
 
 #: The blocks :func:`plan` tries at each layer, in order.
-BLOCKS = (ConvPoolAct, ConvActAvgPool, LinearAct, BatchNormAct)
+BLOCKS = (ConvPoolAct, ConvActAvgPool, ConvActSubsampleAct, ConvAct, LinearAct, BatchNormAct)
 
 
 def plan(layers: list[Module], kernels: Any) -> list[Any]:

@@ -7,14 +7,15 @@ Unit ``j`` outputs the penalty ``y_j = sum_i (x_i - c_ji)^2``: the squared dista
 
 The layer returns ``logits = -y``: the nearest centre has the largest logit, and
 ``functional.loss.rbf_loss`` (softmax cross-entropy with an extra constant logit) on them is
-the paper's loss.
+the paper's loss. Where our CUDA kernels run, forward and backward are one launch each
+(``kernels/rbf.cu``; this module's array code is their reference).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lenet_xp.backend import asnumpy, host_zeros
+from lenet_xp.backend import asnumpy, get_array_module, host_zeros
 from lenet_xp.kernels.ops import matmul
 from lenet_xp.layers.module import Module, Parameter
 
@@ -87,8 +88,13 @@ class RBFOutput(Module):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"RBFOutput expects (N, {self.in_features}) input, got {x.shape}")
         c = self.centres.data
+        kernels = self._kernels(x)
+        if kernels is not None:  # one launch: rbf.cu
+            x = get_array_module(x).ascontiguousarray(x)
+            self._x = x if self.training else None
+            return kernels.rbf_logits(x, c)
         # -|x - c|^2 = 2 x.c - |x|^2 - |c|^2: one GEMM instead of an (N, K, F) difference
-        logits = matmul(x, c.T, self._kernels(x))
+        logits = matmul(x, c.T, kernels)
         logits *= 2.0
         logits -= (x * x).sum(axis=1, keepdims=True)
         logits -= (c * c).sum(axis=1)
@@ -97,8 +103,12 @@ class RBFOutput(Module):
 
     def backward(self, grad_logits: Any) -> Any:
         """``grad_logits (N, K)`` -> ``grad_x (N, in_features) = 2 (g @ c - x * sum_j g_j)``."""
-        x = self._x
-        grad_x = matmul(grad_logits, self.centres.data, self._kernels(grad_logits))
+        x, kernels = self._x, self._kernels(grad_logits)
+        if kernels is not None:  # one launch: rbf.cu
+            self._x = None
+            grad = get_array_module(grad_logits).ascontiguousarray(grad_logits)
+            return kernels.rbf_backward(grad, x, self.centres.data)
+        grad_x = matmul(grad_logits, self.centres.data, kernels)
         grad_x -= x * grad_logits.sum(axis=1, keepdims=True)
         grad_x *= 2.0
         self._x = None

@@ -52,7 +52,9 @@ class LeNet5(Sequential):
 
 def model_loss(model: Module, logits: Any, labels: Any) -> tuple[Any, Any]:
     """``(mean loss, grad_logits)`` of ``model``'s output: its ``loss_fn`` if it has one (e.g.
-    LeCun's RBF loss for ``lenet5-classic --output rbf``), else softmax cross-entropy."""
+    LeCun's RBF loss for ``lenet5-classic --output rbf``), else softmax cross-entropy. A
+    ``loss_fn`` also takes ``kernels`` and ``sums`` as ``softmax_cross_entropy`` does: the GPU
+    engines' step calls it so (one launch, the epoch's running sums included)."""
     loss_fn = getattr(model, "loss_fn", None)
     if loss_fn is not None:
         return loss_fn(logits, labels)

@@ -36,8 +36,8 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 #: runs had (the other missing ones had their flag's default).
 _BEFORE_THEY_EXISTED = {"shift": 0, "workers": 1}
 #: Kept options a resumed run may change: ``epochs`` (the schedule is planned over the new
-#: total) and ``workers`` (how a step is split: the same model and state, another machine).
-RESUME_MAY_CHANGE = {"epochs", "workers"}
+#: total), ``workers`` and ``engine`` (how a step runs: the same model and state).
+RESUME_MAY_CHANGE = {"epochs", "workers", "engine"}
 
 
 def _number(kind: type, minimum: float, strict: bool) -> Any:
@@ -240,7 +240,8 @@ class TrainConfig:
         "how a training step runs: layers (the array-op layers; on the CPU over --workers "
         "processes), kernels (CUDA: the layers with our CUDA kernels behind their ops) or graph "
         "(CUDA: the layers' whole step captured once as a CUDA graph and replayed, any network); "
-        "default from $LENET_XP_CUDA_KERNELS (1: kernels)",
+        "default from $LENET_XP_CUDA_KERNELS (1: kernels); a resumed run keeps its own",
+        kept=True,
         choices=ENGINES,
     )
     stats_every: int = option(
@@ -291,8 +292,9 @@ class TrainConfig:
                 flag = "--" + key.replace("_", "-")
                 raise CheckpointError(
                     f"checkpoint {self.resume} holds {flag} {saved[key]}, not {flag} "
-                    f"{getattr(self, key)}: a resumed run keeps its configuration (only --epochs "
-                    f"and --workers may change); drop {flag}, or start a new run in another --out"
+                    f"{getattr(self, key)}: a resumed run keeps its configuration (only "
+                    f"--epochs, --workers and --engine may change); drop {flag}, or start a new "
+                    "run in another --out"
                 )
         fresh = dataclasses.replace(self, **_BEFORE_THEY_EXISTED)
         values = {key: saved.get(key, getattr(fresh, key)) for key in CONFIG_KEYS}

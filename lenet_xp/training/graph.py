@@ -37,7 +37,6 @@ from lenet_xp.functional.loss import softmax_cross_entropy
 from lenet_xp.kernels.ops import Kernels
 from lenet_xp.layers import Dropout
 from lenet_xp.layers.module import Module
-from lenet_xp.models.lenet5 import model_loss
 from lenet_xp.optim.optimizers import Optimizer
 from lenet_xp.training.flat import BATCH, FlatUpdate
 from lenet_xp.training.resume import EpochPosition, Keeper
@@ -137,14 +136,11 @@ class GraphStep:
         """Forward, loss and backward of rows ``start`` to ``start + rows`` of the next batch,
         the loss and correct count added to :attr:`sums`, the gradients into ``flat.grad``."""
         x, y = self.batch(rows, start)
-        model, (loss_sum, correct) = self.model, self.sums
+        model = self.model
         logits = model.forward(x)
-        if getattr(model, "loss_fn", None) is None:  # one launch, running sums included
-            _, grad = softmax_cross_entropy(logits, y, self.kernels, self.sums)
-        else:
-            loss, grad = model_loss(model, logits, y)
-            loss_sum += loss * rows
-            correct += (logits.argmax(axis=1) == y).sum()
+        loss_fn = getattr(model, "loss_fn", None) or softmax_cross_entropy
+        # one launch, the step's loss and correct count added to the sums
+        _, grad = loss_fn(logits, y, kernels=self.kernels, sums=self.sums)
         model.backward(grad)
         self.flat.gather()
 
