@@ -263,7 +263,8 @@ def test_asha_stops_the_hopeless_run_for_good(tmp_path):
 
 def test_a_run_that_ends_between_two_looks_counts_at_its_milestones(tmp_path):
     """Run ``good`` trains all 4 epochs between two looks of the scheduler (a short run on a
-    loaded machine); once it has ended, ``hopeless`` is judged against it at epoch 1."""
+    loaded machine); once it has ended, ``hopeless`` is judged against it at epoch 1, and
+    only once: the next milestone it reaches before it stops does not judge it again."""
     from lenet_xp.sweep.spec import Asha, Run
 
     runs = [Run(name, 0, (), (), 4) for name in ("good", "hopeless")]
@@ -279,6 +280,10 @@ def test_a_run_that_ends_between_two_looks_counts_at_its_milestones(tmp_path):
     write("hopeless", [0.1])
     line = scheduler.check("hopeless_seed=0")
     assert line is not None and line.startswith("stopped by ASHA at epoch 1"), line
+    assert json.loads((tmp_path / "hopeless_seed=0" / "stopped.json").read_text())["epoch"] == 1
+    # it trains on while it winds down (a loaded machine): judged once, its stop is kept
+    write("hopeless", [0.1, 0.1])
+    assert scheduler.check("hopeless_seed=0") is None
     assert json.loads((tmp_path / "hopeless_seed=0" / "stopped.json").read_text())["epoch"] == 1
 
 
