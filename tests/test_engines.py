@@ -32,6 +32,8 @@ from lenet_xp.training.engines import ENGINES, make_engine
         (["--cuda-kernels", "--no-cuda-kernels"], "layers"),
         (["--engine", "kernels", "--no-cuda-graph"], "kernels"),
         (["--engine", "graph", "--no-cuda-graph"], "layers"),
+        (["--no-cuda-graph"], "layers"),  # given: a resume runs it, not the checkpoint's
+        (["--no-cuda-kernels"], "layers"),
     ],
 )
 def test_engine_flag_and_its_old_aliases(monkeypatch, argv, engine):

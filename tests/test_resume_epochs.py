@@ -180,9 +180,13 @@ def test_a_resumed_run_keeps_its_engine_unless_given(tmp_path):
     assert _resume_on(last, *gpu, "--epochs", "2") == 0
     assert _resume_on(last, *gpu, "--epochs", "3", "--engine", "layers") == 0
     assert _resume_on(last, *gpu, "--epochs", "4") == 0
+    assert _resume_on(last, *gpu, "--epochs", "5", "--cuda-graph") == 0  # the old alias
+    assert _resume_on(last, *gpu, "--epochs", "6", "--no-cuda-graph") == 0  # and its --no-
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     engines = [(r["epoch"], r["engine"]) for r in records if "engine" in r]
-    assert engines == [(1, "graph"), (2, "graph"), (3, "layers"), (4, "layers")]
+    assert engines == [
+        (1, "graph"), (2, "graph"), (3, "layers"), (4, "layers"), (5, "graph"), (6, "layers"),
+    ]  # fmt: skip
     assert load_checkpoint(last)[2]["config"]["engine"] == "layers"
 
 

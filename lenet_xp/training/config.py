@@ -338,12 +338,15 @@ class _EngineAlias(argparse.BooleanOptionalAction):
         super().__init__(option_strings, "engine", default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
-        now = getattr(namespace, "engine", _default_engine())
+        now = getattr(namespace, "engine", None)
+        now = now if isinstance(now, str) else _default_engine()  # not set yet: the default
         if not option.startswith("--no-"):
             # --cuda-graph implies --cuda-kernels: --cuda-kernels does not undo it
             namespace.engine = "graph" if now == "graph" else self.engine
         elif now == self.engine:  # --no-cuda-X turns X off, nothing else
             namespace.engine = "layers" if self.engine == "kernels" else _default_engine()
+        else:  # set all the same: given, so a resume takes it over the checkpoint's engine
+            namespace.engine = now
 
 
 def build_parser() -> argparse.ArgumentParser:
