@@ -73,3 +73,22 @@ __device__ __forceinline__ long long window_of(const Chwn& p, int n, int k, int 
   const int oy = p.y / k, ox = p.x / k;
   return (oy < oh && ox < ow) ? chwn_index(p.c, oy, ox, p.n, n, oh, ow) : -1;
 }
+
+// Output pixel o's window of y with bias b added and activation act applied, each pixel
+// kept in act_out (for the backward); returns the window's sum, in row-major offset order
+// (the average pool's and the trainable subsampling's forward).
+template <typename T>
+__device__ __forceinline__ T bias_act_window_sum(const T* y, T b, T* act_out, const Chwn& o,
+                                                 int n, int h, int w, int k, int act) {
+  const long long base = window_start(o, n, h, w, k);
+  T sum = 0;
+  for (int i = 0; i < k; ++i) {
+    for (int j = 0; j < k; ++j) {
+      const long long at = base + window_step(i, j, n, w);
+      const T a = activate(y[at] + b, act);
+      act_out[at] = a;
+      sum = (i == 0 && j == 0) ? a : sum + a;
+    }
+  }
+  return sum;
+}

@@ -18,16 +18,7 @@ __global__ void bias_act_subsample_act(const T* y, const T* bias, const T* coeff
   GRID_STRIDE_LOOP(idx, total) {
     const Chwn o = chwn_at(idx, n, oh, ow);
     const T b = bias[o.c];
-    const long long base = window_start(o, n, h, w, k);
-    T sum = 0;
-    for (int i = 0; i < k; ++i) {
-      for (int j = 0; j < k; ++j) {
-        const long long at = base + window_step(i, j, n, w);
-        const T a = activate(y[at] + b, act);
-        act_out[at] = a;
-        sum = (i == 0 && j == 0) ? a : sum + a;
-      }
-    }
+    const T sum = bias_act_window_sum(y, b, act_out, o, n, h, w, k, act);
     const T m = sum * inv_area;
     mean[idx] = m;
     out[idx] = activate(m * (coeff[o.c] * (T)(k * k)) + sbias[o.c], act2);
