@@ -570,6 +570,13 @@ def test_flat_optimizers_and_average(modules, dtype, variant):
 
 
 # -- dense.cu -----------------------------------------------------------------------------
+def _activated(values: np.ndarray, act: str) -> tuple[np.ndarray, int]:
+    """``values`` through activation ``act`` (``"none"``: as they are), and its kernel code."""
+    if act == "none":
+        return values, -1
+    return ACTS[act][1](values), ACTS[act][0]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(7, 13), (120, 33), (1, 1)])
 @pytest.mark.parametrize("act", ["none", *sorted(ACTS)])
@@ -579,10 +586,7 @@ def test_bias_act(modules, dtype, shape, act):
     rng = np.random.default_rng(9)
     y = rng.standard_normal(shape).astype(dtype)
     bias = rng.standard_normal(shape[0]).astype(dtype)
-    expected = y + bias[:, None]
-    code = -1 if act == "none" else ACTS[act][0]
-    if act != "none":
-        expected = ACTS[act][1](expected)
+    expected, code = _activated(y + bias[:, None], act)
     fn = kernel(modules, "dense.cu", "bias_act", dtype)
     launch_1d(fn, y.size, (y, bias, i32(shape[0]), i64(shape[1]), i32(code)), "gridstride")
     _same(y, expected, dtype, "relu" if act == "none" else act)
@@ -597,10 +601,7 @@ def test_bias_act_cols_and_act_backward(modules, dtype, shape, act):
     rng = np.random.default_rng(9)
     y = rng.standard_normal(shape).astype(dtype)
     bias = rng.standard_normal(shape[1]).astype(dtype)
-    expected = y + bias
-    code = -1 if act == "none" else ACTS[act][0]
-    if act != "none":
-        expected = ACTS[act][1](expected)
+    expected, code = _activated(y + bias, act)
     fn = kernel(modules, "dense.cu", "bias_act_cols", dtype)
     launch_1d(fn, y.size, (y, bias, i64(shape[0]), i32(shape[1]), i32(code)), "gridstride")
     _same(y, expected, dtype, "relu" if act == "none" else act)
