@@ -247,15 +247,17 @@ def test_a_failed_run_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path,
 @needs_mnist
 def test_asha_stops_the_hopeless_run_for_good(tmp_path):
     """A learning rate of 1e-7 learns nothing: at the first milestone it is below the good
-    run's accuracy and is stopped; run again, it stays stopped (not resumed)."""
+    run's accuracy and is stopped; run again, it stays stopped (not resumed). Epochs here
+    take a fraction of a second and a stop lands within about a second (the sweep looks
+    every 0.5 s), during which the run trains on: 8 epochs leave it time to land."""
     table = toml_table(TINY)
-    table["train"].update({"epochs": 4, "limit-train": 3000})
+    table["train"].update({"epochs": 8, "limit-train": 3000})
     table["grid"] = {"lr": [3e-3, 1e-7]}
     table["asha"] = {"grace": 1, "eta": 2}
     results = sweep.run(table, tmp_path, jobs=1, cpus_per_run=1, quiet=True)
     good, hopeless = results
-    assert good.status == "finished" and len(good.history) == 4
-    assert hopeless.status == "stopped" and len(hopeless.history) < 4
+    assert good.status == "finished" and len(good.history) == 8
+    assert hopeless.status == "stopped" and len(hopeless.history) < 8
     stopped = json.loads((tmp_path / hopeless.run.name / "stopped.json").read_text())
     assert stopped["epoch"] == 1 and stopped["val_acc"] < stopped["cutoff"]
     assert [r.status for r in sweep.run(table, tmp_path, quiet=True)] == ["finished", "stopped"]

@@ -42,7 +42,6 @@ class AshaScheduler:
         self.recorded: dict[int, dict[str, float]] = {}
         self.decided: dict[str, set[int]] = {run.name: set() for run in runs}
         self._sizes: dict[str, int] = {}
-        self._stopped: set[str] = set()  # judged once: not again while it winds down
         for run in runs:  # what finished or interrupted runs recorded before this sweep
             self.ended(run.name)
 
@@ -66,7 +65,7 @@ class AshaScheduler:
         ``stopped.json`` written), or ``None`` if it goes on."""
         path = self.out / name / "metrics.jsonl"
         size = path.stat().st_size if path.exists() else 0
-        if size == self._sizes.get(name) or name in self._stopped:
+        if size == self._sizes.get(name):
             return None
         self._sizes[name] = size
         history = self._history(name)
@@ -77,8 +76,8 @@ class AshaScheduler:
             value = history[epoch - 1]["val_acc"]
             self.recorded.setdefault(epoch, {})[name] = value
             cutoff = quantile(list(self.recorded[epoch].values()), 1 - 1 / self.asha.eta)
-            if value < cutoff:
-                self._stopped.add(name)
+            if value < cutoff:  # decided for good: not judged again while it winds down
+                self.decided[name].update(self.milestones[name])
                 n = len(self.recorded[epoch])
                 write_stop(self.out / name, {"by": "asha", "epoch": epoch, "val_acc": value,
                                              "cutoff": cutoff, "recorded": n})  # fmt: skip
