@@ -29,12 +29,17 @@ from typing import Any
 
 from lenet_xp.backend import asnumpy
 from lenet_xp.training.distributed.comm import World
-from lenet_xp.training.distributed.engine import AgreedStop, slice_of
+from lenet_xp.training.distributed.engine import (  # the buffer's tail: as the layers'
+    _CORRECT,
+    _LOSS,
+    _SIGNALS,
+    _STOPS,
+    AgreedStop,
+    slice_of,
+)
 from lenet_xp.training.graph import GraphStep
 from lenet_xp.training.resume import GPU_CHECK_EVERY
 
-#: The buffer's tail after the gradients: loss, correct, ranks asking to stop, their signals.
-_LOSS, _CORRECT, _STOPS, _SIGNALS = range(-4, 0)
 #: How often (in steps) the host reads the ranks' summed stop requests (a synchronisation).
 READ_EVERY = GPU_CHECK_EVERY
 
