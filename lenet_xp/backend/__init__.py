@@ -27,14 +27,14 @@ from lenet_xp.backend.cuda import (
     import_nccl,
     probe_steps,
 )
-from lenet_xp.backend.host import tune_host_allocator
+from lenet_xp.backend.host import host_cores, tune_host_allocator
 
 __all__ = [
     "CPU", "CUDA_EXTRA_HINT", "Device", "DeviceError", "asnumpy", "cuda_device_count",
     "cuda_elementwise",
     "cuda_unavailable_reason", "default_rng", "device_of", "fake_cuda", "gemm_block",
-    "get_array_module", "get_device", "host_rng", "host_view", "host_zeros", "import_cupy",
-    "import_nccl",
+    "get_array_module", "get_device", "host_cores", "host_rng", "host_view", "host_zeros",
+    "import_cupy", "import_nccl",
     "is_gpu", "probe_steps", "synchronize", "to_device", "tune_host_allocator", "use_device",
 ]  # fmt: skip
 

@@ -1,6 +1,16 @@
-"""Tuning of the host process for training on the CPU (glibc's allocator)."""
+"""The host process for training on the CPU: its cores, and glibc's allocator tuned."""
 
 from __future__ import annotations
+
+import os
+
+
+def host_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS says)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def tune_host_allocator() -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 from lenet_xp.backend import device_of, get_array_module, to_device
 from lenet_xp.layers.module import Parameter
 from lenet_xp.optim.averaging import STATE_PREFIX, ParameterEMA
+from lenet_xp.optim.flat import FlatBuffers
 
 
 class Optimizer:
@@ -49,6 +50,9 @@ class Optimizer:
         #: On a GPU, whether updates run as our fused CUDA kernel (where the optimizer has
         #: one: Adam) rather than array ops; the training engine sets it.
         self.cuda_kernels = False
+        #: Where the parameters and their gradients are views of flat buffers (the CPU's
+        #: worker processes share them so), :meth:`step` updates them in one go.
+        self.flat: FlatBuffers | None = None
 
     @property
     def lr(self) -> float:
@@ -73,15 +77,16 @@ class Optimizer:
 
     def step(self) -> None:
         """Update every parameter that has a gradient, in place; then ``steps += 1``."""
-        for param, state in zip(self.params, self.state, strict=True):
-            if param.grad is None:
-                continue
-            if tuple(param.grad.shape) != tuple(param.data.shape):
-                raise ValueError(
-                    f"gradient shape {tuple(param.grad.shape)} does not match "
-                    f"parameter shape {tuple(param.data.shape)}"
-                )
-            self._update(param.data, param.grad, state)
+        if self.flat is None or not self.flat.step(self):
+            for param, state in zip(self.params, self.state, strict=True):
+                if param.grad is None:
+                    continue
+                if tuple(param.grad.shape) != tuple(param.data.shape):
+                    raise ValueError(
+                        f"gradient shape {tuple(param.grad.shape)} does not match "
+                        f"parameter shape {tuple(param.data.shape)}"
+                    )
+                self._update(param.data, param.grad, state)
         self.steps += 1
         if self.average is not None:
             self.average.update()

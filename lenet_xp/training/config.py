@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lenet_xp.backend import host_cores
 from lenet_xp.kernels import enabled_by_default
 from lenet_xp.models import presets
 from lenet_xp.storage.checkpoint import CheckpointError
@@ -70,10 +71,7 @@ def _ema_decay(text: str) -> float | None:
 
 def default_workers() -> int:
     """The cores this process may use, at most 4 (LeNet's batches are small)."""
-    try:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not Linux
-        return max(1, min(4, os.cpu_count() or 1))
+    return min(4, host_cores())
 
 
 def _default_device() -> str:

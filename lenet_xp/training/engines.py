@@ -192,6 +192,7 @@ def make_engine(
         model, workers if not on_gpu else 1, max_batch, tune_allocator=tune_allocator,
         stop_requested=stop_requested,
     )  # fmt: skip
+    optimizer.flat = runner.flat  # the CPU's shared flat buffers, if any: one update for all
     layers = LayersEngine(runner, optimizer, schedule, split, batch_size, shift, augment)
     if name == "layers":
         return layers

@@ -11,10 +11,12 @@ import contextlib
 import math
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
 import subprocess
+import time
 from multiprocessing import resource_tracker, spawn
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -151,8 +153,12 @@ def _frame(message: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _receive_blocking(sock: socket.socket) -> Any:
-    """The next message on a blocking ``sock``; :class:`EOFError` once the other end closed."""
+def _receive_blocking(sock: socket.socket, spin_s: float = 0.0) -> Any:
+    """The next message on a blocking ``sock``, polled for up to ``spin_s`` seconds before
+    sleeping on it; :class:`EOFError` once the other end closed."""
+    spin_until = time.perf_counter() + spin_s
+    while time.perf_counter() < spin_until and not select.select([sock], [], [], 0.0)[0]:
+        pass
 
     def exactly(n: int) -> bytearray:
         data = bytearray(n)
@@ -215,7 +221,7 @@ def _send_blocking(sock: socket.socket, message: Any) -> None:
 
 def _serve(
     sock: socket.socket, index: int, pause: _Pauser, model: Module, specs: dict, names: dict,
-    tune: bool,
+    tune: bool, spin_s: float,
 ) -> None:  # fmt: skip
     """Worker ``index``'s set-up (its replica of ``model`` on the shared arrays), then its
     answers to the main process's messages until ``None``."""
@@ -236,7 +242,7 @@ def _serve(
     grad_views = flat_views(model.parameters(), a["grads"][index])
     sock.sendall(_frame("ok"))
     try:
-        while (message := _receive_blocking(sock)) is not None:
+        while (message := _receive_blocking(sock, spin_s)) is not None:
             kind, start, stop, distortion = message
             if kind == "grid":  # the next batch's sampling grid (its ids are in a["ids"])
                 pause("prefetch")
