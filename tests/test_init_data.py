@@ -48,6 +48,10 @@ def test_device_split_normalises_pads_and_batches():
     order = permutation(5, np.random.default_rng(0), CPU)
     seen = [y for _, ys in split.batches(2, order) for y in ys.tolist()]
     assert sorted(seen) == [0, 1, 2, 3, 4] and seen == order.tolist()
+    out = np.full((2, 1, 32, 32), np.nan, np.float32)  # gathered there (the workers' memory)
+    for start, (x, y) in zip(range(0, 5, 2), split.batches(2, order, out=out), strict=True):
+        assert np.shares_memory(x, out) and x.shape[0] == y.shape[0]
+        np.testing.assert_array_equal(x, split.images[order[start : start + 2]])
 
 
 def test_readme_api_example_runs():

@@ -22,12 +22,21 @@ DTYPES = [np.float32, np.float64]
 CONV_CASES = [(1, 0), (1, 2), (2, 1)]
 
 
+@pytest.fixture(autouse=True)
+def _reread_the_setting():
+    """The setting each test leaves (monkeypatch restores the variable) is read afresh."""
+    yield
+    native.reread()
+
+
 def both_ways(monkeypatch, fn):
     """``fn()`` with the compiled kernels off, then on: ``(reference, compiled)``."""
     monkeypatch.setenv("LENET_XP_NATIVE", "0")
+    native.reread()
     assert not native.enabled()
     reference = fn()
     monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.reread()
     assert native.enabled()
     return reference, fn()
 
@@ -158,6 +167,7 @@ def test_training_steps_are_the_same_bits(monkeypatch):
 
 def test_what_the_kernels_take(monkeypatch):
     monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.reread()
     a = np.zeros((4, 4), np.float32)
     assert native.fits(a, np.ones((2,), np.float32))
     assert not native.fits(a, np.zeros((4, 4), np.float64))  # one dtype
@@ -173,6 +183,7 @@ def test_what_the_kernels_take(monkeypatch):
     assert native_pool.batch_innermost(np.ascontiguousarray(stored)) is None  # N outermost
     assert native_pool.batch_innermost(a) is None  # not 4-D
     monkeypatch.setenv("LENET_XP_NATIVE", "0")
+    native.reread()
     assert not native.fits(a)
     assert native_pool.batch_innermost(stored) is None
 
@@ -182,9 +193,11 @@ def test_warm_up_compiles_every_kernel(monkeypatch, dtype):
     """Training calls it in each process before the first step; for a GPU array or with the
     kernels off it does nothing."""
     monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.reread()
     native.warm_up(np.zeros(3, dtype))
     native.warm_up(None)
     monkeypatch.setenv("LENET_XP_NATIVE", "0")
+    native.reread()
     native.warm_up(np.zeros(3, dtype))
 
 
@@ -204,15 +217,16 @@ def test_without_numba_the_numpy_code_runs(monkeypatch):
         return [p.data.copy() for p in model.parameters()] + optimizer.average.averages
 
     monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.reread()
     compiled = step()
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
-    native._numba.cache_clear()
+    native.reread()
     try:
         assert not native.enabled()
         native.warm_up(np.zeros(3, np.float32))  # nothing to compile, no error
         plain = step()
     finally:
-        native._numba.cache_clear()
+        native.reread()
     assert all(same_bits(a, b) for a, b in zip(plain, compiled, strict=True))
 
 
@@ -220,6 +234,7 @@ def test_the_alternating_benchmark_times_both_paths(monkeypatch, capsys):
     from lenet_xp.benchmarks import native_ab
 
     monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.reread()
     native_ab.main(["--workers", "2", "--rounds", "2", "--limit-train", "2560"])
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}

@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from lenet_xp import LeNet5
+from lenet_xp.backend import CPU
+from lenet_xp.data.device_split import to_device_split
 from lenet_xp.optim.optimizers import Adam
+from lenet_xp.optim.schedules import ConstantLR
+from lenet_xp.training.engines import train_epoch
 from lenet_xp.training.parallel import DataParallel, WorkerError, forward_backward
 
 
@@ -39,6 +43,32 @@ def test_workers_match_one_process(workers):
     # After close the parameters and gradients own their memory again, with their values.
     assert all(p.data.base is None and p.grad.base is None for p in model.parameters())
     assert float(forward_backward(model, x, y)[0]) == pytest.approx(float(stepped_loss), rel=1e-5)
+
+
+def test_batches_gathered_in_place_and_one_update_give_the_same_bits():
+    """Each batch gathered straight into the shared memory and the optimizer's one update
+    of the shared flat buffers train as the copies and per-parameter updates do, bit for bit."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    split = to_device_split(images, rng.integers(0, 10, 300, dtype=np.uint8), CPU)
+    runs = []
+    for fast in (False, True):
+        model = LeNet5(seed=0)
+        optimizer = Adam(model.parameters(), lr=1e-3)
+        with DataParallel(model, 2, max_batch=64) as runner:
+            if fast:
+                optimizer.flat = runner.flat
+            else:
+                runner.batch_buffer = None
+            metrics = train_epoch(
+                runner, optimizer, ConstantLR(1e-3), split, 64, np.random.default_rng(0), 0, None
+            )
+        assert (optimizer.state[0]["exp_avg"].base is not None) == fast  # a flat state's view
+        state = optimizer.state_dict()
+        runs.append((metrics, [p.data.tobytes() for p in model.parameters()], state))
+    (metrics, params, state), (fast_metrics, fast_params, fast_state) = runs
+    assert metrics == fast_metrics and params == fast_params
+    assert all(np.array_equal(v, fast_state[k]) for k, v in state.items())
 
 
 def test_same_result_every_time():

@@ -12,6 +12,7 @@ import os
 import statistics
 import time
 
+from lenet_xp import native
 from lenet_xp.backend import get_device
 from lenet_xp.benchmarks.timing import load_train_split, our_epoch
 from lenet_xp.training.config import default_workers
@@ -25,10 +26,12 @@ def alternate(workers: int, rounds: int, limit: int, batch: int = 128) -> dict[s
     try:
         for name, setting in (("native", "1"), ("numpy", "0")):
             os.environ["LENET_XP_NATIVE"] = setting
+            native.reread()
             runs[name] = (setting, *our_epoch(split, batch, workers))
         for _ in range(rounds):
             for name, (setting, epoch, _close) in runs.items():
                 os.environ["LENET_XP_NATIVE"] = setting
+                native.reread()
                 start = time.perf_counter()
                 epoch()
                 times[name].append(time.perf_counter() - start)
@@ -39,6 +42,7 @@ def alternate(workers: int, rounds: int, limit: int, batch: int = 128) -> dict[s
             os.environ.pop("LENET_XP_NATIVE", None)
         else:
             os.environ["LENET_XP_NATIVE"] = kept
+        native.reread()
     return times
 
 

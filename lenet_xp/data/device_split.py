@@ -29,10 +29,12 @@ class DeviceSplit:
 
     def batches(
         self, batch_size: int, order: Any = None, shifts: Any = None, max_shift: int = 0,
-        skip: int = 0,
+        skip: int = 0, out: Any = None,
     ):  # fmt: skip
         """Yield ``(x, y)`` batches in ``order`` (a device index array) or in storage order,
-        from batch ``skip`` on (the ones before are not computed: a resumed epoch).
+        from batch ``skip`` on (the ones before are not computed: a resumed epoch); ``out``,
+        if given (``(>= batch_size, C, H, W)``, the images' dtype), receives the images of
+        each batch gathered in ``order`` (the CPU workers' shared memory), which ``x`` views.
 
         ``shifts (2, N)`` int (on the device, entries within ``+-max_shift``), if given,
         translates image ``i`` by ``shifts[:, i]`` pixels (down, right): see
@@ -44,7 +46,11 @@ class DeviceSplit:
                 if order is None
                 else order[start : start + batch_size]
             )
-            x = self.images[idx]
+            if out is not None and order is not None and shifts is None:
+                x = out[: idx.shape[0]]
+                self.device.xp.take(self.images, idx, axis=0, out=x)
+            else:
+                x = self.images[idx]
             if shifts is not None:
                 x = shift_images(x, shifts[0, idx], shifts[1, idx], max_shift, BACKGROUND)
             yield x, self.labels[idx]

@@ -22,10 +22,25 @@ from typing import Any
 
 import numpy
 
+_on: bool | None = None  # None: not read yet
+
 
 def enabled() -> bool:
-    """Whether the compiled kernels run (Numba importable, ``$LENET_XP_NATIVE`` not ``0``)."""
-    return os.environ.get("LENET_XP_NATIVE", "1").strip() != "0" and _numba() is not None
+    """Whether the compiled kernels run (Numba importable, ``$LENET_XP_NATIVE`` not ``0``),
+    as read at the first call, or the first after :func:`reread` (a step asks dozens of
+    times: a lookup in ``os.environ`` each time would cost 1 % of it)."""
+    global _on
+    if _on is None:
+        _on = os.environ.get("LENET_XP_NATIVE", "1").strip() != "0" and _numba() is not None
+    return _on
+
+
+def reread() -> None:
+    """Read ``$LENET_XP_NATIVE`` (and whether Numba imports) again at the next call of
+    :func:`enabled`: for a process that changes the setting as it runs (a benchmark, tests)."""
+    global _on
+    _on = None
+    _numba.cache_clear()
 
 
 #: The dtypes the compiled kernels compute in.
@@ -79,7 +94,7 @@ def warm_up(like: Any) -> None:
     if type(like) is not numpy.ndarray or not fits(like):
         return
     dtype = like.dtype
-    from lenet_xp.native import conv, optim, pool
+    from lenet_xp.native import combine, conv, optim, pool
 
     def zeros(*shape: int, of: Any = dtype) -> numpy.ndarray:
         return numpy.zeros(shape, of)
@@ -90,3 +105,4 @@ def warm_up(like: Any) -> None:
     pool.max_pool_backward(y, argmax, (1, 1, 2, 2), 2, 2)
     optim.adam(*(zeros(1) for _ in range(4)), (0.9, 0.999), 1.0, 1e-8, 1e-3, 0.0)
     optim.ema(zeros(1), zeros(1), 0.9)
+    combine.combine(zeros(2, 1), [0.5, 0.5])

@@ -35,11 +35,11 @@ class FlatBuffers:
         every parameter is a view of them with its gradient set and the state allows (its
         parameters all had as many updates): whether it ran (else nothing changed)."""
         params = optimizer.params
-        if len(params) != len(self.data_views) or not all(
-            p.data is data and p.grad is grad
-            for p, data, grad in zip(params, self.data_views, self.grad_views, strict=True)
-        ):
+        if len(params) != len(self.data_views):
             return False
+        for param, data, grad in zip(params, self.data_views, self.grad_views, strict=True):
+            if param.data is not data or param.grad is not grad:
+                return False
         if not self._state_is_flat(optimizer) and not self._flatten_state(optimizer):
             return False
         optimizer._update(self.data, self.grad, self.state)
@@ -61,11 +61,14 @@ class FlatBuffers:
         replaces them) and its counts ours."""
         if not self.state_views:
             return not any(optimizer.state)
+        counts = [(name, self.state[name]) for name in optimizer._count_state]
         for state, views in zip(optimizer.state, self.state_views, strict=True):
-            if any(state.get(name) is not view for name, view in views.items()):
-                return False
-            if any(state.get(name) != self.state[name] for name in optimizer._count_state):
-                return False
+            for name, view in views.items():  # plain loops: this runs every step
+                if state.get(name) is not view:
+                    return False
+            for name, count in counts:
+                if state.get(name) != count:
+                    return False
         return True
 
     def _flatten_state(self, optimizer: Any) -> bool:

@@ -75,7 +75,7 @@ def train_epoch(
     if augment is not None and not augment.is_identity:
         seed = int(rng.integers(2**62))  # from the run's generator: resumable, device-free
         distortion = Distortion(augment, seed, epoch, BACKGROUND)
-    batches = split.batches(batch_size, order, shifts, max_shift, skip=done)
+    batches = split.batches(batch_size, order, shifts, max_shift, done, runner.batch_buffer)
     for batch, (x, y) in enumerate(batches, done + 1):
         optimizer.lr = schedule(step)
         if distortion is not None:  # the images' indices: what their random draws depend on

@@ -49,6 +49,7 @@ from lenet_xp import native
 from lenet_xp.backend import host_cores
 from lenet_xp.layers import Module
 from lenet_xp.layers.module import flat_views
+from lenet_xp.native import combine as native_combine
 from lenet_xp.optim.flat import FlatBuffers
 from lenet_xp.training.interrupt import Interrupted
 from lenet_xp.training.workers import (  # noqa: F401  (PAUSE_ENV, in_worker: re-exported)
@@ -103,6 +104,11 @@ def _shared_specs(
     }
 
 
+def _address(array: Any) -> int:
+    """Where ``array``'s data starts in memory."""
+    return array.__array_interface__["data"][0]
+
+
 class DataParallel:
     """Runs ``model`` on ``workers`` slices of each batch (CPU): slice 0 in this process,
     the others in ``workers - 1`` worker processes; ``workers=1``: no processes at all.
@@ -127,12 +133,16 @@ class DataParallel:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.model, self.workers = model, workers
+        self._params = model.parameters()
         native.warm_up(next((p.data for p in model.parameters()), None))  # compiled now (CPU)
         self._links: list[_Link] = []
         self._shared: _Shared | None = None
         #: The shared parameters and combined gradient, for an optimizer to update in one go
         #: (``optimizer.flat``); ``None`` with one process.
         self.flat: FlatBuffers | None = None
+        #: Where a training batch may be gathered, so the workers read it without a copy
+        #: (``DeviceSplit.batches(out=...)``); ``None`` with one process.
+        self.batch_buffer: Any = None
         if workers == 1:
             return
         self._spin_s = SPIN_S if workers <= host_cores() else 0.0
@@ -154,6 +164,7 @@ class DataParallel:
             param.data = view
         a = self._shared.arrays
         self.flat = FlatBuffers(a["params"], a["grads"][0], shared_params, self._grad_views[0])
+        self.batch_buffer = a["x"]
         try:
             for index in range(1, workers):
                 self._links.append(self._launch(index))
@@ -214,7 +225,7 @@ class DataParallel:
             param.grad = None if param.grad is None else param.grad.copy()
         self._links, self._grad_views = [], []
         self.flat.release()
-        self.flat = None
+        self.flat = self.batch_buffer = None
         self._shared.close(unlink=True)
         self._shared = None
         self._blas_limit.restore_original_limits()
@@ -299,8 +310,10 @@ class DataParallel:
     ) -> None:  # fmt: skip
         """Hand slices 1.. to the workers (through shared memory); they run meanwhile."""
         a = self._shared.arrays
+        gathered = _address(x) == _address(a["x"])  # into a["x"] already: batch_buffer
         for link, part in zip(self._links, parts[1:], strict=False):
-            a["x"][part] = x[part]
+            if not gathered:
+                a["x"][part] = x[part]
             if y is not None:
                 a["y"][part] = y[part]
             if distortion is not None:
@@ -389,13 +402,17 @@ class DataParallel:
         order over the flat shared buffer (a few array operations, whatever the number of
         parameters); ``param.grad`` becomes a view of its row 0."""
         grads = self._shared.arrays["grads"]
-        views = zip(self.model.parameters(), self._grad_views[0], strict=True)
+        views = zip(self._params, self._grad_views[0], strict=True)
         params = [(p, view) for p, view in views if p.grad is not None]  # RBF centres: none
         for param, view in params:
             view[...] = param.grad
-        combined = grads[0]
-        combined *= weights[0]
-        for i in range(1, len(weights)):
-            combined += weights[i] * grads[i]
+        rows = grads[: len(weights)]
+        if native.fits(rows):  # one compiled pass: the same bits
+            native_combine.combine(rows, weights)
+        else:
+            combined = grads[0]
+            combined *= weights[0]
+            for i in range(1, len(weights)):
+                combined += weights[i] * grads[i]
         for param, view in params:
             param.grad = view

@@ -59,6 +59,9 @@ class RankParallel:
     ranks act on; ``reduce(buffer)``: sums a contiguous array of the model's device over the
     ranks in place (default: ``world.allreduce_sum``, host arrays)."""
 
+    #: Batches are gathered whole (each rank then takes its slice), not into shared memory.
+    batch_buffer = None
+
     def __init__(
         self, world: World, model: Any, workers: int, max_batch: int, signals: StopSignals,
         agreed: AgreedStop, reduce: Callable[[Any], None] | None = None,
