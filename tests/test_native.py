@@ -10,6 +10,7 @@ import pytest
 
 from lenet_xp import native
 from lenet_xp.functional import conv, pool
+from lenet_xp.layers import Conv2d, MaxPool2d, ReLU, Sequential
 from lenet_xp.models import presets
 from lenet_xp.native import pool as native_pool
 from lenet_xp.optim.averaging import ParameterEMA
@@ -163,6 +164,72 @@ def test_training_steps_are_the_same_bits(monkeypatch):
 
     reference, compiled = both_ways(monkeypatch, train)
     assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_pool_relu_block_gives_its_layers_bits(monkeypatch, dtype):
+    """``conv -> max-pool -> ReLU`` as the fused block (the convolution's GEMM, then one
+    compiled pass each way) against the three layers: outputs and every gradient, with a
+    NaN, ties, negative zeros and windows whose maximum is negative."""
+
+    def run():
+        conv = Conv2d(2, 3, 1)
+        model = Sequential(conv, MaxPool2d(2), ReLU()).astype(np.dtype(dtype).name)
+        conv.weight.data = np.zeros((3, 2, 1, 1), dtype)
+        conv.weight.data[:, 0] = [[[1.0]], [[-1.0]], [[0.5]]]  # the input itself, negated, halved
+        conv.bias.data = np.array([0.0, -0.0, 0.25], dtype)
+        rng = np.random.default_rng(7)
+        x = chwn(rng, (5, 2, 6, 6), dtype)
+        x[0, 0, 0, 0] = np.nan  # a NaN window
+        x[1, 0, :2, :2] = 0.5  # ties
+        x[2, 0, :2, :2] = -0.0  # negative zeros: ReLU gives +0 (NumPy's maximum)
+        x[3, 0, 2:4, 2:4] = -1.0  # a negative maximum: ReLU zeroes it, no gradient passes
+        out = model.forward(x)
+        steps = [type(step).__name__ for step in model._steps]
+        grad_x = model.backward(chwn(rng, out.shape, dtype))
+        grads = [p.grad.copy() for p in model.parameters()]
+        return steps, [out.copy(), grad_x.copy(), *grads]
+
+    (steps0, reference), (steps1, fused) = both_ways(monkeypatch, run)
+    assert steps0 == ["Conv2d", "MaxPool2d", "ReLU"] and steps1 == ["ConvPoolAct"]
+    assert all(same_bits(a, b) for a, b in zip(reference, fused, strict=True))
+    assert np.isnan(fused[0][0, 0, 0, 0]) and not np.signbit(fused[0][2, 0]).any()
+
+
+@pytest.mark.parametrize("arch", list(presets.PRESETS))
+def test_every_preset_steps_to_the_same_bits(monkeypatch, arch):
+    """Forward and backward of every preset (the blocks the CPU fuses, and those it does
+    not), with the compiled kernels and without: the loss and every gradient."""
+
+    def step():
+        model = presets.build_from_config({"arch": arch, "seed": 0})
+        side = model.input_size
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((8, 1, side, side)).astype(np.float32)
+        loss, _ = forward_backward(model, x, rng.integers(0, 10, 8))
+        return [np.asarray(loss)] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    reference, compiled = both_ways(monkeypatch, step)
+    assert all(same_bits(a, b) for a, b in zip(reference, compiled, strict=True))
+
+
+def test_a_wrapped_layer_runs_as_itself(monkeypatch):
+    """A layer whose ``forward`` is wrapped (``LayerStats`` sampling its output) is not
+    fused away: the wrapper sees the output; the other blocks still fuse."""
+    monkeypatch.setenv("LENET_XP_NATIVE", "1")
+    native.reread()
+    model = presets.build_from_config({"arch": "lenet5", "seed": 0})
+    seen = []
+    forward = model.relu1.forward
+    model.relu1.forward = lambda x: seen.append(forward(x)) or seen[-1]
+    model.forward(np.zeros((4, 1, 28, 28), np.float32))
+    assert [type(s).__name__ for s in model._steps[:4]] == [
+        "Conv2d",
+        "MaxPool2d",
+        "ReLU",
+        "ConvPoolAct",
+    ]
+    assert len(seen) == 1 and seen[0].shape == (4, 6, 14, 14)
 
 
 def test_what_the_kernels_take(monkeypatch):

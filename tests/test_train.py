@@ -241,9 +241,9 @@ def test_auto_falls_back_to_cpu_with_a_notice(tmp_path):
 def test_out_of_memory_names_the_batch_size(tmp_path):
     """A batch far too large for the memory allowed (an address-space limit, as a small GPU or
     host would impose) ends with one line that says which flag to lower."""
-    code = (
+    code = (  # 2 GiB: the libraries fit, a batch of 60,000 does not
         "import resource, sys\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
         "from lenet_xp.train import main\n"
         f"sys.exit(main(['--device', 'cpu', '--data-dir', {str(DATA)!r}, '--batch-size', '60000',"
         f" '--workers', '1', '--quiet', '--out', {str(tmp_path)!r}]))\n"

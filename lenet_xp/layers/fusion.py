@@ -40,6 +40,7 @@ from lenet_xp.layers.module import Module
 from lenet_xp.layers.partial_conv import PartialConv2d
 from lenet_xp.layers.pool import AvgPool2d, MaxPool2d
 from lenet_xp.layers.subsample import TrainableSubsampling
+from lenet_xp.native.blocks import CpuKernels
 
 _ACTIVATIONS = (ReLU, Sigmoid, Tanh, LeCunTanh)
 
@@ -61,10 +62,12 @@ def _conv_fits(conv: Module, pool: Module, pool_type: type) -> bool:
 
 def _conv_gemm(conv: Conv2d | PartialConv2d, x: Any, kernels: Any) -> Any:
     """The convolution's output without its bias, as its GEMM stores it: ``(C, H, W, N)``
-    (contiguous); its cache kept as the layer's own ``backward`` reads it."""
+    (contiguous); its cache kept as the layer's own ``backward`` reads it. ``kernels``
+    build its ``x_cols`` on a GPU (the CPU's compiled ones run inside ``conv2d_forward``)."""
     partial = isinstance(conv, PartialConv2d)
     weight = conv.dense_weight() if partial else conv.weight.data
-    y, cache = conv2d_forward(x, weight, None, conv.stride, conv.padding, kernels)
+    gemm_kernels = None if isinstance(kernels, CpuKernels) else kernels
+    y, cache = conv2d_forward(x, weight, None, conv.stride, conv.padding, gemm_kernels)
     conv._cache = ((cache, weight) if partial else cache) if conv.training else None
     return y.transpose(1, 2, 3, 0)
 
@@ -288,14 +291,32 @@ class BatchNormAct(FusedBlock):
 BLOCKS = (ConvPoolAct, ConvActAvgPool, ConvActSubsampleAct, ConvAct, LinearAct, BatchNormAct)
 
 
+#: The blocks the compiled CPU kernels run (:class:`~lenet_xp.native.blocks.CpuKernels`),
+#: with ReLU as their activation.
+CPU_BLOCKS = (ConvPoolAct,)
+
+
+def _runs(kernels: Any, block: type[FusedBlock], run: list[Module]) -> bool:
+    """Whether ``kernels`` run ``block`` over the layers ``run`` (which it fits): our CUDA
+    kernels where every layer uses them, the CPU's where the block is one of
+    :data:`CPU_BLOCKS` with ReLU. A layer whose ``forward`` is wrapped (``LayerStats``
+    samples its output) runs as itself."""
+    if any("forward" in vars(layer) for layer in run):
+        return False
+    if isinstance(kernels, CpuKernels):
+        return block in CPU_BLOCKS and type(run[block.act_at]) is ReLU
+    return all(layer.cuda_kernels for layer in run)
+
+
 def plan(layers: list[Module], kernels: Any) -> list[Any]:
     """What runs, in order: ``layers`` with each run of adjacent layers that a block of
-    :data:`BLOCKS` fuses replaced by that block (``kernels``: ours, or ``None``: no fusion)."""
+    :data:`BLOCKS` fuses replaced by that block (``kernels``: our CUDA kernels or the CPU's
+    compiled ones, or ``None``: no fusion)."""
     steps, i = [], 0
     while i < len(layers):
         for block in BLOCKS if kernels is not None else ():
             run = layers[i : i + block.size]
-            if block.fits(run) and all(layer.cuda_kernels for layer in run):
+            if block.fits(run) and _runs(kernels, block, run):
                 steps.append(block(*run, kernels))
                 i += block.size
                 break

@@ -12,6 +12,7 @@ from typing import Any
 
 from lenet_xp.backend import Device, device_of, get_array_module, get_device, to_device
 from lenet_xp.kernels.ops import Kernels, gpu_kernels
+from lenet_xp.native.blocks import cpu_kernels
 
 
 class Parameter:
@@ -227,8 +228,9 @@ class Sequential(Module):
 
     def _plan(self, x: Any) -> list[Any]:
         """The layers, with adjacent ones fused into one kernel where ours run on ``x``'s
-        device (:mod:`lenet_xp.layers.fusion`); on the CPU, the layers."""
-        kernels = self._kernels(x)
+        device (:mod:`lenet_xp.layers.fusion`): our CUDA kernels if this model uses them,
+        on the CPU the compiled kernels where they run (:mod:`lenet_xp.native.blocks`)."""
+        kernels = self._kernels(x) or cpu_kernels(x)
         if kernels is None or Sequential.fuse is None:
             return self.layers()
         return Sequential.fuse(self.layers(), kernels)

@@ -84,3 +84,72 @@ def max_pool_backward(grad_y: Any, argmax: Any, x_shape: tuple, kernel: int, str
     cast = grad_y.dtype.type
     _backward(grad_y, argmax, grad_x, kernel, stride, cast(0), cast(1))
     return grad_x
+
+
+@jit
+def _forward_bias_relu(y: Any, bias: Any, out: Any, argmax: Any, kernel: int, zero: Any) -> None:
+    """``y (C, H, W, N)`` (a convolution's output without its bias) -> ``out`` =
+    ReLU(max-pool(``y + bias``)) and ``argmax``, both ``(C, OH, OW, N)``, windows that tile
+    ``y``: the reference's operations in its order (the bias added to each value, a later
+    value taking over only when strictly greater, a NaN making the maximum NaN, then NumPy's
+    ``maximum(v, 0)``: ``+0`` for ``-0``, NaN kept)."""
+    c, oh, ow, n = out.shape
+    for ch in range(c):
+        b = bias[ch]
+        for r in range(oh):
+            for q in range(ow):
+                best, at = out[ch, r, q], argmax[ch, r, q]
+                first = y[ch, r * kernel, q * kernel]
+                for i in range(n):
+                    best[i], at[i] = first[i] + b, 0
+                for offset in range(1, kernel * kernel):
+                    values = y[ch, r * kernel + offset // kernel, q * kernel + offset % kernel]
+                    for i in range(n):
+                        value = values[i] + b
+                        if value > best[i]:
+                            best[i], at[i] = value, offset
+                        elif value != value:  # NaN
+                            best[i] = value
+                for i in range(n):
+                    if not (best[i] > zero or best[i] != best[i]):
+                        best[i] = zero
+
+
+@jit
+def _relu_backward(
+    grad_out: Any, out: Any, argmax: Any, grad_y: Any, kernel: int, zero: Any, one: Any
+) -> None:
+    """The gradient of :func:`_forward_bias_relu` w.r.t. ``y``, written into ``grad_y``:
+    ReLU's backward (``grad * (out > 0)``), then max-pooling's (times 1 at the window's first
+    maximum, else times 0), the reference's products in its order."""
+    c, oh, ow, n = out.shape
+    for ch in range(c):
+        for r in range(oh):
+            for q in range(ow):
+                at, grads, kept = argmax[ch, r, q], grad_out[ch, r, q], out[ch, r, q]
+                for offset in range(kernel * kernel):
+                    i0, j0 = r * kernel + offset // kernel, q * kernel + offset % kernel
+                    target = grad_y[ch, i0, j0]
+                    for i in range(n):
+                        passed = grads[i] * (one if kept[i] > zero else zero)
+                        target[i] = passed * (one if at[i] == offset else zero)
+
+
+def max_pool_bias_relu(y: Any, bias: Any, kernel: int) -> tuple[Any, Any]:
+    """``y (C, H, W, N)`` (C-contiguous, ``H`` and ``W`` multiples of ``kernel``) and
+    ``bias (C,)`` -> new ``(ReLU(max-pool(y + bias)), argmax)``, both ``(C, OH, OW, N)``."""
+    c, h, w, n = y.shape
+    shape = (c, h // kernel, w // kernel, n)
+    out, argmax = numpy.empty(shape, y.dtype), numpy.empty(shape, numpy.uint8)
+    _forward_bias_relu(y, bias, out, argmax, kernel, y.dtype.type(0))
+    return out, argmax
+
+
+def max_pool_relu_backward(grad_out: Any, out: Any, argmax: Any, kernel: int) -> Any:
+    """``grad_out``, ``out`` and ``argmax (C, OH, OW, N)`` of :func:`max_pool_bias_relu` ->
+    a new gradient w.r.t. its ``y``, ``(C, OH * kernel, OW * kernel, N)``."""
+    c, oh, ow, n = out.shape
+    grad_y = numpy.empty((c, oh * kernel, ow * kernel, n), grad_out.dtype)
+    cast = grad_out.dtype.type
+    _relu_backward(grad_out, out, argmax, grad_y, kernel, cast(0), cast(1))
+    return grad_y
