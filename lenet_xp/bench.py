@@ -272,12 +272,14 @@ def _profile(args: argparse.Namespace, device: Device, split: DeviceSplit) -> No
 
         limits = threadpool_limits(limits=1, user_api="blas")
     print(f"\nper-layer ms per step for one worker's slice of {slice_size} images (layers engine)")
-    print(f"{'layer':<8} {'forward':>8} {'backward':>9}")
+    rows = profile_layers(split, slice_size)
+    width = max(8, *(len(name) for name, _, _ in rows))
+    print(f"{'layer':<{width}} {'forward':>8} {'backward':>9}")
     total_f = total_b = 0.0
-    for name, f, b in profile_layers(split, slice_size):
+    for name, f, b in rows:
         total_f, total_b = total_f + f, total_b + b
-        print(f"{name:<8} {f:>8.3f} {b:>9.3f}")
-    print(f"{'total':<8} {total_f:>8.3f} {total_b:>9.3f}")
+        print(f"{name:<{width}} {f:>8.3f} {b:>9.3f}")
+    print(f"{'total':<{width}} {total_f:>8.3f} {total_b:>9.3f}")
     if limits is not None:
         limits.restore_original_limits()
 

@@ -90,3 +90,42 @@ def test_bench_times_the_torch_twin_of_another_preset(capsys):
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("    32")}
     assert {"layers", "torch"} <= set(rows), out
     assert float(rows["torch"][2]) > 0 and float(rows["torch"][-1]) == pytest.approx(1.0)
+
+
+def test_the_profile_names_the_blocks_that_run_fused(monkeypatch):
+    """The per-layer profile times what training runs: with the compiled CPU kernels,
+    ``conv -> max-pool -> ReLU`` as one block each way; without them, the layers."""
+    pytest.importorskip("numba")
+    from lenet_xp import native
+    from lenet_xp.backend import CPU
+    from lenet_xp.benchmarks.timing import load_train_split, profile_layers
+
+    split, _ = load_train_split(CPU, str(DATA), limit=64)
+    names = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LENET_XP_NATIVE", setting)
+        native.reread()
+        rows = profile_layers(split, 16, steps=2)
+        assert all(f > 0 and b > 0 for name, f, b in rows if name != "flatten")
+        names[setting] = [name for name, _, _ in rows]
+    native.reread()
+    assert names["1"][:3] == ["conv1+pool1+relu1", "conv2+pool2+relu2", "flatten"]
+    assert names["0"][:4] == ["conv1", "pool1", "relu1", "conv2"]
+
+
+def test_two_source_trees_alternate_their_epochs(capsys):
+    """``benchmarks.tree_ab``: two trees (here the same one twice) train in processes of
+    their own, epochs alternating; each tree's epochs and the paired ratio are printed."""
+    from pathlib import Path
+
+    from lenet_xp.benchmarks import tree_ab
+
+    root = str(Path(tree_ab.__file__).resolve().parents[2])
+    tree_ab.main([f"old={root}", f"new={root}", "--rounds", "2", "--workers", "2",
+                  "--limit-train", "1280"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
+    assert set(rows) == {"old", "new"} and all(len(v) == 3 for v in rows.values())
+    assert all(float(t) > 0 for v in rows.values() for t in v)
+    ratio = float(lines[3].split(": ")[1].split()[0])
+    assert 0.2 < ratio < 5 and lines[3].startswith("new / old: ")

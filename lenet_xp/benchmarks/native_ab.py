@@ -13,7 +13,7 @@ import statistics
 import time
 
 from lenet_xp import native
-from lenet_xp.backend import get_device
+from lenet_xp.backend import get_device, tune_host_allocator
 from lenet_xp.benchmarks.timing import load_train_split, our_epoch
 from lenet_xp.training.config import default_workers
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed epochs of each")
     parser.add_argument("--limit-train", type=int, default=60_000, help="first N images")
     args = parser.parse_args(argv)
+    tune_host_allocator()  # as training does
     times = alternate(args.workers, args.rounds, args.limit_train)
     native, numpy = (statistics.median(times[name]) for name in ("native", "numpy"))
     print(f"{'path':8s} {'epoch s':>8s}  epochs (alternating, --workers {args.workers})")

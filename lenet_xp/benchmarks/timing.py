@@ -22,6 +22,7 @@ from lenet_xp.benchmarks import torch_reference as bench_torch
 from lenet_xp.data.device_split import DeviceSplit, to_device_split
 from lenet_xp.data.mnist import DataError, load_mnist
 from lenet_xp.functional.loss import softmax_cross_entropy
+from lenet_xp.layers.fusion import FusedBlock
 from lenet_xp.models.lenet5 import LeNet5
 from lenet_xp.models.presets import Options, build
 from lenet_xp.optim.optimizers import Adam, make_optimizer
@@ -78,12 +79,21 @@ def our_epoch(
 def profile_layers(
     split: DeviceSplit, batch_size: int, steps: int = 30
 ) -> list[tuple[str, float, float]]:
-    """Mean milliseconds per step of each layer's forward and backward (device-synchronised)."""
+    """Mean milliseconds per step of the forward and backward of each layer, or of each
+    block of layers that runs fused (named ``"conv1+pool1+relu1"``: on the CPU with the
+    compiled kernels, :mod:`lenet_xp.layers.fusion`), as training runs them
+    (device-synchronised)."""
     model = LeNet5(seed=0).to(split.device)
-    names = [name for name, _ in model.named_children()]
-    layers = model.layers()
-    fwd, bwd = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     x, y = split.images[:batch_size], split.labels[:batch_size]
+    names = {id(layer): name for name, layer in model.named_children()}
+    run = model._plan(x)  # the layers, or the blocks they fuse into
+    labels = [
+        "+".join(names[id(layer)] for layer in step.layers)
+        if isinstance(step, FusedBlock)
+        else names[id(step)]
+        for step in run
+    ]
+    fwd, bwd = dict.fromkeys(labels, 0.0), dict.fromkeys(labels, 0.0)
 
     def timed(fn: Any, arg: Any) -> tuple[Any, float]:
         synchronize(split.device)
@@ -94,14 +104,14 @@ def profile_layers(
 
     for step in range(steps + 3):
         h = x
-        for name, layer in zip(names, layers, strict=True):
-            h, dt = timed(layer.forward, h)
-            fwd[name] += dt * (step >= 3)
+        for label, part in zip(labels, run, strict=True):
+            h, dt = timed(part.forward, h)
+            fwd[label] += dt * (step >= 3)
         loss, g = softmax_cross_entropy(h, y)
-        for name, layer in zip(reversed(names), reversed(layers), strict=True):
-            g, dt = timed(layer.backward, g)
-            bwd[name] += dt * (step >= 3)
-    return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in names]
+        for label, part in zip(reversed(labels), reversed(run), strict=True):
+            g, dt = timed(part.backward, g)
+            bwd[label] += dt * (step >= 3)
+    return [(n, 1e3 * fwd[n] / steps, 1e3 * bwd[n] / steps) for n in labels]
 
 
 def timed(fn: Any, device: Device) -> float:
