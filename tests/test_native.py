@@ -10,7 +10,7 @@ import pytest
 
 from lenet_xp import native
 from lenet_xp.functional import conv, pool
-from lenet_xp.layers import Conv2d, MaxPool2d, ReLU, Sequential
+from lenet_xp.layers import Conv2d, Linear, MaxPool2d, ReLU, Sequential
 from lenet_xp.models import presets
 from lenet_xp.native import pool as native_pool
 from lenet_xp.optim.averaging import ParameterEMA
@@ -194,6 +194,28 @@ def test_conv_pool_relu_block_gives_its_layers_bits(monkeypatch, dtype):
     assert steps0 == ["Conv2d", "MaxPool2d", "ReLU"] and steps1 == ["ConvPoolAct"]
     assert all(same_bits(a, b) for a, b in zip(reference, fused, strict=True))
     assert np.isnan(fused[0][0, 0, 0, 0]) and not np.signbit(fused[0][2, 0]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_relu_block_gives_its_layers_bits(monkeypatch, dtype):
+    """``linear -> ReLU`` as the fused block (the GEMM, then bias and ReLU in one compiled
+    pass; ReLU's gradient in one) against the two layers, with a NaN and negative zeros."""
+
+    def run():
+        linear = Linear(4, 3)
+        model = Sequential(linear, ReLU()).astype(np.dtype(dtype).name)
+        linear.weight.data = np.array([[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 1]], dtype)
+        linear.bias.data = np.array([0.0, -0.0, -0.5], dtype)
+        x = np.random.default_rng(8).standard_normal((6, 4)).astype(dtype)
+        x[0, 0], x[1, 1], x[2, 0] = np.nan, 0.0, -0.0  # NaN; -0 from -1 * 0; -0 + 0
+        out = model.forward(x)
+        steps = [type(step).__name__ for step in model._steps]
+        grad_x = model.backward(np.random.default_rng(9).standard_normal(out.shape).astype(dtype))
+        return steps, [out.copy(), grad_x.copy(), *(p.grad.copy() for p in model.parameters())]
+
+    (steps0, reference), (steps1, fused) = both_ways(monkeypatch, run)
+    assert steps0 == ["Linear", "ReLU"] and steps1 == ["LinearAct"]
+    assert all(same_bits(a, b) for a, b in zip(reference, fused, strict=True))
 
 
 @pytest.mark.parametrize("arch", list(presets.PRESETS))

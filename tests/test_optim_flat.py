@@ -85,7 +85,8 @@ def test_one_update_over_the_flat_buffers_gives_the_same_bits(name, kwargs, dtyp
     for step in range(5):
         assert pair.step(step, dtype)
         pair.assert_same_bits()
-    # each parameter's state arrays are views of the flat state (the checkpoint sees them)
+    # each parameter's state arrays, and the averages, are views of flat ones
+    assert all(average.base is not None for average in pair.flat.average.averages)
     for state in pair.flat.state:
         for array in (v for v in state.values() if isinstance(v, np.ndarray)):
             assert array.base is not None
@@ -93,11 +94,11 @@ def test_one_update_over_the_flat_buffers_gives_the_same_bits(name, kwargs, dtyp
 
 @pytest.mark.parametrize("name,kwargs", OPTIMIZERS[1:])
 def test_a_loaded_state_is_taken_over_and_trains_on_alike(name, kwargs):
-    source = Pair(name, kwargs, "float32")
+    source = Pair(name, kwargs, "float32", ema=0.9)
     for step in range(3):
         source.step(step, "float32")
     saved = source.each.state_dict()
-    pair = Pair(name, kwargs, "float32")
+    pair = Pair(name, kwargs, "float32", ema=0.9)
     for params in (pair.each_params, pair.flat_params):
         for param, kept in zip(params, source.each_params, strict=True):
             param.data[...] = kept.data

@@ -293,7 +293,7 @@ BLOCKS = (ConvPoolAct, ConvActAvgPool, ConvActSubsampleAct, ConvAct, LinearAct, 
 
 #: The blocks the compiled CPU kernels run (:class:`~lenet_xp.native.blocks.CpuKernels`),
 #: with ReLU as their activation.
-CPU_BLOCKS = (ConvPoolAct,)
+CPU_BLOCKS = (ConvPoolAct, LinearAct)
 
 
 def _runs(kernels: Any, block: type[FusedBlock], run: list[Module]) -> bool:

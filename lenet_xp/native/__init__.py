@@ -94,7 +94,7 @@ def warm_up(like: Any) -> None:
     if type(like) is not numpy.ndarray or not fits(like):
         return
     dtype = like.dtype
-    from lenet_xp.native import combine, conv, optim, pool
+    from lenet_xp.native import combine, conv, dense, optim, pool
 
     def zeros(*shape: int, of: Any = dtype) -> numpy.ndarray:
         return numpy.zeros(shape, of)
@@ -105,6 +105,7 @@ def warm_up(like: Any) -> None:
     pool.max_pool_backward(y, argmax, (1, 1, 2, 2), 2, 2)
     y, argmax = pool.max_pool_bias_relu(zeros(1, 2, 2, 1), zeros(1), 2)
     pool.max_pool_relu_backward(y, y, argmax, 2)
+    dense.relu_backward(dense.bias_relu(zeros(1, 1), zeros(1)), zeros(1, 1))
     optim.adam(*(zeros(1) for _ in range(4)), (0.9, 0.999), 1.0, 1e-8, 1e-3, 0.0)
     optim.ema(zeros(1), zeros(1), 0.9)
     combine.combine(zeros(2, 1), [0.5, 0.5])

@@ -1,7 +1,8 @@
 """The compiled CPU kernels that fused blocks of layers call (:mod:`lenet_xp.layers.fusion`,
 the CPU twin of the GPU's :class:`~lenet_xp.kernels.ops.Kernels`): ``conv -> max-pool ->
 ReLU`` runs as the convolution's GEMM and one pass each way, instead of a bias pass, a pool
-pass and a ReLU pass forward and two passes backward. The same operations in the same order
+pass and a ReLU pass forward and two passes backward; ``linear -> ReLU`` as the GEMM and one
+pass each way (bias and ReLU; ReLU's gradient). The same operations in the same order
 as those layers, so the same bits (:mod:`lenet_xp.native.pool`)."""
 
 from __future__ import annotations
@@ -10,13 +11,27 @@ from typing import Any
 
 import numpy
 
-from lenet_xp.native import FLOATS, enabled, pool
+from lenet_xp.native import FLOATS, dense, enabled, pool
 
 
 class CpuKernels:
-    """The launchers a :class:`~lenet_xp.layers.fusion.ConvPoolAct` block calls, with the
-    GPU's signatures, for ReLU (the activation ``act`` is the GPU's code; only ReLU's
-    blocks are formed on the CPU)."""
+    """The launchers that :class:`~lenet_xp.layers.fusion.ConvPoolAct` and
+    :class:`~lenet_xp.layers.fusion.LinearAct` blocks call, with the GPU's signatures, for
+    ReLU (the activation ``act`` is the GPU's code; only ReLU's blocks are formed on the
+    CPU: the other activations' ``exp`` and ``tanh`` are NumPy's vectorised ones, whose bits
+    a compiled loop's would not match)."""
+
+    def capturing(self) -> bool:
+        """Never a CUDA graph capture: GEMMs are BLAS's (:func:`lenet_xp.kernels.ops.matmul`)."""
+        return False
+
+    def bias_act_cols(self, y: Any, bias: Any, act: int) -> Any:
+        """``y (N, C)`` contiguous, in place: ``relu(y + bias)``."""
+        return dense.bias_relu(y, bias)
+
+    def act_backward(self, grad: Any, out: Any, act: int) -> Any:
+        """In place: ``grad`` through ReLU's backward, from its output ``out``."""
+        return dense.relu_backward(grad, out)
 
     def max_pool_bias_act(self, y: Any, bias: Any, k: int, act: int) -> tuple[Any, Any]:
         """``y (C, H, W, N)`` -> ``(relu(maxpool(y + bias)) (C, OH, OW, N), argmax uint8)``."""

@@ -23,6 +23,15 @@ from lenet_xp.native import optim as native_optim
 STATE_PREFIX = "ema."
 
 
+def ema_update(average: Any, data: Any, decay: float) -> None:
+    """``average += (1 - decay) * (data - average)`` in place (one compiled loop on the CPU:
+    the same bits)."""
+    if native.fits(average, data):
+        native_optim.ema(average, data, decay)
+    else:
+        average += (1.0 - decay) * (data - average)  # a Python float keeps float32
+
+
 class ParameterEMA:
     """``average = d * average + (1 - d) * param`` after each step, with
     ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (a short memory at first, so the
@@ -36,14 +45,14 @@ class ParameterEMA:
         self.updates = 0
         self.averages = [p.data.copy() for p in self.params]
 
-    def update(self) -> None:
-        """Move each average towards its parameter (in place, on the parameter's device)."""
+    def update(self, flat: Any = None) -> None:
+        """Move each average towards its parameter (in place, on the parameter's device);
+        ``flat``: the :class:`~lenet_xp.optim.flat.FlatBuffers` the parameters may be views
+        of, to move all the averages in one go (:meth:`FlatBuffers.average`)."""
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, param in zip(self.averages, self.params, strict=True):
-            if native.fits(average, param.data):  # one compiled loop (CPU): the same bits
-                native_optim.ema(average, param.data, d)
-            else:
-                average += (1.0 - d) * (param.data - average)  # a Python float keeps float32
+        if flat is None or not flat.average(self, d):
+            for average, param in zip(self.averages, self.params, strict=True):
+                ema_update(average, param.data, d)
         self.updates += 1
 
     @contextmanager

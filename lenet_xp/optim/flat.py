@@ -7,7 +7,8 @@ The update is the optimizer's own per-parameter one (:meth:`Optimizer._update`),
 on the flat arrays: every update is elementwise, so it gives the same bits as one call per
 parameter, in a tenth of the calls (Adam: one compiled loop, :mod:`lenet_xp.native.optim`).
 The optimizer's state becomes flat too: each parameter's state arrays are views of it, so
-checkpoints see the same numbers, and a state loaded from a checkpoint is copied into it.
+checkpoints see the same numbers, and a state loaded from a checkpoint is copied into it; and
+so does the weight average (``--ema``), updated in one go as well.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from lenet_xp.backend import get_array_module
 from lenet_xp.layers.module import flat_views
+from lenet_xp.optim.averaging import ema_update
 
 
 class FlatBuffers:
@@ -29,6 +31,8 @@ class FlatBuffers:
         self.data_views, self.grad_views = data_views, grad_views
         self.state: dict[str, Any] = {}  # the optimizer's state of the flat "parameter"
         self.state_views: list[dict[str, Any]] = []  # per parameter: name -> view of it
+        self.average_flat: Any = None  # the weight average's, if any (:meth:`average`)
+        self.average_views: list[Any] = []
 
     def step(self, optimizer: Any) -> bool:
         """``optimizer``'s update of every parameter as one update of the flat buffers, if
@@ -48,6 +52,28 @@ class FlatBuffers:
         for state in optimizer.state:
             for name in optimizer._count_state:
                 state[name] = self.state[name]
+        return True
+
+    def average(self, ema: Any, decay: float) -> bool:
+        """The weight average ``ema``'s update (:class:`~lenet_xp.optim.averaging.ParameterEMA`,
+        at ``decay``) as one update of a flat average, if its parameters are views of
+        :attr:`data`: whether it ran. The averages become views of the flat one (copied in
+        first, and again after a checkpoint's load replaced them)."""
+        params = ema.params
+        if len(params) != len(self.data_views) or any(
+            param.data is not view for param, view in zip(params, self.data_views, strict=True)
+        ):
+            return False
+        views = self.average_views
+        if len(views) != len(ema.averages) or any(
+            a is not v for a, v in zip(ema.averages, views, strict=True)
+        ):
+            self.average_flat = get_array_module(self.data).empty_like(self.data)
+            views = flat_views(params, self.average_flat)
+            for view, average in zip(views, ema.averages, strict=True):
+                view[...] = average
+            ema.averages = self.average_views = views
+        ema_update(self.average_flat, self.data, decay)
         return True
 
     def release(self) -> None:

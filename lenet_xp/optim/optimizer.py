@@ -89,7 +89,7 @@ class Optimizer:
                 self._update(param.data, param.grad, state)
         self.steps += 1
         if self.average is not None:
-            self.average.update()
+            self.average.update(self.flat)
 
     def _update(self, data: Any, grad: Any, state: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -7,13 +7,16 @@ process with one BLAS thread. The processes share (``multiprocessing.shared_memo
 
 - the parameters, one flat buffer that the model's ``param.data`` arrays are views of, so
   the optimizer's in-place updates reach every replica;
-- the workers' slices of each batch (images and labels), written by the main process;
+- each batch's images (gathered straight there by the training loop: :attr:`batch_buffer`)
+  and labels;
 - the gradients, one flat row per slice, and per-worker loss and correct-count slots.
 
 Per step the main process sends each worker a ``(start, stop)`` slice over a socket, runs the
-first slice itself, and waits; then it combines the slice gradients over the flat rows in a
-few array operations (weighted by slice size, in a fixed order, so the same seed gives the
-same numbers for a given worker count), and ``param.grad`` are views of the combined row.
+first slice itself, and waits (polling for up to :data:`SPIN_S` before it sleeps); then it
+combines the slice gradients over the flat rows in one compiled pass (weighted by slice size,
+in a fixed order, so the same seed gives the same numbers for a given worker count), and
+``param.grad`` are views of the combined row: an optimizer given :attr:`flat` updates every
+parameter at once (:mod:`lenet_xp.optim.flat`).
 
 With augmentation, each process distorts its own slice at the batch's sampling grid. The grid
 of the whole next batch (it depends only on the images' indices) is computed by worker 1
@@ -73,7 +76,7 @@ STOP_GRACE_S = 3.0
 _POLL_S = 0.1
 #: How long a wait on the workers polls without sleeping, when each process has a core of
 #: its own: the slices end within a fraction of a millisecond of each other, and waking a
-#: sleeping process costs about 0.1 ms here (a step is about 5 ms).
+#: sleeping process is slow next to that (a step takes about 4 ms).
 SPIN_S = 0.002
 #: What the main process was doing, for the line that says a worker died.
 _DOING = {
