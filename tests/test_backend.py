@@ -223,3 +223,24 @@ def test_a_machine_without_a_driver_is_named_as_such():
 
     reason = cuda_unavailable_reason(0)
     assert reason is not None and "no NVIDIA driver is installed" in reason and "\n" not in reason
+
+
+def test_physical_cores_count_hyperthreads_once(monkeypatch, tmp_path):
+    """Two cores of two hyperthreads each (sysfs's topology): 4 logical, 2 physical; a CPU
+    without topology files counts on its own."""
+    from lenet_xp.backend import host
+
+    for cpu, core in enumerate([0, 0, 1, 1, None]):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        if core is not None:
+            (topology / "physical_package_id").write_text("0\n")
+            (topology / "core_id").write_text(f"{core}\n")
+        else:
+            topology.rmdir()
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(host, "Path", lambda path: tmp_path / path.split("/cpu/")[1])
+    assert host.host_cores() == 4 and host.host_cores(physical=True) == 2
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1, 4})
+    assert host.host_cores(physical=True) == 2  # cpu4: no sysfs, one core of its own
+    assert host.host_cores() == 3

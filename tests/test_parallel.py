@@ -192,3 +192,17 @@ def test_prefetched_grids_give_the_same_steps_whatever_comes_next():
                 np.testing.assert_allclose(param.grad, ref.grad, rtol=1e-4, atol=1e-6, err_msg=name)
             if step == 3:
                 np.testing.assert_allclose(runner.forward(x), reference.forward(x), atol=1e-6)
+
+
+def test_waits_poll_only_where_each_process_has_a_physical_core(monkeypatch):
+    """Polling before sleeping is for processes on cores of their own; with more processes
+    than physical cores (hyperthreads, or an oversubscribed machine) the waits sleep."""
+    from lenet_xp.training import parallel
+
+    x, y = batch(8)
+    for cores, spins in ((2, True), (1, False)):
+        monkeypatch.setattr(parallel, "host_cores", lambda physical=False, n=cores: n)
+        with DataParallel(LeNet5(seed=0), 2, max_batch=8) as runner:
+            assert (runner._spin_s > 0) == spins
+            loss, _ = runner.forward_backward(x, y)  # and the step runs either way
+            assert np.isfinite(float(loss))

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
-def host_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS says)."""
+def host_cores(physical: bool = False) -> int:
+    """The CPU cores this process may run on (its affinity, where the OS says); with
+    ``physical``, hyperthreads of one core counted once (Linux's sysfs; else as logical)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+    if not physical:
+        return max(1, len(cpus))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(tuple((topology / n).read_text().strip() for n in _CORE_IDS))
+        except OSError:  # no sysfs (a container may hide it): count it on its own
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+#: What tells a physical core apart in sysfs: its package, then its id in the package.
+_CORE_IDS = ("physical_package_id", "core_id")
 
 
 def tune_host_allocator() -> bool:

@@ -74,8 +74,8 @@ from lenet_xp.training.workers import (  # noqa: F401  (PAUSE_ENV, in_worker: re
 STOP_GRACE_S = 3.0
 #: How often a wait on the workers checks that they live and whether a stop was requested.
 _POLL_S = 0.1
-#: How long a wait on the workers polls without sleeping, when each process has a core of
-#: its own: the slices end within a fraction of a millisecond of each other, and waking a
+#: How long a wait on the workers polls without sleeping, when each process has a physical
+#: core of its own: the slices end within a fraction of a millisecond of each other, and waking a
 #: sleeping process is slow next to that (a step takes about 4 ms).
 SPIN_S = 0.002
 #: What the main process was doing, for the line that says a worker died.
@@ -148,7 +148,9 @@ class DataParallel:
         self.batch_buffer: Any = None
         if workers == 1:
             return
-        self._spin_s = SPIN_S if workers <= host_cores() else 0.0
+        # Polling only where each process has a core of its own: on a hyperthread it would
+        # slow the one computing beside it.
+        self._spin_s = SPIN_S if workers <= host_cores(physical=True) else 0.0
         from threadpoolctl import threadpool_limits
 
         preparation = _preparation(model)
