@@ -298,13 +298,16 @@ CPU_BLOCKS = (ConvPoolAct, LinearAct)
 
 def _runs(kernels: Any, block: type[FusedBlock], run: list[Module]) -> bool:
     """Whether ``kernels`` run ``block`` over the layers ``run`` (which it fits): our CUDA
-    kernels where every layer uses them, the CPU's where the block is one of
-    :data:`CPU_BLOCKS` with ReLU. A layer whose ``forward`` is wrapped (``LayerStats``
-    samples its output) runs as itself."""
-    if any("forward" in vars(layer) for layer in run):
-        return False
+    kernels where every layer uses them; the CPU's where the block is one of
+    :data:`CPU_BLOCKS` with ReLU and no layer's ``forward`` is wrapped (``LayerStats``
+    sampling its output: on the CPU a block gives its layers' bits, so running them instead
+    for that step changes no number; on a GPU it would, by the GEMM's rounding)."""
     if isinstance(kernels, CpuKernels):
-        return block in CPU_BLOCKS and type(run[block.act_at]) is ReLU
+        return (
+            block in CPU_BLOCKS
+            and type(run[block.act_at]) is ReLU
+            and not any("forward" in vars(layer) for layer in run)
+        )
     return all(layer.cuda_kernels for layer in run)
 
 
