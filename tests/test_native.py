@@ -167,10 +167,12 @@ def test_training_steps_are_the_same_bits(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_pool_relu_block_gives_its_layers_bits(monkeypatch, dtype):
+@pytest.mark.parametrize("side", [6, 7])
+def test_conv_pool_relu_block_gives_its_layers_bits(monkeypatch, dtype, side):
     """``conv -> max-pool -> ReLU`` as the fused block (the convolution's GEMM, then one
     compiled pass each way) against the three layers: outputs and every gradient, with a
-    NaN, ties, negative zeros and windows whose maximum is negative."""
+    NaN, ties, negative zeros and windows whose maximum is negative; ``side`` 7: a last row
+    and column that no window covers (their gradient is 0)."""
 
     def run():
         conv = Conv2d(2, 3, 1)
@@ -179,7 +181,7 @@ def test_conv_pool_relu_block_gives_its_layers_bits(monkeypatch, dtype):
         conv.weight.data[:, 0] = [[[1.0]], [[-1.0]], [[0.5]]]  # the input itself, negated, halved
         conv.bias.data = np.array([0.0, -0.0, 0.25], dtype)
         rng = np.random.default_rng(7)
-        x = chwn(rng, (5, 2, 6, 6), dtype)
+        x = chwn(rng, (5, 2, side, side), dtype)
         x[0, 0, 0, 0] = np.nan  # a NaN window
         x[1, 0, :2, :2] = 0.5  # ties
         x[2, 0, :2, :2] = -0.0  # negative zeros: ReLU gives +0 (NumPy's maximum)

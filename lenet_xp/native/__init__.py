@@ -104,7 +104,7 @@ def warm_up(like: Any) -> None:
     y, argmax = pool.max_pool_forward(zeros(1, 2, 2, 1), 2, 2, 1, 1)
     pool.max_pool_backward(y, argmax, (1, 1, 2, 2), 2, 2)
     y, argmax = pool.max_pool_bias_relu(zeros(1, 2, 2, 1), zeros(1), 2)
-    pool.max_pool_relu_backward(y, y, argmax, 2)
+    pool.max_pool_relu_backward(y, y, argmax, (1, 2, 2, 1), 2)
     dense.relu_backward(dense.bias_relu(zeros(1, 1), zeros(1)), zeros(1, 1))
     optim.adam(*(zeros(1) for _ in range(4)), (0.9, 0.999), 1.0, 1e-8, 1e-3, 0.0)
     optim.ema(zeros(1), zeros(1), 0.9)

@@ -41,7 +41,7 @@ class CpuKernels:
         self, grad_out: Any, out: Any, argmax: Any, y_shape: tuple, k: int, act: int
     ) -> Any:
         """Gradient of :meth:`max_pool_bias_act` w.r.t. ``y``: ``(C, H, W, N)``."""
-        return pool.max_pool_relu_backward(grad_out, out, argmax, k)
+        return pool.max_pool_relu_backward(grad_out, out, argmax, y_shape, k)
 
 
 _KERNELS = CpuKernels()

@@ -89,10 +89,10 @@ def max_pool_backward(grad_y: Any, argmax: Any, x_shape: tuple, kernel: int, str
 @jit
 def _forward_bias_relu(y: Any, bias: Any, out: Any, argmax: Any, kernel: int, zero: Any) -> None:
     """``y (C, H, W, N)`` (a convolution's output without its bias) -> ``out`` =
-    ReLU(max-pool(``y + bias``)) and ``argmax``, both ``(C, OH, OW, N)``, windows that tile
-    ``y``: the reference's operations in its order (the bias added to each value, a later
-    value taking over only when strictly greater, a NaN making the maximum NaN, then NumPy's
-    ``maximum(v, 0)``: ``+0`` for ``-0``, NaN kept)."""
+    ReLU(max-pool(``y + bias``)) and ``argmax``, both ``(C, OH, OW, N)``, windows of
+    ``kernel`` not overlapping: the reference's operations in its order (the bias added to
+    each value, a later value taking over only when strictly greater, a NaN making the
+    maximum NaN, then NumPy's ``maximum(v, 0)``: ``+0`` for ``-0``, NaN kept)."""
     c, oh, ow, n = out.shape
     for ch in range(c):
         b = bias[ch]
@@ -136,8 +136,9 @@ def _relu_backward(
 
 
 def max_pool_bias_relu(y: Any, bias: Any, kernel: int) -> tuple[Any, Any]:
-    """``y (C, H, W, N)`` (C-contiguous, ``H`` and ``W`` multiples of ``kernel``) and
-    ``bias (C,)`` -> new ``(ReLU(max-pool(y + bias)), argmax)``, both ``(C, OH, OW, N)``."""
+    """``y (C, H, W, N)`` (C-contiguous) and ``bias (C,)`` -> new ``(ReLU(max-pool(y +
+    bias)), argmax)``, both ``(C, H // kernel, W // kernel, N)`` (windows not overlapping; a
+    last row or column no window covers is left out, as the reference leaves it)."""
     c, h, w, n = y.shape
     shape = (c, h // kernel, w // kernel, n)
     out, argmax = numpy.empty(shape, y.dtype), numpy.empty(shape, numpy.uint8)
@@ -145,11 +146,15 @@ def max_pool_bias_relu(y: Any, bias: Any, kernel: int) -> tuple[Any, Any]:
     return out, argmax
 
 
-def max_pool_relu_backward(grad_out: Any, out: Any, argmax: Any, kernel: int) -> Any:
+def max_pool_relu_backward(
+    grad_out: Any, out: Any, argmax: Any, y_shape: tuple, kernel: int
+) -> Any:
     """``grad_out``, ``out`` and ``argmax (C, OH, OW, N)`` of :func:`max_pool_bias_relu` ->
-    a new gradient w.r.t. its ``y``, ``(C, OH * kernel, OW * kernel, N)``."""
+    a new gradient w.r.t. its ``y (C, H, W, N)`` (``y_shape``): zeros in the rows and
+    columns no window covers (``H`` not a multiple of ``kernel``), as the reference's."""
     c, oh, ow, n = out.shape
-    grad_y = numpy.empty((c, oh * kernel, ow * kernel, n), grad_out.dtype)
+    tiled = tuple(y_shape[1:3]) == (oh * kernel, ow * kernel)  # every value written
+    grad_y = (numpy.empty if tiled else numpy.zeros)(tuple(y_shape), grad_out.dtype)
     cast = grad_out.dtype.type
     _relu_backward(grad_out, out, argmax, grad_y, kernel, cast(0), cast(1))
     return grad_y
