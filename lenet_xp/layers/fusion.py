@@ -66,10 +66,15 @@ def _conv_gemm(conv: Conv2d | PartialConv2d, x: Any, kernels: Any) -> Any:
     build its ``x_cols`` on a GPU (the CPU's compiled ones run inside ``conv2d_forward``)."""
     partial = isinstance(conv, PartialConv2d)
     weight = conv.dense_weight() if partial else conv.weight.data
-    gemm_kernels = None if isinstance(kernels, CpuKernels) else kernels
-    y, cache = conv2d_forward(x, weight, None, conv.stride, conv.padding, gemm_kernels)
+    y, cache = conv2d_forward(x, weight, None, conv.stride, conv.padding, _gemm(kernels))
     conv._cache = ((cache, weight) if partial else cache) if conv.training else None
     return y.transpose(1, 2, 3, 0)
+
+
+def _gemm(kernels: Any) -> Any:
+    """The kernels a block's GEMM and im2col take: our CUDA kernels, or ``None`` for the
+    CPU's compiled ones (the array namespace's BLAS; ``conv2d_forward`` picks its own)."""
+    return None if isinstance(kernels, CpuKernels) else kernels
 
 
 def _chwn(grad: Any) -> Any:
@@ -242,7 +247,7 @@ class LinearAct(FusedBlock):
     def forward(self, x: Any) -> Any:
         linear = self.linear
         linear._x = x if linear.training else None
-        y = matmul(x, linear.weight.data.T, self.kernels)  # (N, out), contiguous
+        y = matmul(x, linear.weight.data.T, _gemm(self.kernels))  # (N, out), contiguous
         self._y = self.kernels.bias_act_cols(y, linear.bias.data, self.act)
         return self._y
 

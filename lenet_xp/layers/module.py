@@ -41,6 +41,15 @@ def flat_views(params: list[Parameter], flat: Any) -> list[Any]:
     return views
 
 
+def flat_copy(params: list[Parameter], arrays: list[Any], flat: Any) -> list[Any]:
+    """Copy ``arrays`` (shaped like ``params``, in order) into the 1-D ``flat``: the views of
+    ``flat`` (:func:`flat_views`) that now hold them."""
+    views = flat_views(params, flat)
+    for view, array in zip(views, arrays, strict=True):
+        view[...] = array
+    return views
+
+
 class Module:
     """Base class: children and parameters are found from attributes, in definition order."""
 

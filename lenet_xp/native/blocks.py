@@ -21,10 +21,6 @@ class CpuKernels:
     CPU: the other activations' ``exp`` and ``tanh`` are NumPy's vectorised ones, whose bits
     a compiled loop's would not match)."""
 
-    def capturing(self) -> bool:
-        """Never a CUDA graph capture: GEMMs are BLAS's (:func:`lenet_xp.kernels.ops.matmul`)."""
-        return False
-
     def bias_act_cols(self, y: Any, bias: Any, act: int) -> Any:
         """``y (N, C)`` contiguous, in place: ``relu(y + bias)``."""
         return dense.bias_relu(y, bias)

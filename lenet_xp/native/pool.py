@@ -116,7 +116,7 @@ def _forward_bias_relu(y: Any, bias: Any, out: Any, argmax: Any, kernel: int, ze
 
 
 @jit
-def _relu_backward(
+def _backward_relu(
     grad_out: Any, out: Any, argmax: Any, grad_y: Any, kernel: int, zero: Any, one: Any
 ) -> None:
     """The gradient of :func:`_forward_bias_relu` w.r.t. ``y``, written into ``grad_y``:
@@ -156,5 +156,5 @@ def max_pool_relu_backward(
     tiled = tuple(y_shape[1:3]) == (oh * kernel, ow * kernel)  # every value written
     grad_y = (numpy.empty if tiled else numpy.zeros)(tuple(y_shape), grad_out.dtype)
     cast = grad_out.dtype.type
-    _relu_backward(grad_out, out, argmax, grad_y, kernel, cast(0), cast(1))
+    _backward_relu(grad_out, out, argmax, grad_y, kernel, cast(0), cast(1))
     return grad_y

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.backend import get_array_module
-from lenet_xp.layers.module import flat_views
+from lenet_xp.layers.module import flat_copy, flat_views
 from lenet_xp.optim.averaging import ema_update
 
 
@@ -38,12 +38,8 @@ class FlatBuffers:
         """``optimizer``'s update of every parameter as one update of the flat buffers, if
         every parameter is a view of them with its gradient set and the state allows (its
         parameters all had as many updates): whether it ran (else nothing changed)."""
-        params = optimizer.params
-        if len(params) != len(self.data_views):
+        if not self._views(optimizer.params, grads=True):
             return False
-        for param, data, grad in zip(params, self.data_views, self.grad_views, strict=True):
-            if param.data is not data or param.grad is not grad:
-                return False
         if not self._state_is_flat(optimizer) and not self._flatten_state(optimizer):
             return False
         optimizer._update(self.data, self.grad, self.state)
@@ -59,20 +55,16 @@ class FlatBuffers:
         at ``decay``) as one update of a flat average, if its parameters are views of
         :attr:`data`: whether it ran. The averages become views of the flat one (copied in
         first, and again after a checkpoint's load replaced them)."""
-        params = ema.params
-        if len(params) != len(self.data_views) or any(
-            param.data is not view for param, view in zip(params, self.data_views, strict=True)
-        ):
+        if not self._views(ema.params, grads=False):
             return False
         views = self.average_views
         if len(views) != len(ema.averages) or any(
             a is not v for a, v in zip(ema.averages, views, strict=True)
         ):
             self.average_flat = get_array_module(self.data).empty_like(self.data)
-            views = flat_views(params, self.average_flat)
-            for view, average in zip(views, ema.averages, strict=True):
-                view[...] = average
-            ema.averages = self.average_views = views
+            ema.averages = self.average_views = flat_copy(
+                ema.params, ema.averages, self.average_flat
+            )
         ema_update(self.average_flat, self.data, decay)
         return True
 
@@ -81,6 +73,15 @@ class FlatBuffers:
         state stays (the parameters' state arrays are views of it)."""
         self.data = self.grad = None
         self.data_views, self.grad_views = [], []
+
+    def _views(self, params: list, grads: bool) -> bool:
+        """Whether ``params``' ``data`` (and, with ``grads``, their ``grad``) are our views."""
+        if len(params) != len(self.data_views):
+            return False
+        for param, data, grad in zip(params, self.data_views, self.grad_views, strict=True):
+            if param.data is not data or (grads and param.grad is not grad):
+                return False
+        return True
 
     def _state_is_flat(self, optimizer: Any) -> bool:
         """Whether each parameter's state arrays are still our views (a checkpoint's load
@@ -109,8 +110,7 @@ class FlatBuffers:
         names = [name for name in optimizer._array_state if name in states[0]]
         flat = {name: xp.empty_like(self.data) for name in names}
         for name, array in flat.items():
-            for view, state in zip(flat_views(optimizer.params, array), states, strict=True):
-                view[...] = state[name]
+            flat_copy(optimizer.params, [state[name] for state in states], array)
         self.state = {**flat, **{name: states[0][name] for name in optimizer._count_state}}
         self._share_state(optimizer)
         return True

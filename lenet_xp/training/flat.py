@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from lenet_xp.kernels.ops import Kernels
-from lenet_xp.layers.module import Parameter, flat_views
+from lenet_xp.layers.module import Parameter, flat_copy, flat_views
 from lenet_xp.optim.optimizers import SGD, Adam, Optimizer
 
 #: The device clock's entries (an ``int64`` array): global steps done (the learning rate's
@@ -52,8 +52,9 @@ class FlatUpdate:
         self.indices = indices
         dtype = trainable[0].data.dtype
         size = sum(int(p.data.size) for p in trainable)
-        self.param = self._flatten([p.data for p in trainable], size, dtype)
-        for param, view in zip(trainable, flat_views(trainable, self.param), strict=True):
+        self.param = xp.empty(size, dtype)
+        data = flat_copy(trainable, [p.data for p in trainable], self.param)
+        for param, view in zip(trainable, data, strict=True):
             param.data = view
         self.grad = xp.zeros(size, dtype)
         self.state = {name: self._state(name, size, dtype) for name in self._names()}
@@ -63,20 +64,15 @@ class FlatUpdate:
         self.average = None
         if optimizer.average is not None:
             averages = optimizer.average.averages
-            self.average = self._flatten([averages[i] for i in indices], size, dtype)
-            for i, view in zip(indices, flat_views(trainable, self.average), strict=True):
+            self.average = xp.empty(size, dtype)
+            views = flat_copy(trainable, [averages[i] for i in indices], self.average)
+            for i, view in zip(indices, views, strict=True):
                 averages[i] = view
 
     def _names(self) -> tuple[str, ...]:
         if isinstance(self.optimizer, Adam):
             return ("exp_avg", "exp_avg_sq")
         return ("momentum_buffer",) if self.optimizer.momentum else ()
-
-    def _flatten(self, arrays: list[Any], size: int, dtype: Any) -> Any:
-        flat = self.xp.empty(size, dtype)
-        for view, array in zip(flat_views(self.trainable, flat), arrays, strict=True):
-            view[...] = array
-        return flat
 
     def _state(self, name: str, size: int, dtype: Any) -> Any:
         """The flat buffer of state ``name``; each trainable parameter's entry a view of it

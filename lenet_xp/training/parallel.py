@@ -51,7 +51,7 @@ from typing import Any
 from lenet_xp import native
 from lenet_xp.backend import host_cores
 from lenet_xp.layers import Module
-from lenet_xp.layers.module import flat_views
+from lenet_xp.layers.module import flat_copy, flat_views
 from lenet_xp.native import combine as native_combine
 from lenet_xp.optim.flat import FlatBuffers
 from lenet_xp.training.interrupt import Interrupted
@@ -163,10 +163,9 @@ class DataParallel:
         self._max_batch = max_batch
         self._prefetched: tuple[Any, Any] | None = None  # (distortion, ids) of a["grid"]
         self._grad_views = [flat_views(model.parameters(), g) for g in self._shared.arrays["grads"]]
-        shared_params = flat_views(model.parameters(), self._shared.arrays["params"])
+        shared_params = flat_copy(params, [p.data for p in params], self._shared.arrays["params"])
         for param, view in zip(params, shared_params, strict=True):
-            view[...] = param.data  # the parameters now live in shared memory
-            param.data = view
+            param.data = view  # the parameters now live in shared memory
         a = self._shared.arrays
         self.flat = FlatBuffers(a["params"], a["grads"][0], shared_params, self._grad_views[0])
         self.batch_buffer = a["x"]
