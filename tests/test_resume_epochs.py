@@ -146,10 +146,12 @@ def test_a_stop_inside_the_extra_epochs_resumes_them(tmp_path):
     --epochs, it finishes them."""
     assert train_cli.main([*SMALL, "--epochs", "1", "--out", str(tmp_path)]) == 0
     last = tmp_path / "last.npz"
-    cmd = train_cmd("--resume", str(last), "--epochs", "5", "--save-every", "4")
+    # A save every 2 steps keeps the run from reaching epoch 2's end (step 24) before the
+    # signal, sent once the test has seen step 14's save, lands.
+    cmd = train_cmd("--resume", str(last), "--epochs", "5", "--save-every", "2")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert wait_until(lambda: load_checkpoint(last)[2]["step"] >= 16, proc)
+        assert wait_until(lambda: load_checkpoint(last)[2]["step"] >= 14, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
