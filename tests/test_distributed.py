@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_mnist, needs_two_gpus
+from conftest import DATA, needs_mnist, needs_two_gpus
 from reliability_helpers import metrics, train_cmd, wait_until
 
 from lenet_xp.storage.checkpoint import CheckpointError, load_checkpoint
@@ -331,6 +331,25 @@ def test_an_out_in_use_stops_every_rank_with_one_line(tmp_path):
         f"(pid {os.getpid()}); wait for it to finish, stop it, or choose another --out"
     ]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resumed_over_ranks_a_gone_data_folder_is_said_once(tmp_path):
+    """A run trained on a folder since removed, resumed over 2 ranks without --data-dir:
+    rank 0 alone says where it reads instead ($LENET_XP_DATA), and the run goes on."""
+    copy = tmp_path / "mnist"
+    shutil.copytree(DATA, copy)
+    out = tmp_path / "run"
+    one = subprocess.run(train_cmd(*RUN, "--epochs", "1", "--out", str(out), data=copy))
+    assert one.returncode == 0
+    shutil.rmtree(copy)
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "lenet_xp.train", "--device", "cpu"]
+    cmd += ["--quiet", "--resume", str(out / "last.npz"), "--epochs", "2"]
+    env = {**os.environ, "LENET_XP_DATA": str(DATA)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    note = f"note: {copy}, the MNIST folder this run was trained on, is gone; reading "
+    assert done.stderr.count(note) == 1, done.stderr
+    assert [r["epoch"] for r in metrics(out / "metrics.jsonl")] == [1, 2]
 
 
 @needs_two_gpus

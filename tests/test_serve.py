@@ -316,6 +316,18 @@ def test_bad_requests_get_a_4xx_and_one_line_of_json(server, digits):
         assert_one_line_error(code, json.loads(data), status, *words)
 
 
+def test_a_json_body_over_1_mib_is_refused_before_parsing(trained_checkpoint, digits):
+    """Under the default 20 MB body limit, JSON over 1 MiB is a 413 (parsing its numbers
+    would take about 8 times the text); a pretty-printed 28x28 array is far under it."""
+    with running_server(trained_checkpoint) as srv:
+        pretty = json.dumps({"image": (digits[0][0] / 255.0).tolist()}, indent=8).encode()
+        code, _, data = request(srv, "POST", "/predict", pretty, {"Content-Type": "text/plain"})
+        assert code == 200 and json.loads(data)["digit"] == digits[1][0], data
+        padded = pretty[:-1] + b" " * (2**20 + 1 - len(pretty)) + b"}"  # still valid JSON
+        code, _, data = request(srv, "POST", "/predict", padded, {"Content-Type": "text/plain"})
+        assert_one_line_error(code, json.loads(data), 413, "JSON body is 1.0 MiB, over the")
+
+
 def test_broken_connections_do_not_stop_the_server(server, digits):
     head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
     answer = raw(server, f"{head}\r\n".encode())  # no Content-Length

@@ -72,20 +72,21 @@ def load_model(path: str, device: Any, arch: str | None = None) -> tuple[Module,
     return model.to(device), meta
 
 
-def run_data_dir(config: dict, data_dir: str | None) -> str | None:
+def run_data_dir(config: dict, data_dir: str | None, say: bool = True) -> str | None:
     """The MNIST folder to read for the run a checkpoint's ``config`` describes: ``data_dir``
     if given, else the folder the run was trained on (``config["data_dir"]``) if it is still
     there, else ``None`` (:func:`~lenet_xp.data.mnist.load_mnist`'s default: ``$LENET_XP_DATA``,
-    else the cache)."""
+    else the cache), with a note on stderr unless ``say`` is false (a rank above 0)."""
     if data_dir is not None:
         return data_dir
     recorded = config.get("data_dir")
     if recorded and not Path(recorded).is_dir():
-        print(
-            f"note: {recorded}, the MNIST folder this run was trained on, is gone; reading "
-            "$LENET_XP_DATA or the cache instead (--data-dir chooses)",
-            file=sys.stderr,
-        )
+        if say:
+            print(
+                f"note: {recorded}, the MNIST folder this run was trained on, is gone; "
+                "reading $LENET_XP_DATA or the cache instead (--data-dir chooses)",
+                file=sys.stderr,
+            )
         return None
     return recorded or None
 

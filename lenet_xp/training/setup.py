@@ -136,7 +136,8 @@ def prepare(
     if model is not None:
         stored["arch"] = "custom"  # built in Python: the CLIs cannot rebuild it
     model = presets.build_from_config(stored) if model is None else model
-    data_dir = run_data_dir(stored, config.data_dir)  # resumed: the run's own, by default
+    writes = ranks is None or ranks.is_writer  # rank 0 speaks for the ranks
+    data_dir = run_data_dir(stored, config.data_dir, writes)  # resumed: its own, by default
     stored["data_dir"] = str(resolve_data_dir(data_dir).resolve())  # for evaluate, report
     splits = load_splits(config, data_dir, device, model.input_size)
     if config.patience and splits[1] is None:

@@ -43,6 +43,9 @@ from lenet_xp.models.feature_maps import layer_outputs
 
 #: The side of the arrays ``POST /predict`` takes as JSON.
 ARRAY_SIDE = 28
+#: The largest JSON body read: a 28x28 array is under 100 KB even pretty-printed, and parsing
+#: JSON numbers takes about 8 times their text in memory (a 20 MB body would take 160 MB).
+MAX_JSON_BYTES = 2**20
 
 
 class ApiError(Exception):
@@ -108,6 +111,11 @@ def _multipart_file(body: Body) -> bytes:
 
 def _from_json(data: bytes) -> np.ndarray:
     """``{"image": 28x28 array, "prepare": true}`` (or the bare array) as a network input."""
+    if len(data) > MAX_JSON_BYTES:
+        raise ApiError(
+            413, f"the JSON body is {len(data) / 2**20:.1f} MiB, over the limit of "
+            f"{MAX_JSON_BYTES // 2**20} MiB for a 28x28 array: send the array, or the picture",
+        )  # fmt: skip
     try:
         request = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
