@@ -86,7 +86,7 @@ def profile_layers(
     model = LeNet5(seed=0).to(split.device)
     x, y = split.images[:batch_size], split.labels[:batch_size]
     names = {id(layer): name for name, layer in model.named_children()}
-    run = model._plan(x)  # the layers, or the blocks they fuse into
+    run = model.plan(x)  # the layers, or the blocks they fuse into
     labels = [
         "+".join(names[id(layer)] for layer in step.layers)
         if isinstance(step, FusedBlock)

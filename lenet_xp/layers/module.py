@@ -225,7 +225,7 @@ class Sequential(Module):
             raise ValueError(
                 f"{type(self).__name__} expects images of shape (N, {shape}), got {tuple(x.shape)}"
             )
-        self._steps = self._plan(x)
+        self._steps = self.plan(x)
         for step in self._steps:
             x = step.forward(x)
         return x
@@ -235,10 +235,11 @@ class Sequential(Module):
             grad_out = step.backward(grad_out)
         return grad_out
 
-    def _plan(self, x: Any) -> list[Any]:
-        """The layers, with adjacent ones fused into one kernel where ours run on ``x``'s
-        device (:mod:`lenet_xp.layers.fusion`): our CUDA kernels if this model uses them,
-        on the CPU the compiled kernels where they run (:mod:`lenet_xp.native.blocks`)."""
+    def plan(self, x: Any) -> list[Any]:
+        """What a forward on ``x`` runs, in order: the layers, with adjacent ones fused into
+        one block where our kernels run on ``x``'s device (:mod:`lenet_xp.layers.fusion`):
+        our CUDA kernels if this model uses them, on the CPU the compiled kernels where they
+        run (:mod:`lenet_xp.native.blocks`). Each has ``forward`` and ``backward``."""
         kernels = self._kernels(x) or cpu_kernels(x)
         if kernels is None or Sequential.fuse is None:
             return self.layers()
