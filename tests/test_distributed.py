@@ -145,7 +145,9 @@ def _start_tagged(ranks: int, *flags: str) -> tuple[subprocess.Popen, dict[int, 
 @pytest.mark.parametrize("resume_ranks", [2, 1])
 def test_sigterm_to_one_rank_stops_all_then_resume_is_exact(single, tmp_path, resume_ranks):
     out = tmp_path / "run"
-    proc, pids = _start_tagged(2, *RUN, "--out", str(out), "--save-every", "6")
+    # a save every 2 steps keeps the run from reaching epoch 1's end (step 28) before the
+    # signal, sent once the test has seen step 6's save, lands
+    proc, pids = _start_tagged(2, *RUN, "--out", str(out), "--save-every", "2")
     try:
         assert wait_until(lambda: _step(out / "last.npz") >= 6, proc), proc.communicate()
         os.kill(pids[1], signal.SIGTERM)  # rank 1 only: the flag in the step's all-reduce
