@@ -136,8 +136,8 @@ class DataParallel:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.model, self.workers = model, workers
-        self._params = model.parameters()
-        native.warm_up(next((p.data for p in model.parameters()), None))  # compiled now (CPU)
+        self._params = params = model.parameters()
+        native.warm_up(next((p.data for p in params), None))  # compiled now (CPU)
         self._links: list[_Link] = []
         self._shared: _Shared | None = None
         #: The shared parameters and combined gradient, for an optimizer to update in one go
@@ -157,16 +157,15 @@ class DataParallel:
         self._stop_requested = stop_requested
         # One core per slice: this process's BLAS gets one thread too (restored by close).
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
-        params = model.parameters()
         specs = _shared_specs(model, workers, max_batch, num_classes)
         self._shared = _Shared(specs)
         self._max_batch = max_batch
         self._prefetched: tuple[Any, Any] | None = None  # (distortion, ids) of a["grid"]
-        self._grad_views = [flat_views(model.parameters(), g) for g in self._shared.arrays["grads"]]
-        shared_params = flat_copy(params, [p.data for p in params], self._shared.arrays["params"])
+        a = self._shared.arrays
+        self._grad_views = [flat_views(params, g) for g in a["grads"]]
+        shared_params = flat_copy(params, [p.data for p in params], a["params"])
         for param, view in zip(params, shared_params, strict=True):
             param.data = view  # the parameters now live in shared memory
-        a = self._shared.arrays
         self.flat = FlatBuffers(a["params"], a["grads"][0], shared_params, self._grad_views[0])
         self.batch_buffer = a["x"]
         try:
